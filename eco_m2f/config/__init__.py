@@ -1,0 +1,30 @@
+"""Configuration: ``get_cfg()`` returns every key the project knows, with its default."""
+from __future__ import annotations
+
+from .config_node import CfgNode, ConfigKeyError
+from .defaults import add_base_config
+from .eco import add_eco_config
+from .mask_former import add_maskformer2_config
+
+__all__ = ["CfgNode", "ConfigKeyError", "get_cfg", "setup_cfg"]
+
+
+def get_cfg() -> CfgNode:
+    """A fresh config holding Detectron2's, Mask2Former's and the project's keys."""
+    cfg = CfgNode()
+    add_base_config(cfg)
+    add_maskformer2_config(cfg)
+    add_eco_config(cfg)
+    return cfg
+
+
+def setup_cfg(config_file: str | None = None, opts: list[str] | None = None, freeze: bool = True) -> CfgNode:
+    """get_cfg() + a YAML file (with ``_BASE_``) + ``KEY VALUE`` overrides."""
+    cfg = get_cfg()
+    if config_file:
+        cfg.merge_from_file(config_file)
+    if opts:
+        cfg.merge_from_list(list(opts))
+    if freeze:
+        cfg.freeze()
+    return cfg
