@@ -54,7 +54,9 @@ class CfgNode(_FvcoreCfgNode):
             node = node[part]
         return isinstance(node, _FvcoreCfgNode) and node.is_new_allowed()
 
-    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
+    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = True) -> None:
+        """Merge a YAML file (with `_BASE_`). Like Detectron2, python tags are allowed:
+        official Mask2Former configs compute `INPUT.MIN_SIZE_TRAIN` with one."""
         if not os.path.isfile(cfg_filename):
             raise FileNotFoundError(f"Config file not found: {cfg_filename}")
         loaded = self.load_yaml_with_base(cfg_filename, allow_unsafe=allow_unsafe)

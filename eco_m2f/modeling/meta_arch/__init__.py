@@ -1,0 +1,2 @@
+"""Meta-architectures: whole models built from the config by ``MODEL.META_ARCHITECTURE``."""
+from .mask_former import MaskFormer  # noqa: F401

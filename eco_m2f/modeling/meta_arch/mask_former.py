@@ -1,0 +1,157 @@
+"""Mask2Former as a meta-architecture: backbone -> pixel decoder -> masked-attention decoder.
+
+The same class is the ECO-M2F parent (papers/004): its pixel-decoder encoder can stop after
+any layer in ``MODEL.ECO.EXITS``; step A trains every exit, a gate picks one per image.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+from .image_list import ImageList
+
+
+@META_ARCH_REGISTRY.register()
+class MaskFormer(nn.Module):
+    """Universal segmentation with mask classification (Cheng et al. 2022)."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        from .. import build_backbone
+        from ..criterion import build_criterion
+
+        self.backbone = build_backbone(cfg)
+        head_name = cfg.MODEL.SEM_SEG_HEAD.NAME
+        self.sem_seg_head = SEM_SEG_HEADS_REGISTRY.get(head_name)(cfg, self.backbone.output_shape())
+        self.criterion = build_criterion(cfg)
+        self.weight_dict: Dict[str, float] = dict(self.criterion.weight_dict)
+
+        mf = cfg.MODEL.MASK_FORMER
+        self.num_queries = mf.NUM_OBJECT_QUERIES
+        self.num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        self.object_mask_threshold = mf.TEST.OBJECT_MASK_THRESHOLD
+        self.overlap_threshold = mf.TEST.OVERLAP_THRESHOLD
+        self.semantic_on = mf.TEST.SEMANTIC_ON
+        self.panoptic_on = mf.TEST.PANOPTIC_ON
+        self.instance_on = mf.TEST.INSTANCE_ON
+        self.sem_seg_postprocess_before_inference = (
+            mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE or self.panoptic_on or self.instance_on
+        )
+        self.test_topk_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
+        self.size_divisibility = mf.SIZE_DIVISIBILITY
+        if self.size_divisibility < 0:
+            self.size_divisibility = getattr(self.backbone, "size_divisibility", 32)
+        self.input_format = cfg.INPUT.FORMAT
+        self._metadata_name = cfg.DATASETS.TRAIN[0] if len(cfg.DATASETS.TRAIN) else None
+
+        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def thing_ids(self) -> List[int]:
+        """Contiguous ids of the thing classes, from the training dataset's metadata."""
+        if not hasattr(self, "_thing_ids"):
+            ids: List[int] = []
+            if self._metadata_name is not None:
+                from ...data.catalog import MetadataCatalog
+
+                meta = MetadataCatalog.get(self._metadata_name)
+                mapping = meta.get("thing_dataset_id_to_contiguous_id", None)
+                if mapping is None and (self.panoptic_on or self.instance_on):
+                    raise KeyError(
+                        f"Dataset '{self._metadata_name}' has no thing_dataset_id_to_contiguous_id metadata, "
+                        "which panoptic/instance inference needs"
+                    )
+                ids = sorted(mapping.values()) if mapping else []
+            self._thing_ids = ids
+        return self._thing_ids
+
+    def preprocess_image(self, batched_inputs: List[Dict[str, Any]]) -> ImageList:
+        """Normalise (RGB/BGR as INPUT.FORMAT) and pad to the size divisibility."""
+        images = [x["image"].to(self.device, non_blocking=True) for x in batched_inputs]
+        images = [(x.float() - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def prepare_targets(self, batched_inputs: List[Dict[str, Any]], images: ImageList) -> List[Dict[str, torch.Tensor]]:
+        """Per image: class labels and binary masks padded to the batch's padded size."""
+        h_pad, w_pad = images.tensor.shape[-2:]
+        targets = []
+        for x in batched_inputs:
+            inst = x["instances"]
+            masks = inst["gt_masks"].to(self.device)
+            padded = torch.zeros((masks.shape[0], h_pad, w_pad), dtype=masks.dtype, device=self.device)
+            padded[:, : masks.shape[1], : masks.shape[2]] = masks
+            targets.append({"labels": inst["gt_classes"].to(self.device), "masks": padded})
+        return targets
+
+    def weighted_losses(self, outputs: Dict[str, Any], targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """The criterion's losses multiplied by their weights (losses without a weight dropped)."""
+        losses = self.criterion(outputs, targets)
+        out = {}
+        for k, v in losses.items():
+            if k in self.weight_dict:
+                out[k] = v * self.weight_dict[k]
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[Dict[str, Any]], exit_layer: Optional[int] = None):
+        """Losses in training mode; per-image predictions in eval mode (DESIGN.md section 3)."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        outputs = self.sem_seg_head(features, exit_layer=exit_layer)
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images)
+            return self.weighted_losses(outputs, targets)
+        return self.inference(outputs, batched_inputs, images)
+
+    def inference(self, outputs: Dict[str, Any], batched_inputs: List[Dict[str, Any]], images: ImageList) -> List[Dict[str, Any]]:
+        """Turn class and mask logits into sem_seg / panoptic_seg / instances at the original size."""
+        from ..postprocess import instance_inference, panoptic_inference, sem_seg_postprocess, semantic_inference
+
+        mask_cls_results = outputs["pred_logits"]
+        mask_pred_results = F.interpolate(
+            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
+        )
+        processed: List[Dict[str, Any]] = []
+        for mask_cls, mask_pred, x, image_size in zip(
+            mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
+        ):
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            result: Dict[str, Any] = {}
+            if self.sem_seg_postprocess_before_inference:
+                mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
+                mask_cls = mask_cls.to(mask_pred)
+            if self.semantic_on:
+                sem = semantic_inference(mask_cls, mask_pred)
+                if not self.sem_seg_postprocess_before_inference:
+                    sem = sem_seg_postprocess(sem, image_size, height, width)
+                result["sem_seg"] = sem
+            if self.panoptic_on:
+                result["panoptic_seg"] = panoptic_inference(
+                    mask_cls,
+                    mask_pred,
+                    num_classes=self.num_classes,
+                    thing_ids=self.thing_ids,
+                    object_mask_threshold=self.object_mask_threshold,
+                    overlap_threshold=self.overlap_threshold,
+                )
+            if self.instance_on:
+                result["instances"] = instance_inference(
+                    mask_cls,
+                    mask_pred,
+                    num_classes=self.num_classes,
+                    test_topk_per_image=self.test_topk_per_image,
+                    thing_ids=self.thing_ids if self.panoptic_on else None,
+                )
+            processed.append(result)
+        return processed
