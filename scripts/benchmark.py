@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Time forward passes of a config's network (and optionally transformers' Mask2Former).
+
+    python scripts/benchmark.py --config-file CONFIG [--size H W] [--batch-sizes 1 8]
+        [--dtypes fp32 bf16] [--compare-hf] [--exit K] [KEY VALUE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eco_m2f.config import setup_cfg  # noqa: E402
+from eco_m2f.evaluation.throughput import (  # noqa: E402
+    Timing,
+    build_hf_mask2former,
+    format_timings,
+    hf_forward,
+    network_forward,
+    time_forward,
+)
+from eco_m2f.modeling import build_model  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True)
+    p.add_argument("--size", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"))
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--exit", type=int, default=None, help="time our model with the encoder stopped after this layer")
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers' Mask2Former of the same sizes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default="", help="write the timings to this JSON file")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = p.parse_args(argv)
+
+    cfg = setup_cfg(args.config_file, args.opts)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for both models
+        torch.backends.cudnn.allow_tf32 = False
+    ours = build_model(cfg).to(device).eval()
+    name_ours = f"eco_m2f ({cfg.MODEL.BACKBONE.NAME})" if args.exit is None else f"eco_m2f exit {args.exit}"
+    models = [(name_ours, network_forward(ours, args.exit))]
+    if args.compare_hf:
+        hf = build_hf_mask2former(cfg).to(device).eval()
+        models.append(("transformers Mask2Former", hf_forward(hf)))
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
+          f"input {args.size[0]}x{args.size[1]}; warm-up {args.warmup}, timed {args.iters} passes (median)")
+    rows = []
+    for batch in args.batch_sizes:
+        images = torch.randn(batch, 3, *args.size, device=device)
+        for dtype in args.dtypes:
+            for name, fn in models:
+                latency, ips = time_forward(fn, images, dtype, args.warmup, args.iters)
+                rows.append(Timing(name, batch, dtype, latency, ips))
+                print(f"  {name}: batch {batch} {dtype}: {latency:.2f} ms, {ips:.1f} images/s", flush=True)
+        del images
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(format_timings(rows, baseline="transformers Mask2Former", ours=name_ours))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
