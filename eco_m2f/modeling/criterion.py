@@ -1,0 +1,291 @@
+"""Mask2Former's set-prediction loss: classification with a down-weighted "no object" class,
+plus point-sampled sigmoid BCE and dice on the Hungarian-matched masks, at every decoder layer.
+
+The criterion returns unweighted losses; the caller multiplies each by ``weight_dict[name]``
+and drops names absent from it (``apply_loss_weights``), as the official meta-architecture does.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .matcher import HungarianMatcher
+from .point_sampling import (
+    calculate_uncertainty,
+    get_uncertain_point_coords_with_randomness,
+    point_sample,
+)
+
+__all__ = [
+    "SetCriterion",
+    "apply_loss_weights",
+    "build_criterion",
+    "build_matcher",
+    "build_weight_dict",
+    "dice_loss",
+    "sigmoid_ce_loss",
+]
+
+
+def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """Dice loss summed over masks and divided by ``num_masks`` (the batch-wide normaliser).
+
+    Args:
+        inputs: ``[M, P]`` logits.
+        targets: ``[M, P]`` in ``[0, 1]``.
+    """
+    inputs = inputs.sigmoid().flatten(1)
+    targets = targets.flatten(1)
+    numerator = 2 * (inputs * targets).sum(-1)
+    denominator = inputs.sum(-1) + targets.sum(-1)
+    loss = 1 - (numerator + 1) / (denominator + 1)
+    return loss.sum() / num_masks
+
+
+def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """Sigmoid BCE averaged over points, summed over masks, divided by ``num_masks``.
+
+    Args:
+        inputs: ``[M, P]`` logits.
+        targets: ``[M, P]`` in ``[0, 1]``.
+    """
+    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    return loss.mean(1).sum() / num_masks
+
+
+def _matched_target_masks(targets: Sequence[Mapping[str, torch.Tensor]],
+                          indices: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """The matched target masks of the batch in matching order, as fp32 ``[M, 1, H, W]``.
+
+    Images whose masks are smaller than the largest are zero-padded at the bottom/right (where
+    the padded image is), so normalised point coordinates stay aligned with the predictions.
+    Only the matched masks are converted to float, which bounds the memory by ``M``.
+    """
+    h = max(t["masks"].shape[-2] for t in targets)
+    w = max(t["masks"].shape[-1] for t in targets)
+    selected = []
+    for t, (_, tgt_idx) in zip(targets, indices):
+        m = t["masks"][tgt_idx.to(t["masks"].device)].to(device=device, dtype=torch.float32)  # [M_i, H_i, W_i]
+        if m.shape[-2:] != (h, w):
+            m = F.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2]))
+        selected.append(m)
+    return torch.cat(selected)[:, None]
+
+
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+class SetCriterion(nn.Module):
+    """Loss of Mask2Former given Hungarian-matched predictions.
+
+    Args:
+        num_classes: number of real classes C (logits have C + 1 entries, the last is "no object").
+        matcher: a ``HungarianMatcher``.
+        weight_dict: loss name -> weight; kept for the caller (see ``apply_loss_weights``).
+        eos_coef: class weight of "no object" in the cross-entropy.
+        losses: subset of ``["labels", "masks"]``.
+        num_points: points sampled per matched mask.
+        oversample_ratio: candidates per point for importance sampling.
+        importance_sample_ratio: fraction of points chosen by uncertainty.
+    """
+
+    _LOSSES = ("labels", "masks")
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: nn.Module,
+        weight_dict: Mapping[str, float],
+        eos_coef: float,
+        losses: Sequence[str] = ("labels", "masks"),
+        num_points: int = 112 * 112,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+    ) -> None:
+        super().__init__()
+        unknown = [name for name in losses if name not in self._LOSSES]
+        if unknown:
+            raise ValueError(f"SetCriterion: unknown losses {unknown}; known: {list(self._LOSSES)}")
+        if num_classes <= 0:
+            raise ValueError(f"SetCriterion: num_classes must be > 0, got {num_classes}")
+        if num_points <= 0:
+            raise ValueError(f"SetCriterion: num_points must be > 0, got {num_points}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(weight_dict)
+        self.eos_coef = eos_coef
+        self.losses = list(losses)
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        # Persistent: checkpoints of the official model hold "criterion.empty_weight".
+        self.register_buffer("empty_weight", empty_weight)
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+
+    # -- individual losses -------------------------------------------------------------------
+
+    def loss_labels(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
+                    indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float) -> dict[str, torch.Tensor]:
+        """Cross-entropy over C + 1 classes; unmatched queries target "no object" (weight eos_coef)."""
+        src_logits = outputs["pred_logits"].float()  # [B, Q, C+1]
+        if src_logits.shape[-1] != self.num_classes + 1:
+            raise ValueError(
+                f"SetCriterion: pred_logits has {src_logits.shape[-1]} classes, expected num_classes + 1 = "
+                f"{self.num_classes + 1}"
+            )
+        batch_idx, src_idx = self._get_src_permutation_idx(indices)
+        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(src_logits.device)
+        target_classes = torch.full(
+            src_logits.shape[:2], self.num_classes, dtype=torch.int64, device=src_logits.device
+        )
+        target_classes[batch_idx.to(src_logits.device), src_idx.to(src_logits.device)] = target_classes_o
+        loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)
+        return {"loss_ce": loss_ce}
+
+    def loss_masks(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
+                   indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float) -> dict[str, torch.Tensor]:
+        """Sigmoid BCE and dice of matched masks on importance-sampled points."""
+        pred_masks = outputs["pred_masks"]  # [B, Q, h, w]
+        batch_idx, src_idx = self._get_src_permutation_idx(indices)
+        if batch_idx.numel() == 0:
+            # No targets anywhere in the batch: keep the graph (DDP) with an exact zero.
+            zero = pred_masks.float().sum() * 0.0
+            return {"loss_mask": zero, "loss_dice": zero.clone()}
+        device = pred_masks.device
+        src_masks = pred_masks[batch_idx.to(device), src_idx.to(device)].float()[:, None]  # [M, 1, h, w]
+
+        target_masks = _matched_target_masks(targets, indices, device)  # [M, 1, H, W]
+
+        with torch.no_grad():
+            point_coords = get_uncertain_point_coords_with_randomness(
+                src_masks,
+                calculate_uncertainty,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+            )  # [M, P, 2]
+            point_labels = point_sample(target_masks, point_coords, align_corners=False).squeeze(1)  # [M, P]
+        point_logits = point_sample(src_masks, point_coords, align_corners=False).squeeze(1)  # [M, P]
+        return {
+            "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks),
+            "loss_dice": dice_loss(point_logits, point_labels, num_masks),
+        }
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _get_src_permutation_idx(indices: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
+        return batch_idx, src_idx
+
+    def get_loss(self, loss: str, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
+                 indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float) -> dict[str, torch.Tensor]:
+        if loss == "labels":
+            return self.loss_labels(outputs, targets, indices, num_masks)
+        if loss == "masks":
+            return self.loss_masks(outputs, targets, indices, num_masks)
+        raise ValueError(f"SetCriterion: unknown loss '{loss}'; known: {list(self._LOSSES)}")
+
+    def get_num_masks(self, targets: Sequence[Mapping[str, torch.Tensor]], device: torch.device) -> float:
+        """Target masks per process, averaged over processes, at least 1 (the loss normaliser)."""
+        num_masks = torch.as_tensor(
+            [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float32, device=device
+        )
+        world_size = _world_size()
+        if world_size > 1:
+            dist.all_reduce(num_masks)
+        return torch.clamp(num_masks / world_size, min=1).item()
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Compute every loss for the final prediction and each ``aux_outputs`` entry.
+
+        Args:
+            outputs: ``{"pred_logits": [B, Q, C+1], "pred_masks": [B, Q, h, w],
+                "aux_outputs": [{"pred_logits", "pred_masks"}, ...]}`` (aux optional).
+            targets: per image ``{"labels": int64 [N], "masks": bool/float [N, Hpad, Wpad]}``.
+
+        Returns:
+            Unweighted scalar losses: ``loss_ce``, ``loss_mask``, ``loss_dice`` and, for aux
+            output ``i``, ``loss_ce_{i}``, ``loss_mask_{i}``, ``loss_dice_{i}``.
+        """
+        outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        indices = self.matcher(outputs_without_aux, targets)
+        num_masks = self.get_num_masks(targets, outputs["pred_logits"].device)
+
+        losses: dict[str, torch.Tensor] = {}
+        for loss in self.losses:
+            losses.update(self.get_loss(loss, outputs, targets, indices, num_masks))
+        for i, aux_outputs in enumerate(outputs.get("aux_outputs", None) or []):
+            indices = self.matcher(aux_outputs, targets)
+            for loss in self.losses:
+                l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_masks)
+                losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
+        return losses
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, "
+            f"num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
+            f"importance_sample_ratio={self.importance_sample_ratio}, weight_dict={self.weight_dict}"
+        )
+
+
+def build_weight_dict(class_weight: float, mask_weight: float, dice_weight: float, dec_layers: int,
+                      deep_supervision: bool) -> dict[str, float]:
+    """Loss weights as the official meta-architecture builds them.
+
+    With deep supervision, the ``dec_layers - 1`` auxiliary predictions (the learnable-query
+    prediction and all but the last decoder layer) get ``_{i}`` copies of the three weights.
+    """
+    weight_dict = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
+    if deep_supervision:
+        aux: dict[str, float] = {}
+        for i in range(dec_layers - 1):
+            aux.update({f"{k}_{i}": v for k, v in weight_dict.items()})
+        weight_dict.update(aux)
+    return weight_dict
+
+
+def apply_loss_weights(losses: Mapping[str, torch.Tensor], weight_dict: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """Multiply each loss by its weight; losses without a weight are dropped (official behaviour)."""
+    return {k: v * weight_dict[k] for k, v in losses.items() if k in weight_dict}
+
+
+def build_matcher(cfg) -> HungarianMatcher:
+    """``HungarianMatcher`` with the loss weights as costs (as the official configs)."""
+    mf = cfg.MODEL.MASK_FORMER
+    return HungarianMatcher(
+        cost_class=mf.CLASS_WEIGHT,
+        cost_mask=mf.MASK_WEIGHT,
+        cost_dice=mf.DICE_WEIGHT,
+        num_points=mf.TRAIN_NUM_POINTS,
+    )
+
+
+def build_criterion(cfg) -> SetCriterion:
+    """``SetCriterion`` from ``MODEL.MASK_FORMER.*`` and ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``."""
+    mf = cfg.MODEL.MASK_FORMER
+    weight_dict = build_weight_dict(
+        mf.CLASS_WEIGHT, mf.MASK_WEIGHT, mf.DICE_WEIGHT, mf.DEC_LAYERS, mf.DEEP_SUPERVISION
+    )
+    return SetCriterion(
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+        matcher=build_matcher(cfg),
+        weight_dict=weight_dict,
+        eos_coef=mf.NO_OBJECT_WEIGHT,
+        losses=["labels", "masks"],
+        num_points=mf.TRAIN_NUM_POINTS,
+        oversample_ratio=mf.OVERSAMPLE_RATIO,
+        importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+    )
