@@ -1,0 +1,86 @@
+"""``MaskFormerHead``: the pixel decoder and the transformer decoder ("predictor") under one module.
+
+State-dict keys: ``pixel_decoder.*`` and ``predictor.*`` (``sem_seg_head.*`` inside the model),
+exactly the official ones. Besides the official ``forward(features)``, the head exposes the
+ECO-M2F exits of its pixel decoder: a fixed exit, several exits from one encoder pass, and
+one exit per image.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .. import pixel_decoder as _pixel_decoders  # noqa: F401  (registers the builtin pixel decoders)
+from .. import transformer_decoder as _transformer_decoders  # noqa: F401  (registers the builtin decoders)
+from ..registry import PIXEL_DECODER_REGISTRY, SEM_SEG_HEADS_REGISTRY, TRANSFORMER_DECODER_REGISTRY, ShapeSpec
+
+__all__ = ["MaskFormerHead"]
+
+_TRANSFORMER_IN_FEATURES = ("multi_scale_pixel_decoder",)
+
+
+def _get(registry, name: str, key: str):
+    try:
+        return registry.get(name)
+    except KeyError as exc:
+        known = sorted(n for n, _ in registry)
+        raise KeyError(f"{key}='{name}' is not registered; known: {known}") from exc
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class MaskFormerHead(nn.Module):
+    """Built ``MaskFormerHead(cfg, input_shape)`` with input_shape the backbone's {name: ShapeSpec}."""
+
+    def __init__(self, cfg, input_shape: Mapping[str, ShapeSpec]) -> None:
+        super().__init__()
+        head = cfg.MODEL.SEM_SEG_HEAD
+        mf = cfg.MODEL.MASK_FORMER
+        input_shape = {k: v for k, v in input_shape.items() if k in head.IN_FEATURES}
+        self.in_features = [k for k, _ in sorted(input_shape.items(), key=lambda kv: kv[1].stride)]
+        self.ignore_value = head.IGNORE_VALUE
+        self.common_stride = 4
+        self.loss_weight = head.LOSS_WEIGHT
+        self.num_classes = head.NUM_CLASSES
+
+        self.transformer_in_feature = mf.TRANSFORMER_IN_FEATURE
+        if self.transformer_in_feature not in _TRANSFORMER_IN_FEATURES:
+            raise ValueError(
+                f"MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE='{self.transformer_in_feature}' is not supported; "
+                f"use one of {list(_TRANSFORMER_IN_FEATURES)}"
+            )
+        pixel_decoder_cls = _get(PIXEL_DECODER_REGISTRY, head.PIXEL_DECODER_NAME, "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME")
+        self.pixel_decoder = pixel_decoder_cls(cfg, input_shape)
+        predictor_cls = _get(
+            TRANSFORMER_DECODER_REGISTRY, mf.TRANSFORMER_DECODER_NAME, "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME"
+        )
+        # the decoder reads the pixel decoder's multi-scale maps, which have CONVS_DIM channels
+        self.predictor = predictor_cls(cfg, head.CONVS_DIM, mask_classification=True)
+
+    @property
+    def num_encoder_layers(self) -> int:
+        """K: the deepest exit of the pixel decoder's encoder."""
+        return self.pixel_decoder.num_encoder_layers
+
+    def forward(
+        self, features: Mapping[str, torch.Tensor], mask: Optional[torch.Tensor] = None, exit_layer: Optional[int] = None
+    ) -> Dict[str, Any]:
+        """Predictions {"pred_logits", "pred_masks", "aux_outputs"}; ``exit_layer`` k stops the encoder after k layers."""
+        return self.layers(features, mask, exit_layer=exit_layer)
+
+    def layers(
+        self, features: Mapping[str, torch.Tensor], mask: Optional[torch.Tensor] = None, exit_layer: Optional[int] = None
+    ) -> Dict[str, Any]:
+        mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features, exit_layer=exit_layer)
+        return self.predictor(multi_scale_features, mask_features, mask)
+
+    def forward_multi_exit(self, features: Mapping[str, torch.Tensor], exits: Sequence[int]) -> Dict[int, Dict[str, Any]]:
+        """{k: predictions at exit k} from one cumulative encoder pass (the decoder runs once per exit)."""
+        decoded = self.pixel_decoder.forward_features_multi_exit(features, exits)
+        return {k: self.predictor(ms, mf) for k, (mf, _, ms) in decoded.items()}
+
+    def forward_per_image_exit(self, features: Mapping[str, torch.Tensor], exit_per_image: torch.Tensor) -> Dict[str, Any]:
+        """Predictions for the batch where image b leaves the encoder after ``exit_per_image[b]`` layers."""
+        mask_features, _, multi_scale_features = self.pixel_decoder.forward_features_per_image_exit(features, exit_per_image)
+        return self.predictor(multi_scale_features, mask_features)
