@@ -68,7 +68,7 @@ def _criterion(num_points: int = 200, **kw) -> SetCriterion:
 def _pixel_centre_points(coarse_logits: torch.Tensor, *_args, **_kw) -> torch.Tensor:
     """The 8x8 prediction's pixel centres; there both the prediction and the block-aligned
     target are exactly binary, so a perfect prediction must cost ~0."""
-    c = (torch.arange(8, dtype=torch.float32) + 0.5) / 8
+    c = (torch.arange(8, dtype=torch.float32, device=coarse_logits.device) + 0.5) / 8
     grid = torch.stack(torch.meshgrid(c, c, indexing="xy"), dim=-1).reshape(1, 64, 2)
     return grid.expand(coarse_logits.shape[0], 64, 2).clone()
 
