@@ -1,0 +1,42 @@
+"""Evaluators (PQ, mIoU, mask AP, Cityscapes) and the inference loop, with Detectron2's conventions.
+
+Submodules load on first use (``eco_m2f.evaluation.SemSegEvaluator`` imports
+``.semantic``), so ``python -m eco_m2f.evaluation.panoptic`` runs without torch and
+pycocotools / cityscapesscripts load only when needed.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "build_evaluators": "build",
+    "DatasetEvaluator": "evaluator",
+    "DatasetEvaluators": "evaluator",
+    "inference_on_dataset": "evaluator",
+    "inference_context": "evaluator",
+    "COCOPanopticEvaluator": "panoptic",
+    "PQStat": "panoptic",
+    "PQStatCat": "panoptic",
+    "pq_single_image": "panoptic",
+    "pq_compute": "panoptic",
+    "pq_compute_per_image": "panoptic",
+    "pq_for_model_output": "panoptic",
+    "panoptic_categories": "panoptic",
+    "SemSegEvaluator": "semantic",
+    "confusion_matrix": "semantic",
+    "sem_seg_metrics": "semantic",
+    "COCOEvaluator": "instance",
+    "CityscapesSemSegEvaluator": "cityscapes",
+    "CityscapesInstanceEvaluator": "cityscapes",
+    "CityscapesPanopticEvaluator": "cityscapes",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -1,0 +1,4 @@
+"""Small shared utilities (distributed helpers)."""
+from . import comm
+
+__all__ = ["comm"]

@@ -1,0 +1,104 @@
+"""Distributed helpers that degrade to no-ops in a single process.
+
+Evaluators call these without knowing how the job was launched (plain ``python``,
+``torchrun``, Lightning DDP): when ``torch.distributed`` is not initialised every
+function behaves as if the world had one process. Picklable Python objects are
+exchanged over a gloo group, so gathering works under the NCCL backend too without
+moving anything to the GPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = [
+    "get_world_size",
+    "get_rank",
+    "get_local_rank",
+    "get_local_size",
+    "is_main_process",
+    "synchronize",
+    "all_gather",
+    "gather",
+]
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    """Number of processes in the default group (1 when not distributed)."""
+    return dist.get_world_size() if _is_dist() else 1
+
+
+def get_rank() -> int:
+    """Global rank of this process (0 when not distributed)."""
+    return dist.get_rank() if _is_dist() else 0
+
+
+def get_local_rank() -> int:
+    """Rank of this process on its machine, from ``LOCAL_RANK`` (set by torchrun and Lightning)."""
+    if not _is_dist():
+        return 0
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def get_local_size() -> int:
+    """Number of processes on this machine, from ``LOCAL_WORLD_SIZE`` (falls back to the world size)."""
+    if not _is_dist():
+        return 1
+    return int(os.environ.get("LOCAL_WORLD_SIZE", get_world_size()))
+
+
+def is_main_process() -> bool:
+    """True on global rank 0: the process that reports and writes results."""
+    return get_rank() == 0
+
+
+def synchronize() -> None:
+    """Barrier across all processes; a no-op with one process."""
+    if not _is_dist() or get_world_size() == 1:
+        return
+    if dist.get_backend() == dist.Backend.NCCL:
+        import torch
+
+        if torch.cuda.is_available():
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+            return
+    dist.barrier()
+
+
+@functools.lru_cache(maxsize=None)
+def _object_group():
+    """A gloo group over all ranks for pickled objects (NCCL only moves CUDA tensors)."""
+    if dist.get_backend() == dist.Backend.NCCL:
+        return dist.new_group(backend="gloo")
+    return dist.group.WORLD
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Gather a picklable object from every process; every process gets the list ordered by rank."""
+    world = get_world_size()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj, group=_object_group())
+    return out
+
+
+def gather(obj: Any, dst: int = 0) -> list[Any]:
+    """Gather a picklable object on rank ``dst`` (list ordered by rank); other ranks get ``[]``."""
+    world = get_world_size()
+    if world == 1:
+        return [obj]
+    group = _object_group()
+    if get_rank() == dst:
+        out: list[Any] = [None] * world
+        dist.gather_object(obj, out, dst=dst, group=group)
+        return out
+    dist.gather_object(obj, None, dst=dst, group=group)
+    return []
