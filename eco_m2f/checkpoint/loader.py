@@ -23,6 +23,9 @@ How keys are matched (in this order):
    e.g. Swin's output norms), are then expected to be absent: they are listed in
    ``LoadReport.untouched`` instead of ``missing``.
 
+A model may list keys it filled itself from another file in ``model.keys_loaded_elsewhere()``
+(ECO-M2F's gate from ``MODEL.ECO.GATE.WEIGHTS``); those may be absent from the checkpoint.
+
 BatchNorm's ``num_batches_tracked`` is benign either way: absent from a FrozenBN checkpoint
 (it stays as initialised, listed in ``untouched``) and extra in a SyncBN checkpoint loaded into
 a FrozenBN model (ignored, listed in ``ignored``).
@@ -227,6 +230,11 @@ def load_weights(
         rest = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
         mapped = backbone_map(bb)
         sd = {**rest, **{f"backbone.{k}": v for k, v in mapped.items()}}
+
+    # Keys the model filled itself from another file (e.g. an ECO gate from MODEL.ECO.GATE.WEIGHTS).
+    elsewhere = getattr(model, "keys_loaded_elsewhere", None)
+    if callable(elsewhere):
+        exempt |= set(elsewhere())
 
     report = LoadReport(backbone_only=backbone_only, source=source)
     to_load: StateDict = {}

@@ -5,7 +5,7 @@ any layer in ``MODEL.ECO.EXITS``; step A trains every exit, a gate picks one per
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -50,6 +50,40 @@ class MaskFormer(nn.Module):
 
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
+        self._init_eco(cfg)
+
+    def _init_eco(self, cfg) -> None:
+        """ECO-M2F settings: exits, step-A weights, the gate (papers/004)."""
+        from ...eco.stochastic_depth import alpha_weights, validate_exits
+
+        eco = cfg.MODEL.ECO
+        num_layers = self.sem_seg_head.num_encoder_layers
+        self.eco_exits = validate_exits(eco.EXITS, num_layers)
+        self.eco_train = bool(eco.ENABLED)
+        self.eco_alpha = alpha_weights(self.eco_exits, eco.ALPHA)
+        # Step A leaves encoder layers past the deepest sampled depth without gradient: DDP must allow it.
+        self.find_unused_parameters = self.eco_train
+        self.test_exit: Optional[int] = int(cfg.TEST.ECO.EXIT) or None
+        if self.test_exit is not None and not 1 <= self.test_exit <= num_layers:
+            raise ValueError(f"TEST.ECO.EXIT {self.test_exit} is outside 1..{num_layers}")
+        self.gate = None
+        self.gate_weights_loaded = False
+        if eco.GATE.ENABLED:
+            from ..gating import ExitGate, load_gate_checkpoint
+
+            self.gate = ExitGate.from_config(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM)
+            if eco.GATE.WEIGHTS:
+                state, _ = load_gate_checkpoint(eco.GATE.WEIGHTS)
+                self.gate.load_state_dict(state)
+                self.gate_weights_loaded = True
+        self._depth_generator: Optional[torch.Generator] = None
+        self._seed = int(cfg.SEED)
+
+    def keys_loaded_elsewhere(self) -> set:
+        """State-dict keys a checkpoint may lack because the model loaded them itself (MODEL.ECO.GATE.WEIGHTS)."""
+        if self.gate is not None and self.gate_weights_loaded:
+            return {f"gate.{k}" for k in self.gate.state_dict()}
+        return set()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -104,14 +138,86 @@ class MaskFormer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict[str, Any]], exit_layer: Optional[int] = None):
-        """Losses in training mode; per-image predictions in eval mode (DESIGN.md section 3)."""
+        """Losses in training mode; per-image predictions in eval mode (DESIGN.md section 3).
+
+        In eval mode the encoder depth is, in order of precedence: ``exit_layer``, TEST.ECO.EXIT,
+        the gate's choice per image (MODEL.ECO.GATE.ENABLED), full depth.
+        """
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        outputs = self.sem_seg_head(features, exit_layer=exit_layer)
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)
-            return self.weighted_losses(outputs, targets)
-        return self.inference(outputs, batched_inputs, images)
+            if self.eco_train:
+                return self.stochastic_depth_losses(features, targets)
+            return self.weighted_losses(self.sem_seg_head(features), targets)
+
+        exit_layer = exit_layer if exit_layer is not None else self.test_exit
+        if exit_layer is None and self.gate is not None:
+            exits = self.gate.choose(self.gate.pool(self.sem_seg_head.pixel_decoder.project_inputs(features).s1))
+            outputs = self.sem_seg_head.forward_per_image_exit(features, exits)
+            results = self.inference(outputs, batched_inputs, images)
+            for r, k in zip(results, exits.tolist()):
+                r["eco_exit"] = int(k)
+            return results
+        outputs = self.sem_seg_head(features, exit_layer=exit_layer)
+        results = self.inference(outputs, batched_inputs, images)
+        depth = exit_layer if exit_layer is not None else self.sem_seg_head.num_encoder_layers
+        for r in results:
+            r["eco_exit"] = int(depth)
+        return results
+
+    # ------------------------------------------------------------------ ECO-M2F
+    def stochastic_depth_losses(self, features: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """Step A (papers/004 Eq. 3): per image a depth K_i; every exit k <= K_i adds alpha_k L_k.
+
+        The encoder runs once, cumulatively, up to the deepest sampled depth; at each exit the
+        shared transformer decoder sees only the images whose K_i reaches it.
+        """
+        from ...eco.stochastic_depth import combine_exit_losses, sample_depths
+
+        if self._depth_generator is None:
+            self._depth_generator = torch.Generator()
+            self._depth_generator.manual_seed(self._seed if self._seed >= 0 else torch.initial_seed() % 2**63)
+        depths = sample_depths(len(targets), self.eco_exits, self._depth_generator)
+        needed = [k for k in self.eco_exits if k <= int(depths.max())]
+        decoded = self.sem_seg_head.pixel_decoder.forward_features_multi_exit(features, needed)
+        exit_losses: Dict[int, Dict[str, torch.Tensor]] = {}
+        counts: Dict[int, int] = {}
+        for k, (mask_features, _, multi_scale) in decoded.items():
+            keep = (depths >= k).nonzero().flatten().tolist()
+            counts[k] = len(keep)
+            idx = torch.as_tensor(keep, device=mask_features.device)
+            outputs = self.sem_seg_head.predictor(
+                [x.index_select(0, idx) for x in multi_scale], mask_features.index_select(0, idx)
+            )
+            exit_losses[k] = self.weighted_losses(outputs, [targets[i] for i in keep])
+        return combine_exit_losses(exit_losses, counts, len(targets), self.eco_alpha)
+
+    @torch.no_grad()
+    def gate_input(self, batched_inputs: List[Dict[str, Any]]) -> torch.Tensor:
+        """z(s1) [B, CONVS_DIM]: the pooled res5 level after input projection (the gate's input)."""
+        from ..gating import ExitGate
+
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        return ExitGate.pool(self.sem_seg_head.pixel_decoder.project_inputs(features).s1)
+
+    @torch.no_grad()
+    def forward_all_exits(
+        self, batched_inputs: List[Dict[str, Any]], exits: List[int]
+    ) -> Tuple[Dict[int, List[Dict[str, Any]]], torch.Tensor]:
+        """Step B: predictions at every exit from ONE backbone + cumulative encoder pass, and z(s1)."""
+        from ..gating import ExitGate
+
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        z = ExitGate.pool(self.sem_seg_head.pixel_decoder.project_inputs(features).s1)
+        decoded = self.sem_seg_head.pixel_decoder.forward_features_multi_exit(features, exits)
+        results = {}
+        for k, (mask_features, _, multi_scale) in decoded.items():
+            outputs = self.sem_seg_head.predictor(multi_scale, mask_features)
+            results[k] = self.inference(outputs, batched_inputs, images)
+        return results, z
 
     def inference(self, outputs: Dict[str, Any], batched_inputs: List[Dict[str, Any]], images: ImageList) -> List[Dict[str, Any]]:
         """Turn class and mask logits into sem_seg / panoptic_seg / instances at the original size."""
