@@ -1,0 +1,18 @@
+"""Register every builtin dataset (no disk access: loaders and paths resolve when used)."""
+from __future__ import annotations
+
+from .ade20k import register_ade20k
+from .cityscapes import register_cityscapes
+from .coco_panoptic import register_coco_panoptic
+from .synthetic import register_synthetic
+
+
+def register_all_builtin() -> None:
+    """Idempotent: names already in the catalog are skipped."""
+    register_coco_panoptic()
+    register_cityscapes()
+    register_ade20k()
+    register_synthetic()
+
+
+register_all_builtin()
