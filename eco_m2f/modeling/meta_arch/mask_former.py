@@ -166,6 +166,12 @@ class MaskFormer(nn.Module):
             r["eco_exit"] = int(depth)
         return results
 
+    def extra_evaluators(self) -> list:
+        """Evaluators of the model itself, run beside the dataset's: exits taken and GFLOPs spent."""
+        from ...evaluation.efficiency import EfficiencyEvaluator
+
+        return [EfficiencyEvaluator(self)]
+
     # ------------------------------------------------------------------ ECO-M2F
     def stochastic_depth_losses(self, features: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """Step A (papers/004 Eq. 3): per image a depth K_i; every exit k <= K_i adds alpha_k L_k.
