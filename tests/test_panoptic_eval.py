@@ -438,7 +438,7 @@ def test_cli_bad_inputs_give_clear_errors(tmp_path):
 # ----------------------------------------------------------------------------- evaluator
 
 
-def _register_panoptic_dataset(tmp_path: Path, base: str, images: list):
+def _register_panoptic_dataset(tmp_path: Path, base: str, images: list, evaluator_type: str = "coco_panoptic_seg"):
     """Register a tiny COCO-panoptic dataset whose dataset ids differ from contiguous ids; returns its name."""
     import uuid
 
@@ -458,7 +458,7 @@ def _register_panoptic_dataset(tmp_path: Path, base: str, images: list):
         thing_classes=["a", "b"],
         panoptic_json=str(gt_json),
         panoptic_root=str(gt_dir),
-        evaluator_type="coco_panoptic_seg",
+        evaluator_type=evaluator_type,
         label_divisor=1000,
         ignore_label=255,
     )
@@ -535,3 +535,31 @@ def test_coco_panoptic_evaluator_label_divisor_format_and_subset(tmp_path):
             {"id": 3, "category_id": 1, "isthing": True}]  # id 3 has no pixels: ignored
     stat = pq_for_model_output((torch.from_numpy(id_map), segs), dd, cats)
     assert stat.pq_average(cats)["pq"] == pytest.approx(0.9)
+
+
+def test_build_evaluators_follows_evaluator_type_and_test_flags(tmp_path):
+    from eco_m2f.config import get_cfg
+    from eco_m2f.data.catalog import MetadataCatalog
+    from eco_m2f.evaluation import build_evaluators
+
+    name, _, _ = _register_panoptic_dataset(tmp_path / "data", "_test_build", [])
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    MetadataCatalog.get(name).set(json_file=str(instances), sem_seg_root=str(tmp_path))
+
+    def kinds(panoptic: bool, semantic: bool, instance: bool, dataset: str = name) -> list[str]:
+        cfg = get_cfg()
+        cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = panoptic
+        cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = semantic
+        cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = instance
+        return [type(e).__name__ for e in build_evaluators(cfg, dataset, tmp_path / "out")]
+
+    assert kinds(True, True, True) == ["COCOPanopticEvaluator", "COCOEvaluator", "SemSegEvaluator"]
+    assert kinds(True, False, False) == ["COCOPanopticEvaluator"]
+    assert kinds(False, True, False) == ["SemSegEvaluator"]
+    with pytest.raises(NotImplementedError, match="coco_panoptic_seg"):
+        kinds(False, False, False)
+
+    # ADE20K panoptic: semantic always (as Mask2Former), PQ when enabled.
+    ade, _, _ = _register_panoptic_dataset(tmp_path / "ade", "_test_build_ade", [], "ade20k_panoptic_seg")
+    assert kinds(True, False, False, ade) == ["SemSegEvaluator", "COCOPanopticEvaluator"]

@@ -7,9 +7,10 @@ The official scripts are then run on the ground truth under ``metadata.gt_dir``
 and, for panoptic, ``metadata.panoptic_json``/``panoptic_root``. Only the images that
 were processed are scored.
 
-The scripts predate numpy 2 (they call ``np.in1d``, removed in numpy 2.4) and exit the
-interpreter on errors; :func:`cityscapes_compat` runs them with a numpy shim patched onto
-their module objects (no file in site-packages is touched), their console output sent to
+The scripts predate numpy 2 (they call ``np.in1d``, removed in numpy 2.4, and JSON-dump
+numpy scalars) and exit the interpreter on errors; :func:`cityscapes_compat` runs them
+with a numpy shim and a numpy-aware ``writeDict2JSON`` patched onto their module objects
+for the duration (no file in site-packages is touched), their console output sent to
 the log, ``sys.exit`` turned into ``RuntimeError`` and the working directory moved to a
 scratch folder (the instance script writes ``matches.json`` into the current directory).
 """
@@ -19,6 +20,7 @@ import contextlib
 import copy
 import glob
 import io
+import json
 import logging
 import os
 import tempfile
@@ -64,15 +66,29 @@ class _NumpyCompat:
         raise AttributeError(name)
 
 
+def _write_dict_to_json(data: Any, file_name: str) -> None:
+    """cityscapesscripts' writeDict2JSON, accepting the numpy scalars numpy 2 returns from count_nonzero."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        return o.__dict__
+
+    with open(file_name, "w") as f:
+        json.dump(data, f, default=default, sort_keys=True, indent=4)
+
+
 @contextlib.contextmanager
 def cityscapes_compat(workdir: str | os.PathLike, *modules: Any) -> Iterator[io.StringIO]:
     """Run cityscapesscripts ``modules`` under numpy 2 safely (see the module docstring).
 
     Yields the buffer that collects their console output.
     """
-    saved = [(m, m.np) for m in modules if hasattr(m, "np")]
-    for m, np_module in saved:
-        m.np = _NumpyCompat(np_module)
+    saved = [(m, name, getattr(m, name)) for m in modules for name in ("np", "writeDict2JSON") if hasattr(m, name)]
+    for m, name, _ in saved:
+        setattr(m, name, _NumpyCompat(np) if name == "np" else _write_dict_to_json)
     out = io.StringIO()
     cwd = os.getcwd()
     os.chdir(workdir)
@@ -84,8 +100,8 @@ def cityscapes_compat(workdir: str | os.PathLike, *modules: Any) -> Iterator[io.
         raise RuntimeError("cityscapesscripts failed: " + " | ".join(tail)) from e
     finally:
         os.chdir(cwd)
-        for m, np_module in saved:
-            m.np = np_module
+        for m, name, original in saved:
+            setattr(m, name, original)
         if out.getvalue():
             logger.debug("cityscapesscripts output:\n%s", out.getvalue())
 

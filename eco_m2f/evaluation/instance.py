@@ -115,7 +115,7 @@ class COCOEvaluator(DatasetEvaluator):
 
         self._dataset_name = dataset_name
         self._metadata = MetadataCatalog.get(dataset_name)
-        self._output_dir = Path(output_dir) if output_dir else None
+        self._output_dir = Path(output_dir).resolve() if output_dir else None
         self._max_dets = int(max_dets_per_image)
         self._per_category = per_category
         json_file = self._metadata.get("json_file", None)

@@ -570,7 +570,7 @@ class COCOPanopticEvaluator(DatasetEvaluator):
 
         self._dataset_name = dataset_name
         self._metadata = MetadataCatalog.get(dataset_name)
-        self._output_dir = Path(output_dir) if output_dir else None
+        self._output_dir = Path(output_dir).resolve() if output_dir else None
         thing_map = self._metadata.get("thing_dataset_id_to_contiguous_id", None) or {}
         stuff_map = self._metadata.get("stuff_dataset_id_to_contiguous_id", None) or {}
         self._thing_contiguous_to_dataset = {int(v): int(k) for k, v in thing_map.items()}

@@ -128,7 +128,7 @@ class SemSegEvaluator(DatasetEvaluator):
 
         self._dataset_name = dataset_name
         self._metadata = MetadataCatalog.get(dataset_name)
-        self._output_dir = Path(output_dir) if output_dir else None
+        self._output_dir = Path(output_dir).resolve() if output_dir else None
         names = self._metadata.get("stuff_classes", None)
         if num_classes is None:
             if not names:
