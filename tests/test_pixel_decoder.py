@@ -127,6 +127,17 @@ def test_project_inputs_gives_the_gate_input(decoder):
     assert inputs.src.shape == (3, sum(a * b for a, b in inputs.spatial_shapes), 32)
     # the res5 tokens come first in the encoder's sequence
     torch.testing.assert_close(inputs.src[:, : (h // 32) * (w // 32)], s1.flatten(2).transpose(1, 2), atol=0, rtol=0)
+    # precomputed inputs (the gate's) can be handed to every forward instead of projecting twice
+    with torch.no_grad():
+        _assert_triple_close(decoder.forward_features(feats, 2, inputs=inputs), decoder.forward_features(feats, 2), atol=0)
+        _assert_triple_close(
+            decoder.forward_features_multi_exit(feats, [3], inputs=inputs)[3], decoder.forward_features(feats, 3), atol=0
+        )
+        _assert_triple_close(
+            decoder.forward_features_per_image_exit(feats, torch.tensor([1, 1, 1]), inputs=inputs),
+            decoder.forward_features(feats, 1),
+            atol=1e-6,
+        )
 
 
 def test_multi_exit_equals_separate_runs(decoder):

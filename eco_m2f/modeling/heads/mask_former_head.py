@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .. import pixel_decoder as _pixel_decoders  # noqa: F401  (registers the builtin pixel decoders)
 from .. import transformer_decoder as _transformer_decoders  # noqa: F401  (registers the builtin decoders)
+from ..pixel_decoder.msdeform_encoder import EncoderInputs
 from ..registry import PIXEL_DECODER_REGISTRY, SEM_SEG_HEADS_REGISTRY, TRANSFORMER_DECODER_REGISTRY, ShapeSpec
 
 __all__ = ["MaskFormerHead"]
@@ -75,12 +76,24 @@ class MaskFormerHead(nn.Module):
         mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features, exit_layer=exit_layer)
         return self.predictor(multi_scale_features, mask_features, mask)
 
-    def forward_multi_exit(self, features: Mapping[str, torch.Tensor], exits: Sequence[int]) -> Dict[int, Dict[str, Any]]:
-        """{k: predictions at exit k} from one cumulative encoder pass (the decoder runs once per exit)."""
-        decoded = self.pixel_decoder.forward_features_multi_exit(features, exits)
+    def forward_multi_exit(
+        self, features: Mapping[str, torch.Tensor], exits: Sequence[int], inputs: Optional[EncoderInputs] = None
+    ) -> Dict[int, Dict[str, Any]]:
+        """{k: predictions at exit k} from one cumulative encoder pass (the decoder runs once per exit).
+
+        ``inputs``: ``pixel_decoder.project_inputs(features)`` if already computed (e.g. for the gate).
+        """
+        decoded = self.pixel_decoder.forward_features_multi_exit(features, exits, inputs=inputs)
         return {k: self.predictor(ms, mf) for k, (mf, _, ms) in decoded.items()}
 
-    def forward_per_image_exit(self, features: Mapping[str, torch.Tensor], exit_per_image: torch.Tensor) -> Dict[str, Any]:
-        """Predictions for the batch where image b leaves the encoder after ``exit_per_image[b]`` layers."""
-        mask_features, _, multi_scale_features = self.pixel_decoder.forward_features_per_image_exit(features, exit_per_image)
+    def forward_per_image_exit(
+        self, features: Mapping[str, torch.Tensor], exit_per_image: torch.Tensor, inputs: Optional[EncoderInputs] = None
+    ) -> Dict[str, Any]:
+        """Predictions for the batch where image b leaves the encoder after ``exit_per_image[b]`` layers.
+
+        ``inputs``: ``pixel_decoder.project_inputs(features)`` if already computed (e.g. for the gate).
+        """
+        mask_features, _, multi_scale_features = self.pixel_decoder.forward_features_per_image_exit(
+            features, exit_per_image, inputs=inputs
+        )
         return self.predictor(multi_scale_features, mask_features)

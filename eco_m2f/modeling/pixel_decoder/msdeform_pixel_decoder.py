@@ -254,26 +254,37 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     # ------------------------------------------------------------------ forwards
     @_fp32
-    def forward_features(self, features: Mapping[str, torch.Tensor], exit_layer: Optional[int] = None) -> PixelDecoderOutput:
-        """Official output triple; ``exit_layer`` k runs only encoder layers 1..k (None: all)."""
+    def forward_features(
+        self,
+        features: Mapping[str, torch.Tensor],
+        exit_layer: Optional[int] = None,
+        inputs: Optional[EncoderInputs] = None,
+    ) -> PixelDecoderOutput:
+        """Official output triple; ``exit_layer`` k runs only encoder layers 1..k (None: all).
+
+        ``inputs``: ``project_inputs(features)`` when the caller already has it (e.g. for the gate).
+        """
         k = self._check_exit(exit_layer)
-        inputs = self.project_inputs(features)
+        inputs = self.project_inputs(features) if inputs is None else inputs
         memory = self.run_encoder(inputs, stop=k)
         return self.decode_encoder_output(features, memory, inputs.spatial_shapes)
 
     @_fp32
     def forward_features_multi_exit(
-        self, features: Mapping[str, torch.Tensor], exits: Sequence[int]
+        self,
+        features: Mapping[str, torch.Tensor],
+        exits: Sequence[int],
+        inputs: Optional[EncoderInputs] = None,
     ) -> Dict[int, PixelDecoderOutput]:
         """One cumulative encoder pass; at each exit k the rest of the decoder branches off.
 
         Returns {k: triple} for the distinct exits in increasing order; equals
-        ``forward_features(features, exit_layer=k)`` for each k.
+        ``forward_features(features, exit_layer=k)`` for each k. ``inputs`` as in forward_features.
         """
         ks = sorted({self._check_exit(k) for k in exits})
         if not ks:
             raise ValueError("forward_features_multi_exit needs at least one exit")
-        inputs = self.project_inputs(features)
+        inputs = self.project_inputs(features) if inputs is None else inputs
         results: Dict[int, PixelDecoderOutput] = {}
         src, done = inputs.src, 0
         for k in ks:
@@ -284,12 +295,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     @_fp32
     def forward_features_per_image_exit(
-        self, features: Mapping[str, torch.Tensor], exit_per_image: torch.Tensor
+        self,
+        features: Mapping[str, torch.Tensor],
+        exit_per_image: torch.Tensor,
+        inputs: Optional[EncoderInputs] = None,
     ) -> PixelDecoderOutput:
         """Image b leaves the encoder after ``exit_per_image[b]`` layers; no encoder compute is spent on it after.
 
         Finished images are dropped from the running batch at their exit; their tokens are
         kept and put back in batch order before the (per-image) rest of the decoder.
+        ``inputs`` as in forward_features.
         """
         exits_t = torch.as_tensor(exit_per_image)
         bs = next(iter(features.values())).shape[0] if features else 0
@@ -298,7 +313,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         if bs == 0:
             raise ValueError("forward_features_per_image_exit needs at least one image")
         exits = [self._check_exit(int(k)) for k in exits_t.tolist()]
-        inputs = self.project_inputs(features)
+        inputs = self.project_inputs(features) if inputs is None else inputs
+        if inputs.batch_size != bs:
+            raise ValueError(f"inputs hold {inputs.batch_size} images, features {bs}")
         device = inputs.src.device
 
         active = list(range(bs))  # batch positions still in the encoder
