@@ -1,0 +1,191 @@
+"""Samplers and loaders: infinite seeded training batches sharded by rank, ordered sharded test batches."""
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import pytest
+import torch
+
+from eco_m2f.data.build import (
+    SerializedList,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from eco_m2f.data.catalog import DatasetCatalog, MetadataCatalog
+from eco_m2f.data.samplers import InferenceSampler, TrainingSampler
+from test_mappers import IGNORE, check_aligned, make_cfg, register_tiny, unregister, write_tiny_dataset
+
+SIZES = [(64, 64), (48, 64), (64, 48), (64, 64), (40, 64), (64, 64)]
+
+
+@pytest.fixture()
+def tiny6(tmp_path):
+    dicts = write_tiny_dataset(tmp_path, sizes=SIZES)
+    name = register_tiny(dicts)
+    yield name, dicts
+    unregister(name)
+
+
+def loader_cfg(name: str, workers: int = 0, seed: int = 3, batch: int = 4, grouping: bool = False, **kw):
+    return make_cfg(name, "mask_former_panoptic", **{
+        "DATALOADER.NUM_WORKERS": workers, "SEED": seed, "SOLVER.IMS_PER_BATCH": batch,
+        "DATALOADER.ASPECT_RATIO_GROUPING": grouping, "INPUT.MIN_SIZE_TRAIN": (32, 48, 64),
+        "INPUT.RANDOM_FLIP": "horizontal", "INPUT.CROP.ENABLED": True, "INPUT.CROP.TYPE": "relative_range",
+        "INPUT.CROP.SIZE": [0.6, 0.6], "INPUT.COLOR_AUG_SSD": True, **kw})
+
+
+def take(loader, n: int) -> list[list[dict]]:
+    return list(itertools.islice(iter(loader), n))
+
+
+def fingerprint(batches: list[list[dict]]) -> list[tuple]:
+    return [(d["image_id"], tuple(d["image"].shape), int(d["image"].long().sum()), int(d["sem_seg"].sum()))
+            for b in batches for d in b]
+
+
+# ------------------------------------------------------------------------------------------------- samplers
+def test_training_sampler_shards_disjointly_across_two_ranks():
+    size = 10
+    full = list(itertools.islice(iter(TrainingSampler(size, seed=5, rank=0, world_size=1)), 40))
+    r0 = list(itertools.islice(iter(TrainingSampler(size, seed=5, rank=0, world_size=2)), 20))
+    r1 = list(itertools.islice(iter(TrainingSampler(size, seed=5, rank=1, world_size=2)), 20))
+    assert r0 == full[0::2] and r1 == full[1::2]
+    # each pass over the data is a permutation: within an epoch the ranks see disjoint images covering all
+    for epoch in range(4):
+        a, b = set(r0[5 * epoch:5 * epoch + 5]), set(r1[5 * epoch:5 * epoch + 5])
+        assert not a & b and a | b == set(range(size))
+    assert full[:10] != full[10:20], "reshuffled every pass"
+    other = list(itertools.islice(iter(TrainingSampler(size, seed=6, rank=0, world_size=1)), 40))
+    assert other != full
+    assert list(itertools.islice(iter(TrainingSampler(size, seed=5, rank=0, world_size=1)), 40)) == full
+    with pytest.raises(ValueError, match="rank"):
+        TrainingSampler(size, seed=5, rank=2, world_size=2)
+
+
+def test_inference_sampler_contiguous_shards():
+    shards = [list(InferenceSampler(7, rank=r, world_size=3)) for r in range(3)]
+    assert shards == [[0, 1, 2], [3, 4], [5, 6]]
+    assert list(InferenceSampler(2, rank=2, world_size=3)) == []
+
+
+# ---------------------------------------------------------------------------------------------- dataset dicts
+def test_get_detection_dataset_dicts_concat_filter_and_empty(tiny6):
+    name, dicts = tiny6
+    other = f"tiny_instances_{uuid.uuid4().hex[:8]}"
+    inst = [{"file_name": "a.png", "image_id": 100, "height": 8, "width": 8,
+             "annotations": [{"iscrowd": 1, "category_id": 0, "segmentation": []}]},
+            {"file_name": "b.png", "image_id": 101, "height": 8, "width": 8,
+             "annotations": [{"iscrowd": 0, "category_id": 0, "segmentation": []}]}]
+    empty = f"tiny_empty_{uuid.uuid4().hex[:8]}"
+    DatasetCatalog.register(other, lambda: [dict(d) for d in inst])
+    DatasetCatalog.register(empty, lambda: [])
+    try:
+        both = get_detection_dataset_dicts([name, other], filter_empty=False)
+        assert [d["image_id"] for d in both] == [0, 1, 2, 3, 4, 5, 100, 101]
+        filtered = get_detection_dataset_dicts((name, other), filter_empty=True)
+        assert [d["image_id"] for d in filtered] == [0, 1, 2, 3, 4, 5, 101]  # only-crowd image dropped
+        no_things = [dict(d, segments_info=[s for s in d["segments_info"] if not s["isthing"]]) for d in dicts[:2]]
+        DatasetCatalog.remove(other)
+        DatasetCatalog.register(other, lambda: no_things)
+        assert len(get_detection_dataset_dicts(other, filter_empty=True)) == 2  # panoptic: kept
+        with pytest.raises(ValueError, match="filtered out"):
+            get_detection_dataset_dicts(other, filter_empty=True, things_only=True)
+        with pytest.raises(ValueError, match=empty):
+            get_detection_dataset_dicts([name, empty])
+        with pytest.raises(KeyError, match="not registered"):
+            get_detection_dataset_dicts(["no_such_dataset"])
+    finally:
+        DatasetCatalog.remove(other)
+        DatasetCatalog.remove(empty)
+
+
+def test_serialized_list_round_trip(tiny6):
+    _, dicts = tiny6
+    s = SerializedList(dicts)
+    assert len(s) == len(dicts) and [s[i] for i in range(len(s))] == dicts
+
+
+# ---------------------------------------------------------------------------------------------------- loaders
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_loader_batch_size_and_content(tiny6, workers):
+    name, _ = tiny6
+    # IMS_PER_BATCH 4 over a simulated world of 2 ranks: 2 images per batch on each rank
+    loader = build_detection_train_loader(loader_cfg(name, workers=workers), rank=1, world_size=2)
+    batches = take(loader, 5)  # 10 images > 6 in the dataset: the sampler is infinite
+    assert all(isinstance(b, list) and len(b) == 2 for b in batches)
+    for b in batches:
+        for d in b:
+            assert set(d) >= {"image", "instances", "sem_seg", "height", "width", "file_name", "image_id"}
+            check_aligned(d, colour_aug=True)
+            assert (d["height"], d["width"]) == SIZES[d["image_id"]]
+    loader = build_detection_train_loader(loader_cfg(name, workers=workers, batch=3))
+    assert [len(b) for b in take(loader, 3)] == [3, 3, 3]
+
+
+def test_train_loader_aspect_ratio_grouping(tiny6):
+    name, _ = tiny6
+    cfg = loader_cfg(name, grouping=True, **{"INPUT.CROP.ENABLED": False, "INPUT.MIN_SIZE_TRAIN": (32,)})
+    batches = take(build_detection_train_loader(cfg), 6)
+    for b in batches:
+        assert len(b) == 4
+        landscape = {d["image"].shape[-1] > d["image"].shape[-2] for d in b}
+        assert len(landscape) == 1, "a batch mixes landscape and portrait images"
+
+
+def test_same_seed_same_batches_regardless_of_workers(tiny6):
+    name, _ = tiny6
+    ref = fingerprint(take(build_detection_train_loader(loader_cfg(name, workers=0, seed=11)), 4))
+    # other users of the global random state do not change the batches
+    torch.manual_seed(12345)
+    _ = torch.rand(100)
+    assert fingerprint(take(build_detection_train_loader(loader_cfg(name, workers=0, seed=11)), 4)) == ref
+    assert fingerprint(take(build_detection_train_loader(loader_cfg(name, workers=2, seed=11)), 4)) == ref
+    other = fingerprint(take(build_detection_train_loader(loader_cfg(name, workers=0, seed=12)), 4))
+    assert other != ref
+    # ranks of one run see different images and augmentations
+    r1 = fingerprint(take(build_detection_train_loader(loader_cfg(name, seed=11), rank=1, world_size=2), 4))
+    r0 = fingerprint(take(build_detection_train_loader(loader_cfg(name, seed=11), rank=0, world_size=2), 4))
+    assert r0 != r1
+
+
+def test_train_loader_rejects_batch_not_divisible(tiny6):
+    name, _ = tiny6
+    with pytest.raises(ValueError, match="IMS_PER_BATCH"):
+        build_detection_train_loader(loader_cfg(name, batch=3), rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_test_loader_ordered_and_sharded(tiny6, workers):
+    name, dicts = tiny6
+    cfg = loader_cfg(name, workers=workers, **{"INPUT.MIN_SIZE_TEST": 32, "INPUT.MAX_SIZE_TEST": 1000})
+    batches = list(build_detection_test_loader(cfg, name))
+    assert all(isinstance(b, list) and len(b) == 1 for b in batches)
+    assert [b[0]["image_id"] for b in batches] == list(range(len(dicts)))
+    for b in batches:
+        d = b[0]
+        assert min(d["image"].shape[-2:]) == 32 and (d["height"], d["width"]) == SIZES[d["image_id"]]
+        assert "instances" not in d
+    shards = [[d["image_id"] for b in build_detection_test_loader(cfg, name, rank=r, world_size=2) for d in b]
+              for r in range(2)]
+    assert shards == [[0, 1, 2], [3, 4, 5]]
+    assert [len(b) for b in build_detection_test_loader(cfg, name, batch_size=4)] == [4, 2]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_error_names_the_file(tiny6, tmp_path, workers):
+    name, dicts = tiny6
+    bad = tmp_path / "corrupt_image.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    broken = f"tiny_broken_{uuid.uuid4().hex[:8]}"
+    DatasetCatalog.register(broken, lambda: [dict(d, file_name=str(bad)) for d in dicts])
+    MetadataCatalog.get(broken).set(ignore_label=IGNORE)
+    try:
+        cfg = loader_cfg(broken, workers=workers)
+        with pytest.raises(ValueError, match="corrupt_image.jpg"):
+            take(build_detection_train_loader(cfg), 1)
+        with pytest.raises(ValueError, match="corrupt_image.jpg"):
+            list(build_detection_test_loader(cfg, broken))
+    finally:
+        unregister(broken)
