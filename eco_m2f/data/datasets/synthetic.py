@@ -492,9 +492,7 @@ def register_synthetic() -> None:
     """Register ``synthetic_panoptic_{train,val}`` (+ ``_with_sem_seg`` aliases) and the
     ``synthetic_cityscapes_fine_{panoptic,sem_seg,instance_seg}_{train,val}`` datasets."""
     meta = get_synthetic_metadata()
-
-    def ensure() -> None:
-        ensure_synthetic_dataset()
+    ensure = ensure_synthetic_dataset  # module-level, so metadata stays picklable
 
     def p(rel: str) -> DatasetPath:
         return DatasetPath(f"{DEFAULT_SUBDIR}/{rel}", ensure)
