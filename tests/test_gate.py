@@ -71,6 +71,12 @@ def test_gate_shapes_pool_and_choose():
     z = ExitGate.pool(s1)
     assert z.shape == (2, 4)
     torch.testing.assert_close(z, s1.mean(dim=(2, 3)))
+    valid = torch.zeros(2, 3, 5, dtype=torch.bool)
+    valid[0] = True
+    valid[1, :2, :3] = True  # image 2 is padded: only its top-left 2x3 tokens are its own
+    zv = ExitGate.pool(s1, valid)
+    torch.testing.assert_close(zv[0], z[0])
+    torch.testing.assert_close(zv[1], s1[1, :, :2, :3].mean(dim=(1, 2)))
     with torch.no_grad():
         gate.linear.weight.zero_()
         gate.linear.bias.copy_(torch.tensor([0.0, 1.0, 0.5]))

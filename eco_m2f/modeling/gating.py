@@ -40,11 +40,21 @@ class ExitGate(nn.Module):
         return [int(k) for k in self.exits.tolist()]
 
     @staticmethod
-    def pool(s1: torch.Tensor) -> torch.Tensor:
-        """z(s1): average over the tokens (spatial positions). [B, C, H, W] -> [B, C]."""
+    def pool(s1: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """z(s1): average over the tokens (spatial positions). [B, C, H, W] -> [B, C].
+
+        ``valid`` (optional, bool [B, H, W]) restricts the average to each image's own tokens, so
+        that z does not depend on how much padding its batch added; without it every token counts.
+        """
         if s1.dim() != 4:
             raise ValueError(f"gate input s1 must be [B, C, H, W], got shape {tuple(s1.shape)}")
-        return F.adaptive_avg_pool2d(s1, 1).flatten(1)  # [B, C, 1, 1] -> [B, C]
+        if valid is None:
+            return F.adaptive_avg_pool2d(s1, 1).flatten(1)  # [B, C, 1, 1] -> [B, C]
+        b, _, h, w = s1.shape
+        if tuple(valid.shape) != (b, h, w):
+            raise ValueError(f"valid mask must be [B, H, W] = {(b, h, w)}, got {tuple(valid.shape)}")
+        m = valid.to(s1.dtype).unsqueeze(1)  # [B, 1, H, W]
+        return (s1 * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp(min=1.0)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Logits [B, |exits|] for pooled features z [B, C]."""
