@@ -220,7 +220,9 @@ def _to_tensor(value: Any, key: str, source: str) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise CheckpointError(f"'{source}': entry '{key}' is an object array, not numeric weights.")
-        return torch.from_numpy(np.ascontiguousarray(value))
+        # (np.ascontiguousarray would turn 0-d arrays such as num_batches_tracked into 1-d)
+        contiguous = value if value.flags.c_contiguous and value.flags.writeable else value.copy(order="C")
+        return torch.from_numpy(contiguous)
     if isinstance(value, (np.generic, int, float, bool)):
         return torch.as_tensor(np.asarray(value))
     raise CheckpointError(

@@ -16,9 +16,9 @@ How keys are matched (in this order):
 
 3. Backbone-only checkpoints (Detectron2's ``matching_heuristics`` files such as ImageNet
    ``R-50.pkl`` with keys ``stem.conv1.weight``, ``res2.0.conv1.weight``, torchvision/timm
-   ImageNet weights ``conv1.weight``, ``layer1.0...``): when none of the checkpoint's keys starts
-   with one of the model's top-level names, the whole checkpoint is taken to be the backbone's
-   (``backbone.`` is prefixed, then step 2 applies). Model keys outside the backbone, and the
+   ImageNet weights ``conv1.weight``, ``layer1.0...``): when the checkpoint, read as backbone
+   weights (``backbone.`` prefixed, then step 2), matches more of the model's keys than read as
+   a full-model checkpoint, it is taken to be the backbone's. Model keys outside the backbone, and the
    backbone keys that ImageNet weights never hold (``Backbone.keys_not_in_pretrained_weights``,
    e.g. Swin's output norms), are then expected to be absent: they are listed in
    ``LoadReport.untouched`` instead of ``missing``.
@@ -220,21 +220,23 @@ def load_weights(
     if callable(model_map):
         sd = dict(model_map(sd))
     elif callable(backbone_map):
-        if sd and not any(_first(k) in top_level for k in sd):
+
+        def through_backbone_map(full: StateDict) -> StateDict:
+            bb = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
+            rest = {k: v for k, v in full.items() if not k.startswith("backbone.")}
+            return {**rest, **{f"backbone.{k}": v for k, v in backbone_map(bb).items()}}
+
+        as_full = through_backbone_map(sd)
+        as_backbone = through_backbone_map({f"backbone.{k}": v for k, v in sd.items()})
+        # A backbone-only checkpoint is one that matches the model better with "backbone." in front.
+        if len(as_backbone.keys() & model_sd.keys()) > len(as_full.keys() & model_sd.keys()):
             backbone_only = True
-            sd = {f"backbone.{k}": v for k, v in sd.items()}
+            sd = as_backbone
             exempt_fn = getattr(backbone, "keys_not_in_pretrained_weights", None)
             if callable(exempt_fn):
                 exempt = {f"backbone.{k}" for k in exempt_fn()}
-        bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-        rest = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
-        mapped = backbone_map(bb)
-        sd = {**rest, **{f"backbone.{k}": v for k, v in mapped.items()}}
-
-    # Keys the model filled itself from another file (e.g. an ECO gate from MODEL.ECO.GATE.WEIGHTS).
-    elsewhere = getattr(model, "keys_loaded_elsewhere", None)
-    if callable(elsewhere):
-        exempt |= set(elsewhere())
+        else:
+            sd = as_full
 
     report = LoadReport(backbone_only=backbone_only, source=source)
     to_load: StateDict = {}

@@ -158,7 +158,8 @@ class SwinBackbone(Backbone):
         self.layers = net.layers
         del net
 
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)  # stochastic depth grows linearly over all blocks, 0 -> drop_path_rate
+        rates = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
         blocks = [blk for stage in self.layers for blk in stage.blocks]
         for blk, rate in zip(blocks, rates):
             blk.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
