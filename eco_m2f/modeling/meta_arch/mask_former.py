@@ -153,8 +153,9 @@ class MaskFormer(nn.Module):
 
         exit_layer = exit_layer if exit_layer is not None else self.test_exit
         if exit_layer is None and self.gate is not None:
-            exits = self.gate.choose(self.gate.pool(self.sem_seg_head.pixel_decoder.project_inputs(features).s1))
-            outputs = self.sem_seg_head.forward_per_image_exit(features, exits)
+            inputs = self.sem_seg_head.pixel_decoder.project_inputs(features)
+            exits = self.gate.choose(self.gate.pool(inputs.s1))
+            outputs = self.sem_seg_head.forward_per_image_exit(features, exits, inputs=inputs)
             results = self.inference(outputs, batched_inputs, images)
             for r, k in zip(results, exits.tolist()):
                 r["eco_exit"] = int(k)
@@ -217,8 +218,9 @@ class MaskFormer(nn.Module):
 
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        z = ExitGate.pool(self.sem_seg_head.pixel_decoder.project_inputs(features).s1)
-        decoded = self.sem_seg_head.pixel_decoder.forward_features_multi_exit(features, exits)
+        inputs = self.sem_seg_head.pixel_decoder.project_inputs(features)
+        z = ExitGate.pool(inputs.s1)
+        decoded = self.sem_seg_head.pixel_decoder.forward_features_multi_exit(features, exits, inputs=inputs)
         results = {}
         for k, (mask_features, _, multi_scale) in decoded.items():
             outputs = self.sem_seg_head.predictor(multi_scale, mask_features)
