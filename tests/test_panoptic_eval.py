@@ -563,3 +563,73 @@ def test_build_evaluators_follows_evaluator_type_and_test_flags(tmp_path):
     # ADE20K panoptic: semantic always (as Mask2Former), PQ when enabled.
     ade, _, _ = _register_panoptic_dataset(tmp_path / "ade", "_test_build_ade", [], "ade20k_panoptic_seg")
     assert kinds(True, False, False, ade) == ["SemSegEvaluator", "COCOPanopticEvaluator"]
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, gt_json: str, gt_dir: str, preds: list, out: str):
+    """One gloo rank: checks the comm helpers, then evaluates its shard of the images."""
+    import torch
+    import torch.distributed as dist
+
+    from eco_m2f.data.catalog import DatasetCatalog, MetadataCatalog
+    from eco_m2f.evaluation import COCOPanopticEvaluator
+    from eco_m2f.utils import comm
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        assert comm.get_world_size() == world and comm.get_rank() == rank
+        assert comm.all_gather({"r": rank}) == [{"r": r} for r in range(world)]
+        assert comm.gather(rank * 10) == ([r * 10 for r in range(world)] if rank == 0 else [])
+        comm.synchronize()
+        name = "_test_panoptic_distributed"
+        DatasetCatalog.register(name, lambda: [])
+        MetadataCatalog.get(name).set(
+            thing_dataset_id_to_contiguous_id={1: 0, 2: 1},
+            stuff_dataset_id_to_contiguous_id={1: 0, 2: 1, 3: 2, 4: 3},
+            panoptic_json=gt_json,
+            panoptic_root=gt_dir,
+        )
+        ev = COCOPanopticEvaluator(name)
+        for i, (pred, segs) in enumerate(preds):
+            if i % world == rank:
+                ev.process([{"image_id": i, "file_name": f"img_{i:03d}.jpg"}],
+                           [{"panoptic_seg": (torch.from_numpy(pred), segs)}])
+        res = ev.evaluate()
+        if rank == 0:
+            Path(out).write_text(json.dumps({"res": res, "per_image": sorted(ev.per_image_results)}))
+        else:
+            assert res is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluator_gathers_across_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    import eco_m2f.data.catalog  # noqa: F401  (imported once here, inherited by the forked ranks)
+    from eco_m2f.evaluation import COCOPanopticEvaluator  # noqa: F401
+    from eco_m2f.utils import comm
+
+    # Not distributed: the helpers are no-ops.
+    assert comm.get_world_size() == 1 and comm.get_rank() == 0 and comm.is_main_process()
+    assert comm.all_gather(5) == [5] and comm.gather(5) == [5]
+    comm.synchronize()
+
+    rng = np.random.default_rng(3)
+    images = [_random_image(rng) for _ in range(5)]
+    gt_json, gt_dir, _, _ = write_panoptic_files(tmp_path, images)
+    preds = [
+        (pred, [{"id": s["id"], "category_id": s["category_id"] - 1, "isthing": s["category_id"] <= 2} for s in segs])
+        for _, _, pred, segs in images
+    ]
+    out = tmp_path / "result.json"
+    # fork: the children reuse the imported modules (spawning would re-import torch in each)
+    mp.start_processes(_distributed_worker, args=(2, str(tmp_path / "init"), str(gt_json), str(gt_dir), preds,
+                                                  str(out)), nprocs=2, join=True, start_method="fork")
+    got = json.loads(out.read_text())
+    expected = PQStat()
+    for gt, gt_segs, pred, pred_segs in images:
+        expected += pq_single_image(gt, gt_segs, pred, pred_segs, CATS)
+    exp = expected.summary(CATS)
+    assert got["per_image"] == [0, 1, 2, 3, 4]  # both shards reached rank 0
+    assert got["res"]["panoptic_seg"]["PQ"] == pytest.approx(100 * exp["All"]["pq"])
+    assert got["res"]["panoptic_seg"]["PQ_st"] == pytest.approx(100 * exp["Stuff"]["pq"])

@@ -126,3 +126,35 @@ def test_evaluator_errors_name_the_culprit(sem_dataset):
     with pytest.raises(FileNotFoundError, match="missing.png"):
         ev.process([{"file_name": "x", "sem_seg_file_name": "/nonexistent/missing.png"}],
                    [{"sem_seg": torch.zeros(4, 4, 4)}])
+
+
+def test_inference_on_dataset_runs_in_eval_mode_without_grad_and_restores_training(sem_dataset):
+    from eco_m2f.evaluation import DatasetEvaluators, inference_on_dataset
+
+    name, dicts = sem_dataset
+
+    class Replay(torch.nn.Module):
+        """Returns prepared scores; records mode and grad state of each call."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+            self.calls = []
+
+        def forward(self, batch):
+            self.calls.append((self.training, torch.is_grad_enabled()))
+            preds = {0: PRED1, 1: np.full((2, 2), 3)}
+            return [{"sem_seg": _one_hot(preds[x["image_id"]], 4) * self.w} for x in batch]
+
+    model = Replay().train()
+    loader = [[dicts[0]], [dicts[1]]]
+    res = inference_on_dataset(model, loader, [SemSegEvaluator(name)])
+    assert res["sem_seg"]["mIoU"] == pytest.approx(67.5)  # as in the evaluator test above
+    assert model.calls == [(False, False), (False, False)]
+    assert model.training  # restored
+    # No evaluator: inference only, empty results.
+    assert inference_on_dataset(model.eval(), loader, None) == {}
+    assert not model.training
+    # Two evaluators reporting the same task are a configuration error.
+    with pytest.raises(KeyError, match="sem_seg"):
+        inference_on_dataset(model, loader, DatasetEvaluators([SemSegEvaluator(name), SemSegEvaluator(name)]))

@@ -8,7 +8,6 @@ moving anything to the GPU.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -72,12 +71,22 @@ def synchronize() -> None:
     dist.barrier()
 
 
-@functools.lru_cache(maxsize=None)
+_GLOO_GROUP: tuple[Any, Any] | None = None  # (default group it was made for, gloo group)
+
+
 def _object_group():
-    """A gloo group over all ranks for pickled objects (NCCL only moves CUDA tensors)."""
-    if dist.get_backend() == dist.Backend.NCCL:
-        return dist.new_group(backend="gloo")
-    return dist.group.WORLD
+    """A gloo group over all ranks for pickled objects (NCCL only moves CUDA tensors).
+
+    Made once per default process group (collectively, on first use by every rank) and
+    remade if the default group was destroyed and re-initialised.
+    """
+    global _GLOO_GROUP
+    world = dist.group.WORLD
+    if dist.get_backend() != dist.Backend.NCCL:
+        return world
+    if _GLOO_GROUP is None or _GLOO_GROUP[0] is not world:
+        _GLOO_GROUP = (world, dist.new_group(backend="gloo"))
+    return _GLOO_GROUP[1]
 
 
 def all_gather(obj: Any) -> list[Any]:
