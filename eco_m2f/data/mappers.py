@@ -23,6 +23,7 @@ Training mappers, by ``INPUT.DATASET_MAPPER_NAME`` (registry ``DATASET_MAPPER``)
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -100,17 +101,14 @@ def _load_label_map(path: str, image: torch.Tensor, what: str) -> torch.Tensor:
 
 def _compact_segment_map(pan_ids: torch.Tensor, segment_ids: Sequence[int], file_name: str) -> torch.Tensor:
     """Panoptic ids -> 1 + index of the segment in ``segments_info`` (0 where the id is not listed: void)."""
-    out = torch.zeros(pan_ids.shape, dtype=torch.int64)
     if len(segment_ids) == 0:
-        return out
+        return torch.zeros(pan_ids.shape, dtype=torch.int64)
     ids = torch.as_tensor(list(segment_ids), dtype=torch.int64)
     if len(set(ids.tolist())) != len(ids):
         raise ValueError(f"segments_info of {file_name} repeats a segment id: {ids.tolist()}")
     sorted_ids, order = torch.sort(ids)
-    pos = torch.searchsorted(sorted_ids, pan_ids).clamp_(max=len(ids) - 1)  # H x W
-    hit = sorted_ids[pos] == pan_ids
-    out[hit] = order[pos[hit]] + 1
-    return out
+    pos = torch.searchsorted(sorted_ids, pan_ids).clamp_(max=len(ids) - 1)  # H x W index into sorted_ids
+    return torch.where(sorted_ids[pos] == pan_ids, (order + 1)[pos], 0)
 
 
 def _empty_instances(h: int, w: int) -> dict[str, torch.Tensor]:
@@ -142,10 +140,31 @@ def _decode_annotation_mask(segm: Any, h: int, w: int, file_name: str) -> np.nda
         return (segm > 0).astype(np.uint8)
     else:
         raise ValueError(f"unsupported 'segmentation' of type {type(segm).__name__} in annotations of {file_name}")
-    mask = mask_util.decode(rle)
+    with warnings.catch_warnings():  # pycocotools' decoder warns about numpy 2's copy keyword on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        mask = mask_util.decode(rle)
     if mask.shape != (h, w):
         raise ValueError(f"annotation mask of {file_name} has shape {mask.shape}, image is {(h, w)}")
     return mask
+
+
+def _pack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """N x H x W binary -> ceil(N / 8) x H x W uint8, mask i in bit i % 8 of plane i // 8. Nearest resizing,
+    cropping, flipping and zero padding copy pixel values, so they commute with the packing (8x less memory)."""
+    n, h, w = masks.shape
+    planes = (n + 7) // 8
+    padded = torch.zeros((planes * 8, h, w), dtype=torch.uint8)
+    padded[:n] = masks.to(torch.uint8)
+    weights = (2 ** torch.arange(8, dtype=torch.int32)).view(1, 8, 1, 1)
+    return (padded.view(planes, 8, h, w).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_bits`: planes x H x W uint8 -> n x H x W bool."""
+    planes, h, w = packed.shape
+    bits = torch.arange(8, dtype=torch.int32).view(1, 8, 1, 1)
+    unpacked = (packed.to(torch.int32).unsqueeze(1) >> bits) & 1  # planes x 8 x H x W
+    return unpacked.reshape(planes * 8, h, w)[:n].bool()
 
 
 class _MapperBase:
@@ -278,10 +297,10 @@ class InstanceDatasetMapper(_MapperBase):
             sem[masks_t[i].bool()] = classes[i]
         sample = {"image": tv_tensors.Image(image), "sem_seg": SemSegMask(sem)}
         if len(anns):  # an empty N=0 stack is not passed through the resize kernels
-            sample["masks"] = tv_tensors.Mask(masks_t)
+            sample["masks"] = tv_tensors.Mask(_pack_bits(masks_t))
         sample = self._augment(sample)
         if len(anns):
-            gt_masks = sample["masks"].as_subclass(torch.Tensor).bool()
+            gt_masks = _unpack_bits(sample["masks"].as_subclass(torch.Tensor), len(anns))
         else:
             gt_masks = torch.zeros((0, *sample["image"].shape[-2:]), dtype=torch.bool)
         visible = gt_masks.flatten(1).any(dim=1)
