@@ -174,6 +174,7 @@ def test_gt_as_prediction_scores_100_on_all_three_tasks(cityscapes_root, tmp_pat
     res = evaluators.evaluate()
     for k in ("IoU", "iIoU", "IoU_sup", "iIoU_sup"):
         assert res["sem_seg"][k] == pytest.approx(100.0), k
+        assert type(res["sem_seg"][k]) is float  # plain floats, JSON-serialisable as metrics
     assert res["segm"]["AP"] == pytest.approx(100.0) and res["segm"]["AP50"] == pytest.approx(100.0)
     for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
         assert res["panoptic_seg"][k] == pytest.approx(100.0), k

@@ -237,10 +237,10 @@ class CityscapesSemSegEvaluator(_CityscapesEvaluator):
             with cityscapes_compat(folder, cs_eval):
                 results = cs_eval.evaluateImgLists(pred_list, gt_list, args)
         res = OrderedDict(
-            IoU=100.0 * results["averageScoreClasses"],
-            iIoU=100.0 * results["averageScoreInstClasses"],
-            IoU_sup=100.0 * results["averageScoreCategories"],
-            iIoU_sup=100.0 * results["averageScoreInstCategories"],
+            IoU=100.0 * float(results["averageScoreClasses"]),
+            iIoU=100.0 * float(results["averageScoreInstClasses"]),
+            IoU_sup=100.0 * float(results["averageScoreCategories"]),
+            iIoU_sup=100.0 * float(results["averageScoreInstCategories"]),
         )
         logger.info("Cityscapes semantic on %s: %s", self._dataset_name, dict(res))
         return OrderedDict({"sem_seg": res})
