@@ -29,3 +29,31 @@ def shared_dir() -> Path:
     if not SHARED_DIR.is_dir():
         pytest.skip(f"{SHARED_DIR} not present")
     return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_root(tmp_path_factory) -> Path:
+    """A $DETECTRON2_DATASETS folder with a tiny synthetic dataset (8 train / 4 val, 64x64)."""
+    from eco_m2f.data.datasets.synthetic import generate_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("datasets")
+    generate_synthetic_dataset(str(root / "synthetic"), num_train=8, num_val=4, image_size=64, seed=0)
+    return root
+
+
+@pytest.fixture
+def tiny_datasets(tiny_synthetic_root, monkeypatch) -> Path:
+    """Point $DETECTRON2_DATASETS at the tiny synthetic dataset for one test."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tiny_synthetic_root))
+    return tiny_synthetic_root
+
+
+TINY_OPTS = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.RESNETS.NORM", "FrozenBN",
+    "INPUT.IMAGE_SIZE", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "8",
+]
+"""Overrides that shrink configs/synthetic/maskformer2_tiny_cpu.yaml further for unit tests."""
