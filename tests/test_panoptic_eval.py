@@ -218,6 +218,7 @@ def test_inconsistent_prediction_raises_key_error_naming_image_and_value(pred_se
     with pytest.raises(KeyError, match=match) as info:
         pq_single_image(gt, [seg(1, 3, gt)], pred, pred_segments, CATS, image_id=42)
     assert "image with ID 42" in str(info.value)
+    assert isinstance(info.value, PanopticFormatError)  # a KeyError, as panopticapi raises
 
 
 def test_size_mismatch_raises_value_error():
