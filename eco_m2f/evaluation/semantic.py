@@ -9,7 +9,9 @@ go to the extra column and are dropped from every metric. With ``tp`` the diagon
   mACC is their mean, pACC = sum(tp) / sum(pos_gt);
 * ``iou = tp / (pos_gt + pos_pred - tp)`` on classes with ground-truth pixels
   (``iou_valid = acc_valid & union > 0``, current Detectron2): classes absent from the
-  ground truth are excluded from mIoU, whether or not they were predicted;
+  ground truth are excluded from mIoU, whether or not they were predicted. (Detectron2
+  releases up to 0.5 divided by the number of classes in GT *or* prediction instead; on
+  full benchmark splits every class has GT pixels and the two agree exactly.)
 * fwIoU = sum over valid classes of ``iou * pos_gt / sum(pos_gt)``.
 
 Values are reported in percent, per class as ``IoU-<name>`` / ``ACC-<name>`` (NaN for
