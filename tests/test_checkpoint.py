@@ -165,6 +165,24 @@ def test_missing_file_and_unknown_extension(tmp_path: Path) -> None:
         load_state_dict_file(other)
 
 
+def test_detectron2_model_zoo_paths_are_downloaded_to_the_cache(tmp_path: Path, monkeypatch) -> None:
+    from iopath.common.file_io import PathManager
+
+    local = tmp_path / "R-50.pkl"
+    with open(local, "wb") as f:
+        pickle.dump({"model": {"stem.conv1.weight": np.zeros((1,), np.float32)}, "matching_heuristics": True}, f)
+    asked = []
+
+    def fake_get_local_path(self, url, **kwargs):
+        asked.append(url)
+        return str(local)
+
+    monkeypatch.setattr(PathManager, "get_local_path", fake_get_local_path)
+    ckpt = read_checkpoint("detectron2://ImageNetPretrained/torchvision/R-50.pkl")
+    assert asked == ["https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/torchvision/R-50.pkl"]
+    assert ckpt.matching_heuristics and list(ckpt.state_dict) == ["stem.conv1.weight"]
+
+
 def test_unrecognised_layout_lists_top_level_keys(tmp_path: Path) -> None:
     path = tmp_path / "odd.pth"
     torch.save({"weights": {"w": torch.zeros(1)}, "epoch": 3}, path)

@@ -214,7 +214,7 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     return local
 
 
-def _to_tensor(value: Any, key: str, source: str) -> torch.Tensor:
+def to_tensor(value: Any, key: str, source: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
@@ -239,7 +239,7 @@ def _is_flat_tensor_dict(obj: Any) -> bool:
     )
 
 
-def _split_layout(obj: Any, source: str) -> tuple[Mapping[str, Any], dict[str, Any]]:
+def split_layout(obj: Any, source: str) -> tuple[Mapping[str, Any], dict[str, Any]]:
     """(state dict, other top-level entries) from {"model": sd}, {"state_dict": sd} or sd."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"'{source}' holds a {type(obj).__name__}; expected a dict (state dict).")
@@ -284,12 +284,12 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
             f"supported: {', '.join(SUPPORTED_EXTENSIONS)}."
         )
 
-    sd_raw, extra = _split_layout(raw, source)
+    sd_raw, extra = split_layout(raw, source)
     state_dict: dict[str, torch.Tensor] = {}
     for key, value in sd_raw.items():
         if not isinstance(key, str):
             raise CheckpointError(f"'{source}': state-dict key {key!r} is not a string.")
-        state_dict[key] = _to_tensor(value, key, source)
+        state_dict[key] = to_tensor(value, key, source)
     author = extra.get("__author__", "")
     return CheckpointFile(
         state_dict=state_dict,
@@ -308,7 +308,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- writing
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel/DataParallel wrappers."""
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
@@ -327,7 +327,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module | Mapping[str, tor
     if target.suffix.lower() not in TORCH_EXTENSIONS:
         raise ValueError(f"save_checkpoint writes torch files; use a .pth path, got '{target}'.")
     if isinstance(model, nn.Module):
-        state = _unwrap(model).state_dict()
+        state = unwrap_model(model).state_dict()
     else:
         state = dict(model)
     state = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}

@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Union
 import torch
 import torch.nn as nn
 
-from .io import CheckpointError, CheckpointFile, _split_layout, _to_tensor, _unwrap, read_checkpoint
+from .io import CheckpointError, CheckpointFile, read_checkpoint, split_layout, to_tensor, unwrap_model
 
 __all__ = ["LoadReport", "CheckpointMismatchError", "load_weights", "KeyMap"]
 
@@ -150,8 +150,8 @@ def _as_state_dict(obj: Any, source: str) -> tuple[StateDict, bool]:
         return dict(obj.state_dict), obj.matching_heuristics
     if not isinstance(obj, Mapping):
         raise TypeError(f"load_weights expects a path, a CheckpointFile or a state dict, got {type(obj).__name__}")
-    inner, extra = _split_layout(obj, source)
-    sd = {k: _to_tensor(v, k, source) for k, v in inner.items()}
+    inner, extra = split_layout(obj, source)
+    sd = {k: to_tensor(v, k, source) for k, v in inner.items()}
     return sd, bool(extra.get("matching_heuristics", False))
 
 
@@ -196,14 +196,14 @@ def load_weights(
         CheckpointMismatchError: keys/shapes differ and the corresponding ``allow_*`` is False.
             Nothing is loaded in that case.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         ckpt = read_checkpoint(path_or_state_dict)
         source = ckpt.path
-        sd, _ = _as_state_dict(ckpt, source)
+        sd, matching_heuristics = _as_state_dict(ckpt, source)
     else:
         source = getattr(path_or_state_dict, "path", "") or "<state dict>"
-        sd, _ = _as_state_dict(path_or_state_dict, source)
+        sd, matching_heuristics = _as_state_dict(path_or_state_dict, source)
 
     if key_map is not None:
         sd = _apply_key_map(sd, key_map)
@@ -228,8 +228,11 @@ def load_weights(
 
         as_full = through_backbone_map(sd)
         as_backbone = through_backbone_map({f"backbone.{k}": v for k, v in sd.items()})
-        # A backbone-only checkpoint is one that matches the model better with "backbone." in front.
-        if len(as_backbone.keys() & model_sd.keys()) > len(as_full.keys() & model_sd.keys()):
+        # A backbone-only checkpoint is one that matches the model better with "backbone." in front
+        # (Detectron2's matching_heuristics flag decides ties).
+        hits_backbone = len(as_backbone.keys() & model_sd.keys())
+        hits_full = len(as_full.keys() & model_sd.keys())
+        if hits_backbone > hits_full or (matching_heuristics and hits_backbone == hits_full > 0):
             backbone_only = True
             sd = as_backbone
             exempt_fn = getattr(backbone, "keys_not_in_pretrained_weights", None)
