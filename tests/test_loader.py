@@ -189,3 +189,12 @@ def test_corrupt_image_error_names_the_file(tiny6, tmp_path, workers):
             list(build_detection_test_loader(cfg, broken))
     finally:
         unregister(broken)
+
+
+def test_negative_seed_draws_a_seed_and_explicit_dataset(tiny6):
+    name, dicts = tiny6
+    a = fingerprint(take(build_detection_train_loader(loader_cfg(name, seed=-1)), 3))
+    b = fingerprint(take(build_detection_train_loader(loader_cfg(name, seed=-1)), 3))
+    assert len(a) == len(b) == 12 and a != b  # fresh random seeds (equal with probability ~0)
+    only_first = build_detection_train_loader(loader_cfg(name), dataset=[dicts[0]], total_batch_size=2)
+    assert {d["image_id"] for batch in take(only_first, 3) for d in batch} == {0}

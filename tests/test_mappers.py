@@ -211,7 +211,8 @@ def test_bgr_format_reverses_channels(tiny):
     rgb = build_mapper(make_cfg(name, "mask_former_panoptic"))(dict(dicts[0]))["image"]
     bgr = build_mapper(make_cfg(name, "mask_former_panoptic", **{"INPUT.FORMAT": "BGR"}))(dict(dicts[0]))["image"]
     assert torch.equal(bgr, rgb.flip(0))
-    test_bgr = InferenceDatasetMapper(make_cfg(name, **{"INPUT.FORMAT": "BGR", "INPUT.MIN_SIZE_TEST": 0}))(dict(dicts[0]))
+    test_cfg = make_cfg(name, **{"INPUT.FORMAT": "BGR", "INPUT.MIN_SIZE_TEST": 0})  # 0: no resize
+    test_bgr = InferenceDatasetMapper(test_cfg)(dict(dicts[0]))
     assert torch.equal(test_bgr["image"], rgb.flip(0))
 
 
@@ -310,7 +311,8 @@ def test_instance_mapper_from_annotations(tiny):
     rle = mask_util.encode(rle_mask)
     rle["counts"] = rle["counts"].decode()
     d["annotations"] = [
-        {"category_id": 2, "iscrowd": 0, "segmentation": [[6, 8, 25.99, 8, 25.99, 27.99, 6, 27.99]], "bbox": [6, 8, 20, 20]},
+        {"category_id": 2, "iscrowd": 0, "segmentation": [[6, 8, 25.99, 8, 25.99, 27.99, 6, 27.99]],
+         "bbox": [6, 8, 20, 20]},
         {"category_id": 3, "iscrowd": 0, "segmentation": rle, "bbox": [34, 30, 26, 28]},
         {"category_id": 2, "iscrowd": 1, "segmentation": [[4, 50, 18, 50, 18, 64, 4, 64]], "bbox": [4, 50, 14, 14]},
     ]
@@ -361,7 +363,8 @@ def test_test_mapper_resize_and_original_size(tmp_path):
     dicts = write_tiny_dataset(tmp_path, sizes=[(48, 64)])
     name = register_tiny(dicts)
     try:
-        out = InferenceDatasetMapper(make_cfg(name, **{"INPUT.MIN_SIZE_TEST": 32, "INPUT.MAX_SIZE_TEST": 1000}))(dicts[0])
+        cfg = make_cfg(name, **{"INPUT.MIN_SIZE_TEST": 32, "INPUT.MAX_SIZE_TEST": 1000})
+        out = InferenceDatasetMapper(cfg)(dicts[0])
         assert tuple(out["image"].shape) == (3, 32, 43)  # 64 * 32 / 48 = 42.7
         assert (out["height"], out["width"]) == (48, 64)
         assert out["pan_seg_file_name"] == dicts[0]["pan_seg_file_name"]  # other keys kept for evaluators

@@ -203,7 +203,7 @@ class _MapperBase:
             image = image.flip(0)
         h, w = image.shape[-2:]
         if tuple(sem_seg.shape) != (h, w) or tuple(instances["gt_masks"].shape[-2:]) != (h, w):
-            raise AssertionError(f"augmented targets of {dataset_dict.get('file_name')} lost alignment with the image")
+            raise RuntimeError(f"augmented targets of {dataset_dict.get('file_name')} lost alignment with the image")
         return {
             "file_name": dataset_dict.get("file_name"),
             "image_id": dataset_dict.get("image_id"),
