@@ -359,6 +359,7 @@ def run_step_c(
     output_dir: Optional[str | os.PathLike] = None,
     device: str = "cpu",
     feature_source: Optional[Callable[[Any, str, str], Tuple[GateInput, Iterable]]] = None,
+    records: Optional[List[Dict[str, Any]]] = None,
 ) -> StepCOutput:
     """Step C from files: records of ``derived_dir`` -> gate.pth, metrics.json, model_gated.pth,
     config.yaml in ``output_dir`` (default DERIVED_DIR/gate_beta{beta}_k{k_user}).
@@ -367,6 +368,7 @@ def run_step_c(
     optimisation settings come from MODEL.ECO.GATE.*, the exits from MODEL.ECO.EXITS, the seed from
     SEED. ``feature_source(cfg, weights, dataset) -> (gate_input, data_loader)`` is used only when
     the records carry no feature (default: build the model and use ``model.gate_input``).
+    ``records`` (``load_records(derived_dir)``, optional) saves reading them again in a sweep.
     """
     from ..config import setup_cfg
 
@@ -376,7 +378,8 @@ def run_step_c(
     g = cfg.MODEL.ECO.GATE
     k_user = int(g.K_USER if k_user is None else k_user)
     meta = read_meta(derived)
-    records = load_records(derived)
+    if records is None:
+        records = load_records(derived)
     if not records:
         raise ValueError(f"{derived}: the derived dataset has no records")
     exits = check_exits(cfg.MODEL.ECO.EXITS, name="MODEL.ECO.EXITS")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from .gate import _resolve_weights, format_step_c_report, run_step_c
-from .records import read_meta
+from .records import load_records, read_meta
 from .targets import check_exits
 
 __all__ = [
@@ -179,8 +179,10 @@ def run_sweep(
                          "encoder_gflops": float(res["enc_gflops"]), "total_gflops": float(res["total_gflops"])})
             details.append({**rows[-1], "result": res})
             log(f"fixed exit l_{k}: PQ {res['PQ']:.2f}, encoder GFLOPs {res['enc_gflops']:.2f}")
+    records = load_records(derived)  # read once, shared by every beta
     for beta in betas:
-        step_c = run_step_c(config_file, derived, float(beta), k_user=k_user, opts=opts, device=device)
+        step_c = run_step_c(config_file, derived, float(beta), k_user=k_user, opts=opts, device=device,
+                            records=records)
         log(format_step_c_report(step_c))
         res = dict(evaluate_fn(list(opts) + step_c.eval_overrides))
         rows.append({"kind": "gated", "exit_or_beta": float(beta), "PQ": float(res["PQ"]),
