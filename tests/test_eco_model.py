@@ -180,3 +180,4 @@ def test_step_b_resumes_after_interruption_with_identical_records(tiny_datasets,
         assert a["pq"] == pytest.approx(b["pq"], abs=1e-6)
         assert a["miou"] == pytest.approx(b["miou"], abs=1e-6)
         assert a["feature"] == pytest.approx(b["feature"], abs=1e-5)
+

@@ -154,7 +154,7 @@ class MaskFormer(nn.Module):
         exit_layer = exit_layer if exit_layer is not None else self.test_exit
         if exit_layer is None and self.gate is not None:
             inputs = self.sem_seg_head.pixel_decoder.project_inputs(features)
-            exits = self.gate.choose(self.gate.pool(inputs.s1))
+            exits = self.gate.choose(self._pooled_s1(inputs.s1, images))
             outputs = self.sem_seg_head.forward_per_image_exit(features, exits, inputs=inputs)
             results = self.inference(outputs, batched_inputs, images)
             for r, k in zip(results, exits.tolist()):
@@ -200,26 +200,38 @@ class MaskFormer(nn.Module):
             exit_losses[k] = self.weighted_losses(outputs, [targets[i] for i in keep])
         return combine_exit_losses(exit_losses, counts, len(targets), self.eco_alpha)
 
+    @staticmethod
+    def _pooled_s1(s1: torch.Tensor, images: ImageList) -> torch.Tensor:
+        """z(s1) averaged over each image's own tokens, not the batch's padding.
+
+        (s1 comes after the input projection's GroupNorm, which sees the padding, as in the
+        official model; step B and evaluation both run at batch 1, so their z agree exactly.)
+        """
+        from ..gating import ExitGate
+
+        h_pad, w_pad = images.tensor.shape[-2:]
+        _, _, h5, w5 = s1.shape
+        valid = torch.zeros((s1.shape[0], h5, w5), dtype=torch.bool, device=s1.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            valid[i, : -(-h * h5 // h_pad), : -(-w * w5 // w_pad)] = True  # ceil: partly covered tokens count
+        return ExitGate.pool(s1, valid)
+
     @torch.no_grad()
     def gate_input(self, batched_inputs: List[Dict[str, Any]]) -> torch.Tensor:
         """z(s1) [B, CONVS_DIM]: the pooled res5 level after input projection (the gate's input)."""
-        from ..gating import ExitGate
-
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        return ExitGate.pool(self.sem_seg_head.pixel_decoder.project_inputs(features).s1)
+        return self._pooled_s1(self.sem_seg_head.pixel_decoder.project_inputs(features).s1, images)
 
     @torch.no_grad()
     def forward_all_exits(
         self, batched_inputs: List[Dict[str, Any]], exits: List[int]
     ) -> Tuple[Dict[int, List[Dict[str, Any]]], torch.Tensor]:
         """Step B: predictions at every exit from ONE backbone + cumulative encoder pass, and z(s1)."""
-        from ..gating import ExitGate
-
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         inputs = self.sem_seg_head.pixel_decoder.project_inputs(features)
-        z = ExitGate.pool(inputs.s1)
+        z = self._pooled_s1(inputs.s1, images)
         decoded = self.sem_seg_head.pixel_decoder.forward_features_multi_exit(features, exits, inputs=inputs)
         results = {}
         for k, (mask_features, _, multi_scale) in decoded.items():
