@@ -498,3 +498,35 @@ def test_swin_gradient_checkpointing_and_ape_train() -> None:
     sum(v.float().mean() for v in out.values()).backward()
     assert backbone.absolute_pos_embed.grad is not None
     assert backbone.layers[0].blocks[0].attn.relative_position_bias_table.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_backbones_on_cuda_match_cpu_and_run_in_bf16(r50, swin_t) -> None:
+    import copy
+
+    x = torch.randn(2, 3, 96, 160)
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for model in (r50, swin_t):
+            with torch.no_grad():
+                expected = model(x)
+                gpu = copy.deepcopy(model).cuda()
+                out = gpu(x.cuda())
+                for name, value in expected.items():
+                    scale = float(value.abs().max())  # random weights: activations grow with depth
+                    torch.testing.assert_close(out[name].cpu(), value, rtol=1e-4, atol=1e-4 * scale)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    low = gpu(x.cuda())
+            for name, value in expected.items():
+                assert low[name].shape == value.shape and torch.isfinite(low[name]).all()
+                rel = (low[name].float().cpu() - value).norm() / value.norm()
+                assert rel < 0.05, (name, float(rel))
+        gpu.train()  # Swin backward on the GPU, with gradient checkpointing
+        gpu.use_checkpoint = True
+        out = gpu(x.cuda())
+        sum(v.mean() for v in out.values()).backward()
+        assert gpu.layers[3].blocks[1].attn.relative_position_bias_table.grad is not None
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -121,7 +121,7 @@ class ResNetBackbone(Backbone):
             raise ValueError("RES5_DILATION 2 needs bottleneck blocks (DEPTH >= 50)")
 
         self.depth = depth
-        self.norm = norm
+        self.norm_name = norm
         self._in_channels = in_channels
         self._timm_name = f"resnet{depth}"
         net = timm.create_model(
