@@ -285,6 +285,19 @@ def test_model_level_key_map_is_used() -> None:
     assert torch.equal(dst.conv.weight, src.conv.weight)
 
 
+def test_keys_loaded_elsewhere_may_be_absent() -> None:
+    class WithGate(_Tiny):
+        def keys_loaded_elsewhere(self):
+            return {"fc.weight", "fc.bias"}
+
+    src, dst = _Tiny(), WithGate()
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith("fc.")}
+    report = load_weights(dst, sd)
+    assert report.clean and {"fc.weight", "fc.bias"} <= set(report.untouched)
+    with pytest.raises(CheckpointMismatchError, match="fc.weight"):
+        load_weights(_Tiny(), sd)
+
+
 # ------------------------------------------------------------------------------------ saving
 
 

@@ -241,6 +241,11 @@ def load_weights(
         else:
             sd = as_full
 
+    # Keys the model filled itself from another file (e.g. an ECO gate from MODEL.ECO.GATE.WEIGHTS).
+    elsewhere = getattr(model, "keys_loaded_elsewhere", None)
+    if callable(elsewhere):
+        exempt |= set(elsewhere())
+
     report = LoadReport(backbone_only=backbone_only, source=source)
     to_load: StateDict = {}
     for key, value in sd.items():
