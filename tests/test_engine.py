@@ -1,0 +1,243 @@
+"""The Lightning engine with a tiny dummy meta-architecture (tests/dummy_arch.py) on CPU."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dummy_arch  # noqa: E402  (registers DummySegmenter / DummySegmenterSkip)
+from eco_m2f.config import get_cfg, setup_cfg  # noqa: E402
+from eco_m2f.engine import default_argument_parser, main, setup_distributed_env  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(dummy_arch.__file__)
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    path = output_dir / "metrics.json"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _poly_lr(it: int, base: float = 0.05, max_iter: int = 30, warm: int = 2, factor: float = 1.0) -> float:
+    w = factor * (1 - it / warm) + it / warm if it < warm else 1.0
+    return base * w * (1 - it / max_iter) ** 0.9
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)  # a fresh local process group, whatever the test runner's environment
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _run_script(args: list, log: Path, env: dict, timeout: float) -> int:
+    """Run tests/dummy_arch.py in its own process group; on timeout kill the whole group
+    (Lightning's DDP launcher starts the other ranks as children)."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=REPO_ROOT, env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"timed out after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_argument_parser_has_detectron2_flags():
+    args = default_argument_parser().parse_args(
+        ["--config-file", "a.yaml", "--resume", "--num-gpus", "4", "--num-machines", "2", "--machine-rank", "1",
+         "--dist-url", "tcp://10.0.0.1:1234", "SOLVER.BASE_LR", "0.1", "OUTPUT_DIR", "x"]
+    )
+    assert args.config_file == "a.yaml" and args.resume and not args.eval_only
+    assert (args.num_gpus, args.num_machines, args.machine_rank) == (4, 2, 1)
+    assert args.dist_url == "tcp://10.0.0.1:1234"
+    assert args.opts == ["SOLVER.BASE_LR", "0.1", "OUTPUT_DIR", "x"]
+    args = default_argument_parser().parse_args(["--eval-only", "MODEL.WEIGHTS", "m.pth"])
+    assert args.eval_only and args.opts == ["MODEL.WEIGHTS", "m.pth"] and args.num_gpus == 1
+
+
+def test_distributed_env_from_flags(monkeypatch):
+    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
+        monkeypatch.setenv(key, "")  # recorded, so the variables are restored/removed afterwards
+        monkeypatch.delenv(key)
+    setup_distributed_env(2, 1, "tcp://10.1.2.3:4567")
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["NODE_RANK"]) == ("10.1.2.3", "4567", "1")
+    monkeypatch.setenv("MASTER_PORT", "999")  # a launcher's value wins
+    setup_distributed_env(2, 1, "tcp://10.1.2.3:4567")
+    assert os.environ["MASTER_PORT"] == "999"
+    with pytest.raises(ValueError, match="--machine-rank 2"):
+        setup_distributed_env(2, 2, "tcp://h:1")
+    with pytest.raises(ValueError, match="--dist-url"):
+        setup_distributed_env(1, 0, "10.1.2.3:4567")
+    with pytest.raises(ValueError, match="auto"):
+        setup_distributed_env(2, 0, "auto")
+
+
+def test_precision_and_accelerator_selection():
+    from eco_m2f.engine.trainer import select_accelerator, select_precision
+
+    cfg = get_cfg()
+    assert select_precision(cfg, "gpu") == "32-true"
+    cfg.SOLVER.AMP.ENABLED = True
+    assert select_precision(cfg, "gpu") == "16-mixed"
+    assert select_precision(cfg, "cpu") == "bf16-mixed"
+    cfg.MODEL.DEVICE = "cpu"
+    assert select_accelerator(cfg) == "cpu"
+    cfg.MODEL.DEVICE = "tpu"
+    with pytest.raises(ValueError, match="MODEL.DEVICE 'tpu'"):
+        select_accelerator(cfg)
+
+
+def test_loss_contract_and_clipping_hook():
+    from eco_m2f.engine import SegmentationModule
+
+    cfg = setup_cfg(None, dummy_arch.test_config_opts("unused") + [
+        "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.01"])
+    module = SegmentationModule(cfg)
+    assert isinstance(module.model, dummy_arch.DummySegmenter)
+    optimizer = module.configure_optimizers()["optimizer"]
+    batch = next(dummy_arch.dummy_train_loader(cfg))
+    module.model.train()
+    loss = sum(module.model(batch).values())
+    loss.backward()
+    module.configure_gradient_clipping(optimizer)
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    assert float(torch.sqrt(sum(g.pow(2).sum() for g in grads))) == pytest.approx(0.01, rel=1e-3)
+
+    class BadModel(torch.nn.Module):
+        def forward(self, batch):
+            return torch.tensor(1.0)
+
+    with pytest.raises(TypeError, match="dict of scalar losses"):
+        SegmentationModule(cfg, model=BadModel()).training_step(batch, 0)
+    with pytest.raises(FloatingPointError, match="loss_x"):
+        SegmentationModule.check_finite({"loss_x": math.nan, "loss_y": 1.0}, 12)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_train_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    args = default_argument_parser().parse_args(dummy_arch.test_config_opts(str(out)))
+    main(args, train_loader_factory=dummy_arch.dummy_train_loader)
+
+    lines = _metrics(out)
+    assert [r["iteration"] for r in lines] == list(range(30))
+    for r in lines:
+        assert {"iteration", "loss_ce", "total_loss", "lr", "time", "data_time", "eta_seconds"} <= set(r)
+        assert r["lr"] == pytest.approx(_poly_lr(r["iteration"]), rel=1e-6, abs=1e-12)
+    first = sum(r["total_loss"] for r in lines[:5]) / 5
+    last = sum(r["total_loss"] for r in lines[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    assert lines[-1]["eta_seconds"] == 0.0
+
+    for name in ("model_0000009.pth", "model_0000019.pth", "model_final.pth", "last.ckpt", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert not list(out.glob("*.tmp"))
+
+    # model_*.pth holds the model's own keys: a fresh model loads it strictly
+    from eco_m2f.checkpoint import load_weights
+
+    cfg = setup_cfg(str(out / "config.yaml"))
+    fresh = dummy_arch.DummySegmenter(cfg)
+    report = load_weights(fresh, str(out / "model_final.pth"))
+    assert not report.missing and not report.unexpected
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    assert final["iteration"] == 29
+    mid = torch.load(out / "model_0000009.pth", weights_only=True)
+    assert mid["iteration"] == 9
+    assert not torch.equal(mid["model"]["predictor.weight"], final["model"]["predictor.weight"])
+    ckpt = torch.load(out / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 30
+
+
+def test_amp_bf16_on_cpu_trains(tmp_path):
+    out = tmp_path / "amp"
+    opts = dummy_arch.test_config_opts(str(out)) + ["SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "3",
+                                                    "SOLVER.CHECKPOINT_PERIOD", "0"]
+    main(default_argument_parser().parse_args(opts), train_loader_factory=dummy_arch.dummy_train_loader)
+    lines = _metrics(out)
+    assert [r["iteration"] for r in lines] == [0, 1, 2]
+    assert all(math.isfinite(r["total_loss"]) for r in lines)
+    assert (out / "model_final.pth").is_file() and not (out / "model_0000000.pth").exists()
+
+
+def test_resume_after_kill(tmp_path):
+    """SIGKILL a run after its iteration-10 checkpoint, then --resume: it continues from there."""
+    out = tmp_path / "resume"
+    opts = dummy_arch.test_config_opts(str(out))
+    env = _env()
+    env[dummy_arch.STEP_SLEEP_ENV] = "0.3"  # 30 iterations take >= 9 s: the kill lands mid-run
+    log1 = open(tmp_path / "run1.log", "w")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *opts], cwd=REPO_ROOT, env=env,
+                            stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    marker = out / "model_0000009.pth"
+    deadline = time.time() + 240
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log1.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model_final.pth").exists(), "the run finished before it was killed"
+    saved = torch.load(out / "last.ckpt", weights_only=True)["global_step"]
+    assert 10 <= saved < 30
+    n_before = len(_metrics(out))
+
+    env.pop(dummy_arch.STEP_SLEEP_ENV)
+    log2 = tmp_path / "run2.log"
+    rc = _run_script(["--resume", *opts], log2, env, timeout=300)
+    text = log2.read_text()
+    assert rc == 0, text[-3000:]
+    assert f"Starting training from iteration {saved}" in text
+    new = _metrics(out)[n_before:]
+    assert [r["iteration"] for r in new] == list(range(saved, 30))
+    # optimizer/scheduler state restored: the lr continues on the schedule
+    for r in new:
+        assert r["lr"] == pytest.approx(_poly_lr(r["iteration"]), rel=1e-6, abs=1e-12)
+    assert (out / "model_final.pth").is_file()
+    assert torch.load(out / "last.ckpt", weights_only=True)["global_step"] == 30
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_unused_parameters(tmp_path):
+    """Two gloo processes; the model skips a layer on some steps and says so through
+    ``find_unused_parameters`` (without it DDP raises)."""
+    out = tmp_path / "ddp"
+    opts = dummy_arch.test_config_opts(str(out)) + [
+        "MODEL.META_ARCHITECTURE", "DummySegmenterSkip", "SOLVER.MAX_ITER", "12"]
+    log = tmp_path / "ddp.log"
+    rc = _run_script(["--num-gpus", "2", "--dist-url", "auto", *opts], log, _env(), timeout=300)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "MEMBER: 2/2" in text
+    lines = _metrics(out)
+    assert [r["iteration"] for r in lines] == list(range(12))  # written once (rank 0)
+    assert (out / "model_final.pth").is_file()
+    assert (out / "log.txt.rank1").is_file()
