@@ -241,3 +241,64 @@ def test_ddp_two_cpu_processes_with_unused_parameters(tmp_path):
     assert [r["iteration"] for r in lines] == list(range(12))  # written once (rank 0)
     assert (out / "model_final.pth").is_file()
     assert (out / "log.txt.rank1").is_file()
+
+
+# ----------------------------------------------------------------------------- real data + evaluation
+
+
+def _synthetic_semseg_opts(output_dir: str) -> list:
+    """The dummy model on the synthetic dataset through the project's loaders and evaluators."""
+    return dummy_arch.test_config_opts(output_dir) + [
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "8",
+        "INPUT.DATASET_MAPPER_NAME", "mask_former_semantic",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+        "DATALOADER.NUM_WORKERS", "0",
+        "DATASETS.TRAIN", "('synthetic_panoptic_train',)",
+        "DATASETS.TEST", "('synthetic_panoptic_val',)",
+        "MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "True",
+        "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "False",
+        "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "False",
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", "10",
+        "SOLVER.CHECKPOINT_PERIOD", "0",
+        "TEST.EVAL_PERIOD", "5",
+    ]
+
+
+def test_train_with_project_loader_evaluates_periodically_then_eval_only(tiny_datasets, tmp_path):
+    out = tmp_path / "semseg"
+    opts = _synthetic_semseg_opts(str(out))
+    results = main(default_argument_parser().parse_args(opts))  # the default loader: DATASETS.TRAIN
+
+    assert set(results) == {"synthetic_panoptic_val"}
+    miou = results["synthetic_panoptic_val"]["sem_seg"]["mIoU"]
+    assert 0.0 <= miou <= 100.0
+    lines = _metrics(out)
+    train_iters = [r["iteration"] for r in lines if "total_loss" in r]
+    eval_lines = [r for r in lines if "sem_seg/mIoU" in r]
+    assert train_iters == list(range(10))
+    assert [r["iteration"] for r in eval_lines] == [4, 9]  # every EVAL_PERIOD and at the end, once
+    assert eval_lines[-1]["sem_seg/mIoU"] == pytest.approx(miou)
+    saved = json.loads((out / "inference" / "synthetic_panoptic_val" / "results.json").read_text())
+    assert saved["sem_seg"]["mIoU"] == pytest.approx(miou)
+
+    # --eval-only on the final weights reproduces the end-of-training numbers
+    again = main(default_argument_parser().parse_args(
+        ["--eval-only", *opts, "MODEL.WEIGHTS", str(out / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "ev")]))
+    assert again["synthetic_panoptic_val"]["sem_seg"]["mIoU"] == pytest.approx(miou)
+    assert (tmp_path / "ev" / "inference" / "synthetic_panoptic_val" / "results.json").is_file()
+
+
+def test_eval_only_needs_weights(tmp_path):
+    args = default_argument_parser().parse_args(["--eval-only", *dummy_arch.test_config_opts(str(tmp_path))])
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS"):
+        main(args)
+
+
+def test_results_table_format():
+    from eco_m2f.engine.evaluate import format_results_table
+
+    text = format_results_table("ds", {"sem_seg": {"mIoU": 12.3456, "fwIoU": 50.0}, "panoptic_seg": {"PQ": 1.0}})
+    assert "ds" in text and "mIoU" in text and "12.346" in text and "PQ" in text
+    assert "copypaste: 12.3456,50.0000" in text
