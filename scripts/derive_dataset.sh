@@ -5,4 +5,5 @@ if [ "$#" -lt 3 ]; then
   echo "usage: $0 CONFIG WEIGHTS OUTPUT_DIR [--num-gpus N] [--num-machines M --machine-rank R] [KEY VALUE ...]" >&2
   exit 2
 fi
-exec python "$(dirname "$0")/derive_dataset.py" "$@"
+py=${PYTHON:-$(command -v python || command -v python3)}
+exec "$py" "$(dirname "$0")/derive_dataset.py" "$@"
