@@ -4,6 +4,7 @@ from __future__ import annotations
 from .config_node import CfgNode, ConfigKeyError
 from .defaults import add_base_config
 from .eco import add_eco_config
+from .engine import add_engine_config
 from .mask_former import add_maskformer2_config
 
 __all__ = ["CfgNode", "ConfigKeyError", "get_cfg", "setup_cfg"]
@@ -15,6 +16,7 @@ def get_cfg() -> CfgNode:
     add_base_config(cfg)
     add_maskformer2_config(cfg)
     add_eco_config(cfg)
+    add_engine_config(cfg)
     return cfg
 
 
