@@ -4,12 +4,13 @@
 #   eco    fixed-exit table of that model, ECO-M2F step A, its fixed-exit table, step B, step C + gated
 #          evaluation for each beta (the trade-off sweep)
 #   bench  throughput of Mask2Former Swin-T, ours vs transformers', 1024x1024
+#   all    bench, m2f and eco in turn
 # Usage: scripts/synthetic_experiments.sh STAGE [OUT_DIR]
 # Sizes come from the environment: NTRAIN NVAL ITERS STEPA_ITERS BETAS, CONFIG / ECO_CONFIG, EXTRA (KEY VALUE ...).
 # TRAIN_SECONDS / STEPA_SECONDS bound the wall time of training: a run stopped by the bound
 # continues from its last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is printed.
 set -euo pipefail
-stage=${1:?usage: $0 m2f|eco|bench [OUT_DIR]}
+stage=${1:?usage: $0 m2f|eco|bench|all [OUT_DIR]}
 out=${2:-output/synthetic_experiments}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-$(command -v python || command -v python3)}
@@ -42,6 +43,9 @@ train() {
 }
 
 case "$stage" in
+all)
+  for s in bench m2f eco; do bash "$here/scripts/synthetic_experiments.sh" "$s" "$out"; done
+  ;;
 m2f)
   if [ ! -f "$DETECTRON2_DATASETS/synthetic/synthetic_info.json" ]; then
     stamp "generating the synthetic dataset"
