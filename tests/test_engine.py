@@ -104,6 +104,30 @@ def test_precision_and_accelerator_selection():
         select_accelerator(cfg)
 
 
+def test_trainer_settings_follow_model_and_flags(tmp_path):
+    """DDP asks for unused-parameter detection only when the model says so; SyncBN only with
+    BatchNorm and more than one process; max_steps from SOLVER.MAX_ITER."""
+    import argparse
+
+    import torch.nn as nn
+
+    from eco_m2f.engine.trainer import build_trainer
+
+    cfg = setup_cfg(None, dummy_arch.test_config_opts(str(tmp_path)))
+    two = argparse.Namespace(num_gpus=2, num_machines=1)
+    skip = dummy_arch.DummySegmenterSkip(cfg)
+    skip.bn = nn.BatchNorm2d(3)
+    t = build_trainer(cfg, two, skip)
+    assert t.strategy._ddp_kwargs["find_unused_parameters"] is True
+    assert t.strategy._layer_sync is not None  # SyncBatchNorm conversion
+    assert (t.max_steps, t.num_devices, t.num_nodes, t.precision) == (30, 2, 1, "32-true")
+    t = build_trainer(cfg, two, dummy_arch.DummySegmenter(cfg))
+    assert t.strategy._ddp_kwargs["find_unused_parameters"] is False
+    assert t.strategy._layer_sync is None  # no BatchNorm: nothing to convert
+    t = build_trainer(cfg, argparse.Namespace(num_gpus=1, num_machines=1), skip)
+    assert type(t.strategy).__name__ == "SingleDeviceStrategy"
+
+
 def test_loss_contract_and_clipping_hook():
     from eco_m2f.engine import SegmentationModule
 
@@ -299,6 +323,29 @@ def test_eval_only_needs_weights(tmp_path):
 def test_results_table_format():
     from eco_m2f.engine.evaluate import format_results_table
 
-    text = format_results_table("ds", {"sem_seg": {"mIoU": 12.3456, "fwIoU": 50.0}, "panoptic_seg": {"PQ": 1.0}})
+    text = format_results_table("ds", {"sem_seg": {"mIoU": 12.3456, "fwIoU": 50.0, "IoU-road": 3.0, "ACC-road": 4.0},
+                                       "panoptic_seg": {"PQ": 1.0}})
     assert "ds" in text and "mIoU" in text and "12.346" in text and "PQ" in text
-    assert "copypaste: 12.3456,50.0000" in text
+    assert "copypaste: 12.3456,50.0000" in text  # summary metrics only, as Detectron2
+    road = next(line for line in text.splitlines() if line.startswith("| road"))
+    assert "3.000" in road and "4.000" in road
+
+
+@pytest.mark.slow
+def test_eval_only_two_processes_matches_one(tiny_datasets, tmp_path):
+    """--eval-only --num-gpus 2 (two CPU processes, images sharded, results gathered) gives the
+    numbers of a single-process evaluation."""
+    weights = tmp_path / "w.pth"
+    opts = _synthetic_semseg_opts(str(tmp_path / "one"))
+    torch.manual_seed(0)
+    model = dummy_arch.DummySegmenter(setup_cfg(None, opts))
+    torch.save({"model": model.state_dict()}, weights)
+    one = main(default_argument_parser().parse_args(["--eval-only", *opts, "MODEL.WEIGHTS", str(weights)]))
+    two_dir = tmp_path / "two"
+    rc = _run_script(["--eval-only", "--num-gpus", "2", "--dist-url", "auto", *opts, "MODEL.WEIGHTS", str(weights),
+                      "OUTPUT_DIR", str(two_dir)], tmp_path / "two.log", _env(), timeout=300)
+    assert rc == 0, (tmp_path / "two.log").read_text()[-3000:]
+    assert "MEMBER: 2/2" in (tmp_path / "two.log").read_text()
+    two = json.loads((two_dir / "inference" / "synthetic_panoptic_val" / "results.json").read_text())
+    for key in ("mIoU", "fwIoU", "pACC", "mACC"):
+        assert two["sem_seg"][key] == pytest.approx(one["synthetic_panoptic_val"]["sem_seg"][key])

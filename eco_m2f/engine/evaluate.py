@@ -33,8 +33,9 @@ def _fmt(value: Any) -> str:
 
 
 def format_results_table(dataset_name: str, results: Mapping[str, Any]) -> str:
-    """One table per task (``panoptic_seg``, ``sem_seg``, ``segm``...) with the metrics as columns,
-    plus Detectron2's ``copypaste:`` lines for spreadsheets."""
+    """Per task (``panoptic_seg``, ``sem_seg``, ``segm``...): a table of the summary metrics, a
+    table of the per-category ones (``IoU-road``, ``AP-car``...: one row per category), and
+    Detectron2's ``copypaste:`` lines of the summary metrics for spreadsheets."""
     from tabulate import tabulate
 
     lines = [f"Evaluation results for {dataset_name}:"]
@@ -43,14 +44,29 @@ def format_results_table(dataset_name: str, results: Mapping[str, Any]) -> str:
             lines.append(f"{task}: {_fmt(metrics)}")
             continue
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        summary = {k: v for k, v in scalars.items() if "-" not in k}
+        per_category: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
+        prefixes: list = []
+        for k, v in scalars.items():
+            if "-" in k:
+                prefix, category = k.split("-", 1)
+                if prefix not in prefixes:
+                    prefixes.append(prefix)
+                per_category.setdefault(category, {})[prefix] = v
         if not scalars:
             continue
         lines.append(f"{task}:")
-        lines.append(tabulate([[_fmt(v) for v in scalars.values()]], headers=list(scalars.keys()),
-                              tablefmt="pipe", numalign="left", stralign="center"))
-        lines.append(f"copypaste: Task: {task}")
-        lines.append("copypaste: " + ",".join(scalars.keys()))
-        lines.append("copypaste: " + ",".join(f"{float(v):.4f}" for v in scalars.values()))
+        if summary:
+            lines.append(tabulate([[_fmt(v) for v in summary.values()]], headers=list(summary.keys()),
+                                  tablefmt="pipe", stralign="left", disable_numparse=True))
+        if per_category:
+            rows = [[cat] + [_fmt(vals.get(p, "")) for p in prefixes] for cat, vals in per_category.items()]
+            lines.append(tabulate(rows, headers=["category", *prefixes], tablefmt="pipe",
+                                  disable_numparse=True))
+        if summary:
+            lines.append(f"copypaste: Task: {task}")
+            lines.append("copypaste: " + ",".join(summary.keys()))
+            lines.append("copypaste: " + ",".join(f"{float(v):.4f}" for v in summary.values()))
     return "\n".join(lines)
 
 

@@ -146,6 +146,7 @@ class IterationProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         if bar is None:
             return
+        bar.initial = 0  # reset() refreshes: keep n >= initial at every refresh
         bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
         bar.initial = trainer.global_step  # rate and ETA count only this run's iterations
         bar.n = trainer.global_step
@@ -157,7 +158,9 @@ class IterationProgressBar(TQDMProgressBar):
         self._count_iterations(trainer)  # a resumed run restarts mid-epoch: no epoch-start hook
 
     def on_train_epoch_start(self, trainer: "L.Trainer", *_: Any) -> None:
-        super().on_train_epoch_start(trainer)
+        # Not the parent's: it would reset the bar to the epoch's (infinite) batch count.
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
         self._count_iterations(trainer)
 
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any,
