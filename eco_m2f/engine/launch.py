@@ -40,7 +40,7 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(
         epilog=epilog or (
             "Examples:\n"
-            "  python train_net.py --config-file configs/synthetic/tiny.yaml\n"
+            "  python train_net.py --config-file configs/synthetic/maskformer2_tiny_cpu.yaml\n"
             "  python train_net.py --config-file cfg.yaml --num-gpus 8 SOLVER.IMS_PER_BATCH 16\n"
             "  python train_net.py --config-file cfg.yaml --eval-only MODEL.WEIGHTS model_final.pth\n"
             "  python train_net.py --config-file cfg.yaml --resume   # continue OUTPUT_DIR/last.ckpt\n"
