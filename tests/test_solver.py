@@ -74,7 +74,7 @@ def test_param_groups_follow_mask2former_rules():
     assert h["norm.weight"] == pytest.approx((lr, 0.0))  # GroupNorm
     assert h["ln.bias"] == pytest.approx((lr, 0.0))  # LayerNorm
     assert h["query_embed.weight"] == pytest.approx((lr, 0.01))  # nn.Embedding
-    assert h["level_embed"] == pytest.approx((lr, 0.01))  # embedding-like bare parameter
+    assert h["level_embed"] == pytest.approx((lr, 0.05))  # bare parameter: normal decay, as the official optimizer
     assert h["backbone_like.weight"] == pytest.approx((lr, 0.05))
     assert "frozen.weight" not in h
     # every trainable parameter once, the tied weight included only under its first owner

@@ -54,12 +54,13 @@ NORM_MODULE_TYPES = (
     nn.LocalResponseNorm,
 )
 # Parameters that act as embeddings although they are bare ``nn.Parameter`` s (Swin's relative
-# position bias and absolute position embedding, deformable-attention level embeddings, query
-# embeddings, ViT position embedding and class token): they get ``SOLVER.WEIGHT_DECAY_EMBED``.
+# position bias and absolute position embedding, query embeddings, ViT position embedding and
+# class token): they get ``SOLVER.WEIGHT_DECAY_EMBED``. The pixel decoder's bare ``level_embed``
+# is not among them: the official optimizer gives it the normal weight decay (the transformer
+# decoder's ``level_embed`` is an ``nn.Embedding`` and gets the embedding decay by its type).
 EMBED_PARAM_NAMES = (
     "relative_position_bias_table",
     "absolute_pos_embed",
-    "level_embed",
     "query_embed",
     "query_feat",
     "pos_embed",
