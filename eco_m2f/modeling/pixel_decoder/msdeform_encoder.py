@@ -12,8 +12,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..activation import get_activation
 from .ms_deform_attn import MSDeformAttn
 
 __all__ = [
@@ -24,14 +24,9 @@ __all__ = [
 ]
 
 
+
 def _activation(name: str):
-    if name == "relu":
-        return F.relu
-    if name == "gelu":
-        return F.gelu
-    if name == "glu":
-        return F.glu
-    raise ValueError(f"encoder activation must be relu, gelu or glu, got '{name}'")
+    return get_activation(name, "encoder activation")
 
 
 class MSDeformAttnEncoderLayer(nn.Module):

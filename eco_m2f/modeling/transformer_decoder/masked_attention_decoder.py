@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..pixel_decoder.position_encoding import PositionEmbeddingSine
+from ..activation import get_activation
 from ..registry import TRANSFORMER_DECODER_REGISTRY
 
 __all__ = [
@@ -28,14 +29,9 @@ __all__ = [
 ]
 
 
+
 def _activation(name: str):
-    if name == "relu":
-        return F.relu
-    if name == "gelu":
-        return F.gelu
-    if name == "glu":
-        return F.glu
-    raise ValueError(f"decoder activation must be relu, gelu or glu, got '{name}'")
+    return get_activation(name, "decoder activation")
 
 
 def _with_pos(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
