@@ -183,8 +183,12 @@ class MaskFormer(nn.Module):
         from ...eco.stochastic_depth import combine_exit_losses, sample_depths
 
         if self._depth_generator is None:
+            from ...utils.comm import get_rank
+
+            # one stream per process, so the images of different GPUs draw independent depths
+            base = self._seed if self._seed >= 0 else torch.initial_seed() % 2**62
             self._depth_generator = torch.Generator()
-            self._depth_generator.manual_seed(self._seed if self._seed >= 0 else torch.initial_seed() % 2**63)
+            self._depth_generator.manual_seed(base + 1000003 * get_rank())
         depths = sample_depths(len(targets), self.eco_exits, self._depth_generator)
         needed = [k for k in self.eco_exits if k <= int(depths.max())]
         decoded = self.sem_seg_head.pixel_decoder.forward_features_multi_exit(features, needed)
