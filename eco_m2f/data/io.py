@@ -81,14 +81,25 @@ def id2rgb(id_map: np.ndarray) -> np.ndarray:
     return out
 
 
-def read_png_ids(path: PathLike) -> np.ndarray:
+def read_png_ids(path: PathLike, expect: str | None = None) -> np.ndarray:
     """Read a label PNG as an int32 HxW id map.
 
     RGB(A) PNGs are panoptic maps decoded with :func:`rgb2id`; single-channel PNGs
     (semantic maps, Cityscapes labelIds/instanceIds, 8 or 16 bit) are returned as their values.
+    ``expect`` ("rgb" for panoptic maps, "single" for class maps) rejects the other kind, so a
+    wrong file is an error rather than a silently wrong map.
     Raises FileNotFoundError / ValueError naming the file.
     """
+    if expect not in (None, "rgb", "single"):
+        raise ValueError(f"expect must be None, 'rgb' or 'single', got {expect!r}")
     img = _open_and_load(path)
+    is_rgb = img.mode in ("RGB", "RGBA")
+    if expect == "rgb" and not is_rgb:
+        raise ValueError(
+            f"panoptic PNG {os.fspath(path)} must be RGB (ids encoded as R + 256 G + 256^2 B), got mode {img.mode!r}"
+        )
+    if expect == "single" and is_rgb:
+        raise ValueError(f"label PNG {os.fspath(path)} must be single-channel, got mode {img.mode!r}")
     if img.mode in ("RGB", "RGBA"):
         return rgb2id(np.asarray(img.convert("RGB")))
     if img.mode == "P":

@@ -121,8 +121,9 @@ def derive_shard(
     if weights:
         load_weights(model, weights)
     model.to(device).eval()
-    if not (model.panoptic_on):
+    if not model.panoptic_on:
         raise ValueError("Step B needs panoptic predictions: set MODEL.MASK_FORMER.TEST.PANOPTIC_ON True")
+    model.instance_on = False  # records hold PQ and mIoU only: skip the top-k instance masks at every exit
     exits = list(model.eco_exits)
     meta = MetadataCatalog.get(names[0])
     categories = panoptic_categories(meta)

@@ -1,8 +1,8 @@
 """Evaluators (PQ, mIoU, mask AP, Cityscapes) and the inference loop, with Detectron2's conventions.
 
 Submodules load on first use (``eco_m2f.evaluation.SemSegEvaluator`` imports
-``.semantic``), so ``python -m eco_m2f.evaluation.panoptic`` runs without torch and
-pycocotools / cityscapesscripts load only when needed.
+``.semantic``), so pycocotools / cityscapesscripts load only when needed. Label PNGs are read
+with ``eco_m2f.data.io``, the project's one reader of dataset files.
 """
 from __future__ import annotations
 

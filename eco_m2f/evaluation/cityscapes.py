@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
-from PIL import Image
 
+from ..data.io import png_bytes
 from ..utils import comm
 from .evaluator import DatasetEvaluator
 from .panoptic import COCOPanopticEvaluator, PQStat
@@ -120,12 +120,6 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _gt_files(gt_dir: str | os.PathLike, suffix: str, keys: set[str], dataset_name: str) -> list[str]:
     gt_dir = Path(gt_dir)
     if not gt_dir.is_dir():
@@ -209,7 +203,7 @@ class CityscapesSemSegEvaluator(_CityscapesEvaluator):
             label_ids = np.zeros(pred.shape, dtype=np.uint8)  # 0 = "unlabeled" for unmapped classes
             for contiguous, label_id in self._contiguous_to_label_id.items():
                 label_ids[pred == contiguous] = label_id
-            self._files[key] = {f"{key}_pred.png": _png_bytes(label_ids)}
+            self._files[key] = {f"{key}_pred.png": png_bytes(label_ids)}
 
     def evaluate(self) -> dict[str, Any] | None:
         files = self._gathered()
@@ -288,7 +282,7 @@ class CityscapesInstanceEvaluator(_CityscapesEvaluator):
                         raise KeyError(f"{inp['file_name']}: predicted thing class {cls} has no Cityscapes label id")
                     label_id = self._contiguous_to_label_id[cls]
                     name = f"{key}_{i}_{label_id}.png"
-                    files[name] = _png_bytes(masks[i].astype(np.uint8) * 255)
+                    files[name] = png_bytes(masks[i].astype(np.uint8) * 255)
                     lines.append(f"{name} {label_id} {float(scores[i])}\n")
             # Every ground-truth image needs a prediction file, possibly empty.
             files[f"{key}_pred.txt"] = "".join(lines)

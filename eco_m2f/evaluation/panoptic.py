@@ -48,8 +48,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..data.io import id2rgb, read_png_ids, rgb2id
 from .evaluator import DatasetEvaluator
 
 __all__ = [
@@ -206,40 +207,9 @@ class PQStat:
 # --------------------------------------------------------------------------- id maps
 
 
-def rgb2id(color: np.ndarray) -> np.ndarray:
-    """COCO-panoptic RGB encoding -> segment ids: ``R + 256 G + 256² B`` (H x W x 3 -> H x W)."""
-    color = np.asarray(color)
-    if color.ndim != 3 or color.shape[2] < 3:
-        raise ValueError(f"expected an H x W x 3 RGB array, got shape {color.shape}")
-    c = color[..., :3].astype(np.int64)
-    return c[..., 0] + 256 * c[..., 1] + 256 * 256 * c[..., 2]
-
-
-def id2rgb(id_map: np.ndarray) -> np.ndarray:
-    """Segment ids (H x W, 0 <= id < 2**24) -> COCO-panoptic RGB (H x W x 3 uint8)."""
-    ids = np.asarray(id_map).astype(np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= OFFSET):
-        raise ValueError(f"segment ids must lie in [0, {OFFSET}), got range [{ids.min()}, {ids.max()}]")
-    rgb = np.empty(ids.shape + (3,), dtype=np.uint8)
-    for c in range(3):
-        rgb[..., c] = ids % 256
-        ids = ids // 256
-    return rgb
-
-
 def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
     """Read a COCO-panoptic PNG into an H x W int64 id map (clear errors for missing/corrupt files)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"panoptic PNG not found: {path}")
-    try:
-        with Image.open(path) as img:
-            arr = np.array(img, dtype=np.uint32)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read panoptic PNG {path}: {e}") from e
-    if arr.ndim != 3 or arr.shape[2] < 3:
-        raise ValueError(f"panoptic PNG {path} must be RGB (ids encoded as R + 256 G + 256^2 B), got shape {arr.shape}")
-    return rgb2id(arr)
+    return read_png_ids(path, expect="rgb").astype(np.int64)
 
 
 def _to_numpy(x: Any) -> np.ndarray:

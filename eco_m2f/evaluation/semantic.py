@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from ..data.io import read_png_ids
 from ..utils import comm
 from .evaluator import DatasetEvaluator
 
@@ -39,17 +39,7 @@ logger = logging.getLogger(__name__)
 
 def load_sem_seg_png(path: str | os.PathLike) -> np.ndarray:
     """Read a semantic label PNG (H x W class ids) as int64, with a clear error for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"semantic ground-truth PNG not found: {path}")
-    try:
-        with Image.open(path) as img:
-            arr = np.array(img, dtype=np.int64)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read semantic ground-truth PNG {path}: {e}") from e
-    if arr.ndim != 2:
-        raise ValueError(f"semantic ground-truth PNG {path} must be single-channel, got shape {arr.shape}")
-    return arr
+    return read_png_ids(path, expect="single").astype(np.int64)
 
 
 def confusion_matrix(
