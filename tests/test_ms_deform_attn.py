@@ -180,3 +180,14 @@ def test_core_cuda_matches_cpu():
     cpu = ms_deform_attn_core_pytorch(value, [(16, 12), (8, 6), (4, 3)], loc, w)
     gpu = ms_deform_attn_core_pytorch(value.cuda(), [(16, 12), (8, 6), (4, 3)], loc.cuda(), w.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+
+
+def test_core_mixed_dtypes_compute_in_the_wider_one():
+    value, loc, w = _random_inputs(seed=5)
+    ref = ms_deform_attn_core_pytorch(value, SHAPES, loc, w)
+    out = ms_deform_attn_core_pytorch(value.bfloat16(), SHAPES, loc, w)
+    assert out.dtype == torch.bfloat16
+    # only the bf16 rounding of the values and of the output: locations stay float32
+    expected = ms_deform_attn_core_pytorch(value.bfloat16().float(), SHAPES, loc, w)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=1e-2)
+    assert (out.float() - ref).abs().max() < 5e-2

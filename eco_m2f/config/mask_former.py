@@ -61,8 +61,13 @@ def add_maskformer2_config(cfg: CN) -> None:
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD = 1024
-    # "pytorch" (grid_sample reference, runs everywhere) or "triton" (fast GPU kernel)
-    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL = "pytorch"
+    # "pytorch" (grid_sample reference, runs everywhere), "triton" (fused GPU kernels) or
+    # "auto" (triton on CUDA when Triton is installed, else pytorch)
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL = "auto"
+    # True: the pixel decoder runs in float32 even under autocast (official behaviour, safe for
+    # fp16 training). False: it follows autocast (bf16/fp16 linears and sampling; the sampling
+    # locations stay float32), which is what makes bf16 inference fast.
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_FP32 = True
 
     # swin transformer backbone
     cfg.MODEL.SWIN = CN()

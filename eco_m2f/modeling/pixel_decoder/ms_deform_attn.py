@@ -1,6 +1,6 @@
 """Multi-scale deformable attention (Zhu et al., Deformable DETR), as Mask2Former's encoder uses it.
 
-Three pieces:
+Four pieces:
 
 * ``ms_deform_attn_core_pytorch``: the sampling core written with ``F.grid_sample``
   (bilinear, zero padding, ``align_corners=False``). It runs on any device, needs no
@@ -10,12 +10,16 @@ Three pieces:
   ``DEFORMABLE_ATTENTION_FLOP_HANDLES`` holds that handle. Eager execution calls the
   core directly so that autograd differentiates through ``grid_sample`` natively
   (the op's own backward recomputes the forward, which training does not need).
+* ``ms_deform_attn``: the dispatcher between that core and the fused Triton kernels of
+  :mod:`.ms_deform_attn_triton` (``MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL``);
 * ``MSDeformAttn``: the module, with the official parameter names and initialisation
   (``sampling_offsets``, ``attention_weights``, ``value_proj``, ``output_proj``).
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from numbers import Number
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -32,13 +36,16 @@ __all__ = [
     "ms_deform_attn_core_pytorch",
     "ms_deform_attn_flop_count",
     "ms_deform_attn_flop_jit",
+    "resolve_impl",
 ]
 
 SpatialShapes = Union[torch.Tensor, Sequence[Tuple[int, int]]]
 
 DEFORMABLE_ATTENTION_OP_NAME = "eco_m2f::ms_deform_attn"
-# Implementations selectable by MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL.
-DEFORMABLE_ATTENTION_IMPLS = ("pytorch",)
+# Implementations selectable by MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL: "pytorch" (the
+# grid_sample reference), "triton" (fused kernels of ms_deform_attn_triton.py, CUDA tensors only)
+# and "auto" (triton for CUDA tensors when Triton is installed, pytorch otherwise).
+DEFORMABLE_ATTENTION_IMPLS = ("auto", "pytorch", "triton")
 
 # Multiply-adds per sampled value and channel: bilinear interpolation reads 4 neighbours
 # (4 MACs), the attention weight multiplies the interpolated value into the sum (1 MAC).
@@ -65,9 +72,14 @@ def ms_deform_attn_core_pytorch(
 
     value: (N, S, M, D) with S = sum_l H_l * W_l (levels concatenated in ``spatial_shapes`` order);
     sampling_locations: (N, Lq, M, L, P, 2) as (x, y) in [0, 1] of each level's extent;
-    attention_weights: (N, Lq, M, L, P). Returns (N, Lq, M * D).
+    attention_weights: (N, Lq, M, L, P). Returns (N, Lq, M * D) in ``value``'s dtype; mixed
+    dtypes (bf16 values, float32 locations) are computed in the wider one.
     """
     shapes = _shapes_as_list(spatial_shapes)
+    out_dtype = value.dtype
+    compute = torch.promote_types(value.dtype, sampling_locations.dtype)
+    value, sampling_locations = value.to(compute), sampling_locations.to(compute)
+    attention_weights = attention_weights.to(compute)
     n, s, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     if len(shapes) != num_levels:
@@ -89,7 +101,7 @@ def ms_deform_attn_core_pytorch(
     weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels * num_points)
     # (N*M, D, Lq, L, P) -> (N*M, D, Lq, L*P) -> sum -> (N, M*D, Lq)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
-    return output.transpose(1, 2).contiguous()
+    return output.transpose(1, 2).contiguous().to(out_dtype)
 
 
 # --------------------------------------------------------------------------- custom op
@@ -129,29 +141,74 @@ torch.library.register_autograd(
 )
 
 
-def ms_deform_attn(
-    value: torch.Tensor,
-    spatial_shapes: SpatialShapes,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-    impl: str = "pytorch",
-    use_op: Optional[bool] = None,
-) -> torch.Tensor:
-    """The deformable-attention core through the chosen implementation; same shapes as the pytorch core.
-
-    ``use_op`` None routes through the custom op only while JIT-tracing (so fvcore counts it).
-    """
+def _check_impl(impl: str) -> None:
     if impl not in DEFORMABLE_ATTENTION_IMPLS:
         raise ValueError(
             f"MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL='{impl}' is not available; "
             f"choose one of {list(DEFORMABLE_ATTENTION_IMPLS)}"
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernel():
+    """ms_deform_attn_triton, or None when Triton is not installed (imported once, on first use)."""
+    try:
+        from .ms_deform_attn_triton import ms_deform_attn_triton
+    except ImportError:
+        return None
+    return ms_deform_attn_triton
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation that ``impl`` means for tensors on ``device``: "pytorch" or "triton".
+
+    "triton" on a device it cannot run on, or without Triton installed, is an error rather than
+    a silent fallback; "auto" falls back to "pytorch".
+    """
+    _check_impl(impl)
+    usable = device.type == "cuda" or _triton_interpreted()
+    if impl == "auto":
+        return "triton" if usable and _triton_kernel() is not None else "pytorch"
+    if impl == "triton":
+        if _triton_kernel() is None:
+            raise RuntimeError(
+                "MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL='triton' but Triton is not installed; "
+                "install it (pip install triton) or use 'auto' / 'pytorch'"
+            )
+        if not usable:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL='triton' needs CUDA tensors, got {device.type}; "
+                "use 'auto' (picks the kernel on GPU) or 'pytorch'"
+            )
+    return impl
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    impl: str = "auto",
+    use_op: Optional[bool] = None,
+) -> torch.Tensor:
+    """The deformable-attention core through the chosen implementation; same shapes as the pytorch core.
+
+    ``use_op`` None routes through the custom op only while JIT-tracing (so fvcore counts it);
+    the op computes with the reference, and both implementations do the same FLOPs.
+    """
+    _check_impl(impl)
     if use_op is None:
         use_op = torch.jit.is_tracing()
     if use_op:
         if not isinstance(spatial_shapes, torch.Tensor):
             spatial_shapes = torch.as_tensor(_shapes_as_list(spatial_shapes), dtype=torch.long, device=value.device)
         return _ms_deform_attn_op(value, spatial_shapes, sampling_locations, attention_weights)
+    if resolve_impl(impl, value.device) == "triton":
+        return _triton_kernel()(value, _shapes_as_list(spatial_shapes), sampling_locations, attention_weights)
     return ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
 
 
@@ -191,16 +248,12 @@ class MSDeformAttn(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
-        impl: str = "pytorch",
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        if impl not in DEFORMABLE_ATTENTION_IMPLS:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL='{impl}' is not available; "
-                f"choose one of {list(DEFORMABLE_ATTENTION_IMPLS)}"
-            )
+        _check_impl(impl)
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads
@@ -262,25 +315,24 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         # (N, S, C) -> (N, S, M, C/M)
         value = value.view(n, s, self.n_heads, self.d_model // self.n_heads)
-        # (N, Lq, M, L, P, 2)
-        sampling_offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
+        # (N, Lq, M, L, P, 2); locations are kept in float32 whatever autocast does (a bf16
+        # location in [0, 1] is only 1/256 precise: half a pixel on a 128-wide level)
+        sampling_offsets = self.sampling_offsets(query).float().view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
         # softmax over all levels and points of a head: (N, Lq, M, L*P) -> (N, Lq, M, L, P)
         attention_weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         attention_weights = F.softmax(attention_weights, -1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
 
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide by (W, H)
-            offset_normalizer = torch.tensor(
-                [[w, h] for h, w in shapes], dtype=sampling_offsets.dtype, device=sampling_offsets.device
-            )
+            offset_normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=sampling_offsets.device)
             sampling_locations = (
-                reference_points[:, :, None, :, None, :]
+                reference_points[:, :, None, :, None, :].float()
                 + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
             )
         elif reference_points.shape[-1] == 4:
             sampling_locations = (
-                reference_points[:, :, None, :, None, :2]
-                + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+                reference_points[:, :, None, :, None, :2].float()
+                + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:].float() * 0.5
             )
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")

@@ -41,7 +41,7 @@ class MSDeformAttnEncoderLayer(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
-        impl: str = "pytorch",
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         # self attention
@@ -186,7 +186,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         activation: str = "relu",
         num_feature_levels: int = 4,
         enc_n_points: int = 4,
-        impl: str = "pytorch",
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         self.d_model = d_model
