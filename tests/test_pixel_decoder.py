@@ -202,6 +202,25 @@ def test_encoder_stays_float32_under_autocast(decoder):
     assert all(x.dtype == torch.float32 for x in multi_scale)
 
 
+def test_pixel_decoder_fp32_false_follows_autocast(decoder):
+    cfg = _cfg()
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_FP32 = False
+    low = PIXEL_DECODER_REGISTRY.get("MSDeformAttnPixelDecoder")(cfg, _shapes()).eval()
+    low.load_state_dict(decoder.state_dict())
+    features = _features(2, seed=4)
+    with torch.no_grad():
+        reference = decoder.forward_features(features)
+        assert low.forward_features(features)[0].dtype == torch.float32  # no autocast: float32 as before
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mask_features, _, multi_scale = low.forward_features(features)
+    assert mask_features.dtype == torch.bfloat16
+    assert all(x.dtype == torch.bfloat16 for x in multi_scale)
+    # bf16 arithmetic, float32 sampling locations: close to the float32 decoder, not equal
+    scale = reference[0].abs().max()
+    diff = (mask_features.float() - reference[0]).abs().max()
+    assert 0 < diff < 0.1 * scale
+
+
 def test_head_exits_match_pixel_decoder_exits():
     torch.manual_seed(0)
     head = MaskFormerHead(_cfg(), _shapes()).eval()

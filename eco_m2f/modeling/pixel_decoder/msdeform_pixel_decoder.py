@@ -76,10 +76,12 @@ class Conv2dNormAct(nn.Conv2d):
 
 
 def _fp32(method):
-    """Run ``method(self, features, ...)`` with autocast off: the deformable encoder is kept in float32 (as official)."""
+    """Run ``method(self, features, ...)`` with autocast off when ``self.fp32`` (official: float32 encoder)."""
 
     @functools.wraps(method)
     def wrapper(self, features, *args, **kwargs):
+        if not self.fp32:
+            return method(self, features, *args, **kwargs)
         device_type = next(iter(features.values())).device.type if features else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
             return method(self, features, *args, **kwargs)
@@ -93,7 +95,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     Config: MODEL.SEM_SEG_HEAD.{IN_FEATURES, CONVS_DIM, MASK_DIM, NORM, COMMON_STRIDE,
     TRANSFORMER_ENC_LAYERS, DEFORMABLE_TRANSFORMER_ENCODER_{IN_FEATURES, N_HEADS, N_POINTS,
-    DIM_FEEDFORWARD}, DEFORMABLE_ATTENTION_IMPL}, MODEL.MASK_FORMER.DROPOUT.
+    DIM_FEEDFORWARD}, DEFORMABLE_ATTENTION_IMPL, PIXEL_DECODER_FP32}, MODEL.MASK_FORMER.DROPOUT.
     """
 
     def __init__(self, cfg, input_shape: Mapping[str, ShapeSpec]) -> None:
@@ -115,6 +117,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             )
         conv_dim = head.CONVS_DIM
         mask_dim = head.MASK_DIM
+        self.fp32 = bool(head.PIXEL_DECODER_FP32)
         norm = head.NORM
 
         # all inputs, high -> low resolution ("res2" .. "res5")
@@ -216,7 +219,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         srcs, pos = [], []
         # low -> high resolution
         for idx, f in enumerate(self.transformer_in_features[::-1]):
-            x = features[f].float()
+            x = features[f].float() if self.fp32 else features[f]
             srcs.append(self.input_proj[idx](x))
             pos.append(self.pe_layer(x))
         return self.transformer.prepare(srcs, pos)
@@ -245,7 +248,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         ]
         # extra FPN levels, low -> high resolution
         for idx, f in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
-            x = features[f].float()
+            x = features[f].float() if self.fp32 else features[f]
             cur_fpn = self.lateral_convs[idx](x)
             y = cur_fpn + F.interpolate(out[-1], size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False)
             out.append(self.output_convs[idx](y))
