@@ -38,6 +38,40 @@ def _with_pos(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
     return x if pos is None else x + pos
 
 
+def masked_multihead_attention(
+    mha: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``mha(query, key, value, attn_mask)[0]`` through ``F.scaled_dot_product_attention``.
+
+    query (L, B, C), key/value (S, B, C), sequence-first as nn.MultiheadAttention; attn_mask
+    (B, L, S) bool, True = may not attend, shared by all heads. Passing the mask once per image
+    instead of once per head (B*heads, L, S), and not materialising the attention weights that
+    nn.MultiheadAttention returns by default, is what makes masked attention at stride 8 cheap.
+    Returns (L, B, C).
+    """
+    l, b, c = query.shape
+    heads = mha.num_heads
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+
+    def split_heads(x: torch.Tensor) -> torch.Tensor:
+        # (T, B, C) -> (B, heads, T, C/heads)
+        return x.view(x.shape[0], b, heads, c // heads).permute(1, 2, 0, 3)
+
+    q = split_heads(F.linear(query, w_q, b_q))
+    k = split_heads(F.linear(key, w_k, b_k))
+    v = split_heads(F.linear(value, w_v, b_v))
+    mask = None if attn_mask is None else ~attn_mask[:, None]  # SDPA: True = may attend; (B, 1, L, S)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=mha.dropout if mha.training else 0.0)
+    # (B, heads, L, C/heads) -> (L, B, C)
+    out = out.permute(2, 0, 1, 3).reshape(l, b, c)
+    return mha.out_proj(out)
+
+
 def _xavier_matrices(module: nn.Module) -> None:
     for p in module.parameters():
         if p.dim() > 1:
@@ -94,24 +128,19 @@ class CrossAttentionLayer(nn.Module):
         pos: Optional[torch.Tensor] = None,
         query_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """memory_mask: (B*heads, Q, HW) bool, True = may not attend."""
-        if self.normalize_before:
-            tgt2 = self.norm(tgt)
+        """memory_mask: (B, Q, HW) bool shared by all heads, or (B*heads, Q, HW) per head; True = may not attend."""
+        x = self.norm(tgt) if self.normalize_before else tgt
+        q, k = _with_pos(x, query_pos), _with_pos(memory, pos)
+        per_image_mask = memory_mask is not None and memory_mask.shape[0] == tgt.shape[1]
+        if memory_key_padding_mask is None and (memory_mask is None or per_image_mask):
+            tgt2 = masked_multihead_attention(self.multihead_attn, q, k, memory, memory_mask)
+        else:
             tgt2 = self.multihead_attn(
-                query=_with_pos(tgt2, query_pos),
-                key=_with_pos(memory, pos),
-                value=memory,
-                attn_mask=memory_mask,
-                key_padding_mask=memory_key_padding_mask,
+                query=q, key=k, value=memory, attn_mask=memory_mask,
+                key_padding_mask=memory_key_padding_mask, need_weights=False,
             )[0]
+        if self.normalize_before:
             return tgt + self.dropout(tgt2)
-        tgt2 = self.multihead_attn(
-            query=_with_pos(tgt, query_pos),
-            key=_with_pos(memory, pos),
-            value=memory,
-            attn_mask=memory_mask,
-            key_padding_mask=memory_key_padding_mask,
-        )[0]
         return self.norm(tgt + self.dropout(tgt2))
 
 
@@ -239,16 +268,22 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
 
+        if torch.is_autocast_enabled(mask_features.device.type):
+            # every prediction head would cast it for its einsum; do it once
+            mask_features = mask_features.to(torch.get_autocast_dtype(mask_features.device.type))
+
         predictions_class: List[torch.Tensor] = []
         predictions_mask: List[torch.Tensor] = []
-        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(output, mask_features, size_list[0])
+        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
+            output, mask_features, size_list[0], with_attn_mask=self.num_layers > 0
+        )
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
 
         for i in range(self.num_layers):
             level_index = i % self.num_feature_levels
             # a query whose mask is empty at this scale attends everywhere instead of nowhere
-            attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
             output = self.transformer_cross_attention_layers[i](
                 output, src[level_index], memory_mask=attn_mask, memory_key_padding_mask=None,
                 pos=pos[level_index], query_pos=query_embed,
@@ -258,7 +293,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             )
             output = self.transformer_ffn_layers[i](output)
             outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
-                output, mask_features, size_list[(i + 1) % self.num_feature_levels]
+                output, mask_features, size_list[(i + 1) % self.num_feature_levels], with_attn_mask=i + 1 < self.num_layers
             )
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
@@ -270,17 +305,27 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         }
 
     def forward_prediction_heads(
-        self, output: torch.Tensor, mask_features: torch.Tensor, attn_mask_target_size: Tuple[int, int]
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Class logits (B, Q, K+1), mask logits (B, Q, H, W) and the next layer's attention mask (B*heads, Q, h*w)."""
+        self,
+        output: torch.Tensor,
+        mask_features: torch.Tensor,
+        attn_mask_target_size: Tuple[int, int],
+        with_attn_mask: bool = True,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Class logits (B, Q, K+1), mask logits (B, Q, H, W) and the next layer's attention mask.
+
+        The mask is (B, Q, h*w) bool, True = masked out, shared by all heads (the official code
+        repeats it per head); None when ``with_attn_mask`` is False (after the last layer).
+        """
         decoder_output = self.decoder_norm(output).transpose(0, 1)  # (B, Q, C)
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+        if not with_attn_mask:
+            return outputs_class, outputs_mask, None
         # the mask is predicted at stride 4 and resized to the scale the next layer attends to;
-        # (B, Q, h, w) -> (B, Q, hw) -> (B, heads, Q, hw) -> (B*heads, Q, hw); True = masked out
+        # (B, Q, h, w) -> (B, Q, hw)
         attn_mask = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
-        attn_mask = attn_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
+        attn_mask = attn_mask.sigmoid().flatten(2) < 0.5
         return outputs_class, outputs_mask, attn_mask.detach()
 
     @torch.jit.unused
