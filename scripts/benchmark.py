@@ -2,7 +2,14 @@
 """Time forward passes of a config's network (and optionally transformers' Mask2Former).
 
     python scripts/benchmark.py --config-file CONFIG [--size H W] [--batch-sizes 1 8]
-        [--dtypes fp32 bf16] [--compare-hf] [--exit K] [KEY VALUE ...]
+        [--dtypes fp32 bf16] [--compare-hf] [--exit K] [--variant NAME KEY VALUE ...]
+        [--stages] [--profile N] [KEY VALUE ...]
+
+``--variant`` (repeatable) also times our model with extra config overrides, e.g.
+``--variant "bf16 pixel decoder" MODEL.SEM_SEG_HEAD.PIXEL_DECODER_FP32 False``;
+
+``--stages`` adds the GPU time of backbone, pixel decoder and transformer decoder per pass;
+``--profile N`` prints the N kernels with the most GPU time (torch.profiler) per setting.
 """
 from __future__ import annotations
 
@@ -21,7 +28,11 @@ from eco_m2f.evaluation.throughput import (  # noqa: E402
     build_hf_mask2former,
     format_timings,
     hf_forward,
+    hf_stages,
     network_forward,
+    network_stages,
+    profile_kernels,
+    stage_times,
     time_forward,
 )
 from eco_m2f.modeling import build_model  # noqa: E402
@@ -37,6 +48,12 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--exit", type=int, default=None, help="time our model with the encoder stopped after this layer")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' Mask2Former of the same sizes")
+    p.add_argument(
+        "--variant", nargs="+", action="append", default=[], metavar="NAME KEY VALUE",
+        help="also time our model under this name with these extra KEY VALUE overrides (repeatable)",
+    )
+    p.add_argument("--stages", action="store_true", help="also time backbone / pixel decoder / transformer decoder")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N kernels with the most GPU time")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default="", help="write the timings to this JSON file")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -49,24 +66,35 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     ours = build_model(cfg).to(device).eval()
     name_ours = f"eco_m2f ({cfg.MODEL.BACKBONE.NAME})" if args.exit is None else f"eco_m2f exit {args.exit}"
-    models = [(name_ours, network_forward(ours, args.exit))]
+    models = [(name_ours, network_forward(ours, args.exit), network_stages(ours))]
+    for name, *opts in args.variant:
+        if not opts or len(opts) % 2:
+            p.error(f"--variant '{name}' needs KEY VALUE pairs after its name, got {opts}")
+        variant = build_model(setup_cfg(args.config_file, list(args.opts) + opts)).to(device).eval()
+        models.append((f"eco_m2f {name}", network_forward(variant, args.exit), network_stages(variant)))
     if args.compare_hf:
         hf = build_hf_mask2former(cfg).to(device).eval()
-        models.append(("transformers Mask2Former", hf_forward(hf)))
+        models.append(("transformers Mask2Former", hf_forward(hf), hf_stages(hf)))
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
           f"input {args.size[0]}x{args.size[1]}; warm-up {args.warmup}, timed {args.iters} passes (median)")
     rows = []
     for batch in args.batch_sizes:
         images = torch.randn(batch, 3, *args.size, device=device)
         for dtype in args.dtypes:
-            for name, fn in models:
+            for name, fn, stages in models:
                 latency, ips = time_forward(fn, images, dtype, args.warmup, args.iters)
                 rows.append(Timing(name, batch, dtype, latency, ips))
                 print(f"  {name}: batch {batch} {dtype}: {latency:.2f} ms, {ips:.1f} images/s", flush=True)
+                if args.stages:
+                    parts = stage_times(fn, images, dtype, stages)
+                    print("    GPU ms per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), flush=True)
+                if args.profile:
+                    print(profile_kernels(fn, images, dtype, args.profile), flush=True)
         del images
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(format_timings(rows, baseline="transformers Mask2Former", ours=name_ours))
+    ours_names = [m[0] for m in models if m[0] != "transformers Mask2Former"]
+    print(format_timings(rows, baseline="transformers Mask2Former", ours=ours_names))
     if args.json:
         Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
     return 0

@@ -3,14 +3,17 @@
 #   m2f    generate the dataset, evaluate the untrained model, train Mask2Former R50 from scratch
 #   eco    fixed-exit table of that model, ECO-M2F step A, its fixed-exit table, step B, step C + gated
 #          evaluation for each beta (the trade-off sweep)
-#   bench  throughput of Mask2Former Swin-T, ours vs transformers', 1024x1024
+#   bench  throughput of Mask2Former Swin-T, ours (official float32 pixel decoder, and bf16 pixel
+#          decoder) vs transformers', 1024x1024
+#   train-impl  train the R50 model IMPL_ITERS iterations with each deformable-attention
+#          implementation (pytorch reference, triton kernels): time per iteration and losses
 #   all    bench, m2f and eco in turn
 # Usage: scripts/synthetic_experiments.sh STAGE [OUT_DIR]
 # Sizes come from the environment: NTRAIN NVAL ITERS STEPA_ITERS BETAS, CONFIG / ECO_CONFIG, EXTRA (KEY VALUE ...).
 # TRAIN_SECONDS / STEPA_SECONDS bound the wall time of training: a run stopped by the bound
 # continues from its last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is printed.
 set -euo pipefail
-stage=${1:?usage: $0 m2f|eco|bench|all [OUT_DIR]}
+stage=${1:?usage: $0 m2f|eco|bench|train-impl|all [OUT_DIR]}
 out=${2:-output/synthetic_experiments}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-$(command -v python || command -v python3)}
@@ -42,16 +45,20 @@ train() {
   stamp "trained weights: $ckpt"
 }
 
-case "$stage" in
-all)
-  for s in bench m2f eco; do bash "$here/scripts/synthetic_experiments.sh" "$s" "$out"; done
-  ;;
-m2f)
+make_dataset() {
   if [ ! -f "$DETECTRON2_DATASETS/synthetic/synthetic_info.json" ]; then
     stamp "generating the synthetic dataset"
     "$py" datasets/prepare_synthetic.py --root "$DETECTRON2_DATASETS/synthetic" \
       --num-train "$NTRAIN" --num-val "$NVAL" --image-size "$SIZE"
   fi
+}
+
+case "$stage" in
+all)
+  for s in bench m2f eco; do bash "$here/scripts/synthetic_experiments.sh" "$s" "$out"; done
+  ;;
+m2f)
+  make_dataset
   stamp "untrained model"
   "$py" scripts/eval_exits.py --config-file "$cfg" --random-init --exits 0 --title "untrained (random init)" \
     --json "$out/untrained.json" OUTPUT_DIR "$out/untrained" "${extra[@]}"
@@ -78,8 +85,25 @@ eco)
   ;;
 bench)
   "$py" scripts/benchmark.py --warmup "${BENCH_WARMUP:-10}" --iters "${BENCH_ITERS:-30}" --config-file configs/coco/panoptic-segmentation/swin/maskformer2_swin_tiny_bs16_50ep.yaml \
-    --size 1024 1024 --batch-sizes 1 8 --dtypes fp32 bf16 --compare-hf --json "$out/benchmark.json"
+    --size 1024 1024 --batch-sizes 1 8 --dtypes fp32 bf16 --compare-hf --json "$out/benchmark.json" \
+    --variant "bf16 pixel decoder" MODEL.SEM_SEG_HEAD.PIXEL_DECODER_FP32 False
+  ;;
+train-impl)
+  make_dataset
+  for impl in pytorch triton; do
+    stamp "training ${IMPL_ITERS:-100} iterations, MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL $impl"
+    "$py" train_net.py --config-file "$cfg" SOLVER.MAX_ITER "${IMPL_ITERS:-100}" SOLVER.CHECKPOINT_PERIOD 1000000 \
+      DATASETS.TEST "()" SEED 0 MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL "$impl" OUTPUT_DIR "$out/impl_$impl" "${extra[@]}"
+  done
+  "$py" - "$out" <<'PY'
+import json, statistics, sys
+for impl in ("pytorch", "triton"):
+    rows = [json.loads(l) for l in open(f"{sys.argv[1]}/impl_{impl}/metrics.json") if '"total_loss"' in l]
+    late = rows[len(rows) // 2:]
+    print(f"{impl:>8}: {statistics.median(r['time'] for r in late):.3f} s/iter (median, second half); "
+          f"total_loss first {rows[0]['total_loss']:.2f}, last {rows[-1]['total_loss']:.2f}")
+PY
   ;;
 *)
-  echo "unknown stage '$stage' (m2f, eco or bench)" >&2; exit 2 ;;
+  echo "unknown stage '$stage' (m2f, eco, bench, train-impl or all)" >&2; exit 2 ;;
 esac

@@ -52,8 +52,102 @@ def time_forward(
             fn(images)
             _sync(device)
             times.append(time.perf_counter() - start)
+    if not times:
+        return float("nan"), float("nan")
     latency = statistics.median(times)
     return latency * 1e3, images.shape[0] / latency
+
+
+def stage_times(
+    fn: Callable[[torch.Tensor], object],
+    images: torch.Tensor,
+    dtype: str,
+    stages: Dict[str, tuple],
+    iters: int = 10,
+) -> Dict[str, float]:
+    """Mean GPU time (ms) inside each stage per ``fn(images)``; ``stages``: name -> (object, method name).
+
+    Each method is wrapped for the duration with CUDA events around the call, so the figure is
+    GPU time between the stage's first and last kernel; when a pass is launch-bound the stages
+    add up to less than its latency.
+    """
+    if images.device.type != "cuda":
+        raise ValueError("stage_times needs a CUDA device (it times with CUDA events)")
+    events: Dict[str, list] = {name: [] for name in stages}
+
+    def timed(name: str, method: Callable) -> Callable:
+        def run(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = method(*args, **kwargs)
+            end.record()
+            events[name].append((start, end))
+            return out
+
+        return run
+
+    patched = []
+    for name, (obj, attr) in stages.items():
+        if attr in vars(obj):
+            raise ValueError(f"stage '{name}': {type(obj).__name__}.{attr} is already overridden on the instance")
+        setattr(obj, attr, timed(name, getattr(obj, attr)))
+        patched.append((obj, attr))
+    try:
+        time_forward(fn, images, dtype, warmup=2, iters=0)
+        for ev in events.values():
+            ev.clear()
+        time_forward(fn, images, dtype, warmup=0, iters=iters)
+    finally:
+        for obj, attr in patched:
+            delattr(obj, attr)
+    torch.cuda.synchronize(images.device)
+    return {name: sum(s.elapsed_time(e) for s, e in ev) / iters for name, ev in events.items()}
+
+
+def profile_kernels(fn: Callable[[torch.Tensor], object], images: torch.Tensor, dtype: str, top: int = 15, iters: int = 3) -> str:
+    """torch.profiler's table of the ``top`` operators by GPU time over ``iters`` passes (after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    time_forward(fn, images, dtype, warmup=2, iters=0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if images.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        time_forward(fn, images, dtype, warmup=0, iters=iters)
+    sort = "self_cuda_time_total" if images.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=top)
+
+
+def network_stages(model: nn.Module) -> Dict[str, tuple]:
+    """Our MaskFormer's stages for :func:`stage_times`: backbone, pixel decoder, transformer decoder."""
+    head = model.sem_seg_head
+    return {
+        "backbone": (model.backbone, "forward"),
+        "pixel decoder": (head.pixel_decoder, "forward_features"),
+        "transformer decoder": (head.predictor, "forward"),
+    }
+
+
+def hf_stages(model: nn.Module) -> Dict[str, tuple]:
+    """The same three stages of transformers' Mask2Former."""
+    m = model.model
+    return {
+        "backbone": (m.pixel_level_module.encoder, "forward"),
+        "pixel decoder": (m.pixel_level_module.decoder, "forward"),
+        "transformer decoder": (m.transformer_module, "forward"),
+    }
+
+
+def time_callable(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float:
+    """Median wall time (ms) of ``fn()`` after warm-up, synchronising CUDA around each call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def network_forward(model: nn.Module, exit_layer: Optional[int] = None) -> Callable[[torch.Tensor], object]:
@@ -112,13 +206,18 @@ def hf_forward(model: nn.Module) -> Callable[[torch.Tensor], object]:
     return run
 
 
-def format_timings(rows: List[Timing], baseline: str, ours: str) -> str:
-    """A table of the timings with the speed ratio ours / baseline per (batch, dtype)."""
-    lines = [f"{'model':<28}{'batch':>6}{'dtype':>7}{'latency ms':>12}{'images/s':>11}{'speed-up':>10}"]
+def format_timings(rows: List[Timing], baseline: str, ours) -> str:
+    """A table of the timings with the speed ratio ours / baseline per (batch, dtype).
+
+    ``ours``: the name (or list of names) of the rows that get a ratio.
+    """
+    ours = {ours} if isinstance(ours, str) else set(ours)
+    width = max([28] + [len(r.name) + 2 for r in rows])
+    lines = [f"{'model':<{width}}{'batch':>6}{'dtype':>7}{'latency ms':>12}{'images/s':>11}{'speed-up':>10}"]
     index: Dict[tuple, Timing] = {(r.name, r.batch, r.dtype): r for r in rows}
     for r in rows:
         ratio = ""
-        if r.name == ours and (baseline, r.batch, r.dtype) in index:
+        if r.name in ours and (baseline, r.batch, r.dtype) in index:
             ratio = f"{r.images_per_s / index[(baseline, r.batch, r.dtype)].images_per_s:.2f}x"
-        lines.append(f"{r.name:<28}{r.batch:>6}{r.dtype:>7}{r.latency_ms:>12.2f}{r.images_per_s:>11.1f}{ratio:>10}")
+        lines.append(f"{r.name:<{width}}{r.batch:>6}{r.dtype:>7}{r.latency_ms:>12.2f}{r.images_per_s:>11.1f}{ratio:>10}")
     return "\n".join(lines)
