@@ -14,7 +14,8 @@ set before this module is imported), which is how the CPU tests check it.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import functools
+from typing import List, Tuple
 
 import torch
 import triton
@@ -151,22 +152,22 @@ def _ms_deform_attn_bwd(
                             (a * lx * ly)[:, None] * go, M * D)
 
 
-_LEVEL_TABLES: Dict[Tuple[Tuple[Tuple[int, int], ...], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+@functools.lru_cache(maxsize=64)
+def _level_tables_cached(shapes: Tuple[Tuple[int, int], ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    starts, total = [], 0
+    for h, w in shapes:
+        starts.append(total)
+        total += h * w
+    return (
+        torch.tensor(shapes, dtype=torch.int32, device=device),
+        torch.tensor(starts, dtype=torch.int64, device=device),
+    )
 
 
 def _level_tables(shapes: List[Tuple[int, int]], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(L, 2) int32 shapes and (L,) int64 start offsets on ``device``, cached: the encoder asks six times per pass."""
-    key = (tuple(shapes), device)
-    if key not in _LEVEL_TABLES:
-        starts, total = [], 0
-        for h, w in shapes:
-            starts.append(total)
-            total += h * w
-        _LEVEL_TABLES[key] = (
-            torch.tensor(shapes, dtype=torch.int32, device=device),
-            torch.tensor(starts, dtype=torch.int64, device=device),
-        )
-    return _LEVEL_TABLES[key]
+    """(L, 2) int32 shapes and (L,) int64 start offsets on ``device``; cached (bounded), as every
+    encoder layer of a pass asks for the same ones."""
+    return _level_tables_cached(tuple(tuple(s) for s in shapes), device)
 
 
 def _grid(lq: int, m: int, n: int):
