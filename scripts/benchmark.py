@@ -7,7 +7,6 @@
 
 ``--variant`` (repeatable) also times our model with extra config overrides, e.g.
 ``--variant "bf16 pixel decoder" MODEL.SEM_SEG_HEAD.PIXEL_DECODER_FP32 False``;
-
 ``--stages`` adds the GPU time of backbone, pixel decoder and transformer decoder per pass;
 ``--profile N`` prints the N kernels with the most GPU time (torch.profiler) per setting.
 """
@@ -36,6 +35,8 @@ from eco_m2f.evaluation.throughput import (  # noqa: E402
     time_forward,
 )
 from eco_m2f.modeling import build_model  # noqa: E402
+
+HF_NAME = "transformers Mask2Former"
 
 
 def main(argv=None) -> int:
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         models.append((f"eco_m2f {name}", network_forward(variant, args.exit), network_stages(variant)))
     if args.compare_hf:
         hf = build_hf_mask2former(cfg).to(device).eval()
-        models.append(("transformers Mask2Former", hf_forward(hf), hf_stages(hf)))
+        models.append((HF_NAME, hf_forward(hf), hf_stages(hf)))
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
           f"input {args.size[0]}x{args.size[1]}; warm-up {args.warmup}, timed {args.iters} passes (median)")
     rows = []
@@ -93,8 +94,7 @@ def main(argv=None) -> int:
         del images
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    ours_names = [m[0] for m in models if m[0] != "transformers Mask2Former"]
-    print(format_timings(rows, baseline="transformers Mask2Former", ours=ours_names))
+    print(format_timings(rows, baseline=HF_NAME, ours=[m[0] for m in models if m[0] != HF_NAME]))
     if args.json:
         Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
     return 0

@@ -30,6 +30,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_callable(fn: Callable[[], object], warmup: int = 5, iters: int = 20, device: Optional[torch.device] = None) -> float:
+    """Median wall time (ms) of ``fn()`` after ``warmup`` calls, synchronising ``device`` (default:
+    the current CUDA device if any) around each timed call; NaN when ``iters`` is 0."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: List[float] = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3 if times else float("nan")
+
+
 def time_forward(
     fn: Callable[[torch.Tensor], object],
     images: torch.Tensor,
@@ -41,21 +58,9 @@ def time_forward(
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype '{dtype}'; choose from {sorted(DTYPES)}")
     device = images.device
-    use_autocast = dtype != "fp32"
-    times: List[float] = []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=DTYPES[dtype], enabled=use_autocast):
-        for _ in range(warmup):
-            fn(images)
-        _sync(device)
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn(images)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    if not times:
-        return float("nan"), float("nan")
-    latency = statistics.median(times)
-    return latency * 1e3, images.shape[0] / latency
+    with torch.inference_mode(), torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+        latency = time_callable(lambda: fn(images), warmup, iters, device)
+    return latency, images.shape[0] / latency * 1e3
 
 
 def stage_times(
@@ -134,20 +139,6 @@ def hf_stages(model: nn.Module) -> Dict[str, tuple]:
         "pixel decoder": (m.pixel_level_module.decoder, "forward"),
         "transformer decoder": (m.transformer_module, "forward"),
     }
-
-
-def time_callable(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float:
-    """Median wall time (ms) of ``fn()`` after warm-up, synchronising CUDA around each call."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def network_forward(model: nn.Module, exit_layer: Optional[int] = None) -> Callable[[torch.Tensor], object]:

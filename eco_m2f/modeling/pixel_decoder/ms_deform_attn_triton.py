@@ -27,12 +27,32 @@ _BLOCK_Q = 64
 
 
 @triton.jit
-def _corner(value_ptr, token_base, d, dmask, xx, yy, w, h, qmask, MD: tl.constexpr):
-    """The value rows of corner (yy, xx) for every query: (BLOCK_Q, BLOCK_D) float32, 0 outside the map."""
+def _corner_ptrs(base_ptr, token_base, d, dmask, xx, yy, w, h, qmask, MD: tl.constexpr):
+    """Pointers to the D channels of pixel (yy, xx) of one level for every query, and the mask
+    that drops pixels outside the map (zero padding): (BLOCK_Q, BLOCK_D) each."""
     valid = qmask & (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
     tok = token_base + (yy * w + xx).to(tl.int64)
-    ptrs = value_ptr + tok[:, None] * MD + d[None, :]
-    return tl.load(ptrs, mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    return base_ptr + tok[:, None] * MD + d[None, :], valid[:, None] & dmask[None, :]
+
+
+@triton.jit
+def _corner(value_ptr, token_base, d, dmask, xx, yy, w, h, qmask, MD: tl.constexpr):
+    """The value rows of corner (yy, xx) for every query: (BLOCK_Q, BLOCK_D) float32, 0 outside the map."""
+    ptrs, mask = _corner_ptrs(value_ptr, token_base, d, dmask, xx, yy, w, h, qmask, MD)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _point(loc_ptr, attn_ptr, idx, qmask, w, h):
+    """Sampling point ``idx`` of every query: its top-left neighbour (x0, y0), the fractions
+    (lx, ly) towards the next pixel and its attention weight a, all (BLOCK_Q,)."""
+    # pixel coordinates: align_corners=False puts pixel i's centre at (i + 0.5) / size
+    x = tl.load(loc_ptr + 2 * idx, mask=qmask, other=0.0).to(tl.float32) * w - 0.5
+    y = tl.load(loc_ptr + 2 * idx + 1, mask=qmask, other=0.0).to(tl.float32) * h - 0.5
+    a = tl.load(attn_ptr + idx, mask=qmask, other=0.0).to(tl.float32)
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    return x0f.to(tl.int32), y0f.to(tl.int32), x - x0f, y - y0f, a
 
 
 @triton.jit
@@ -59,16 +79,7 @@ def _ms_deform_attn_fwd(
         start = tl.load(starts_ptr + lvl).to(tl.int64)
         for pt in tl.static_range(P):
             idx = sample0 + lvl * P + pt
-            # pixel coordinates: align_corners=False puts pixel i's centre at (i + 0.5) / size
-            x = tl.load(loc_ptr + 2 * idx, mask=qmask, other=0.0).to(tl.float32) * w - 0.5
-            y = tl.load(loc_ptr + 2 * idx + 1, mask=qmask, other=0.0).to(tl.float32) * h - 0.5
-            a = tl.load(attn_ptr + idx, mask=qmask, other=0.0).to(tl.float32)
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            lx = x - x0f
-            ly = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
+            x0, y0, lx, ly, a = _point(loc_ptr, attn_ptr, idx, qmask, w, h)
             v = _corner(value_head, start, d, dmask, x0, y0, w, h, qmask, M * D)
             acc += (a * (1 - lx) * (1 - ly))[:, None] * v
             v = _corner(value_head, start, d, dmask, x0 + 1, y0, w, h, qmask, M * D)
@@ -83,11 +94,9 @@ def _ms_deform_attn_fwd(
 
 @triton.jit
 def _scatter_corner(grad_value_ptr, token_base, d, dmask, xx, yy, w, h, qmask, contrib, MD: tl.constexpr):
-    valid = qmask & (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
-    tok = token_base + (yy * w + xx).to(tl.int64)
-    ptrs = grad_value_ptr + tok[:, None] * MD + d[None, :]
+    ptrs, mask = _corner_ptrs(grad_value_ptr, token_base, d, dmask, xx, yy, w, h, qmask, MD)
     # relaxed: a pure accumulation needs no ordering, and acquire-release atomics are much slower
-    tl.atomic_add(ptrs, contrib, mask=valid[:, None] & dmask[None, :], sem="relaxed")
+    tl.atomic_add(ptrs, contrib, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -117,15 +126,7 @@ def _ms_deform_attn_bwd(
         start = tl.load(starts_ptr + lvl).to(tl.int64)
         for pt in tl.static_range(P):
             idx = sample0 + lvl * P + pt
-            x = tl.load(loc_ptr + 2 * idx, mask=qmask, other=0.0).to(tl.float32) * w - 0.5
-            y = tl.load(loc_ptr + 2 * idx + 1, mask=qmask, other=0.0).to(tl.float32) * h - 0.5
-            a = tl.load(attn_ptr + idx, mask=qmask, other=0.0).to(tl.float32)
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            lx = x - x0f
-            ly = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
+            x0, y0, lx, ly, a = _point(loc_ptr, attn_ptr, idx, qmask, w, h)
             # s_c = <grad_out, value at corner c>; the sample is sum_c w_c v_c with bilinear w_c
             v = _corner(value_head, start, d, dmask, x0, y0, w, h, qmask, M * D)
             s00 = tl.sum(go * v, axis=1)
