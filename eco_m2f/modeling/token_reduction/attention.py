@@ -62,6 +62,15 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayo
     return out.transpose(1, 2).reshape(b * n, h, d)
 
 
+def _sdpa_key_mask(layout: PackedLayout) -> torch.Tensor:
+    """(B, 1, 1, L_max) the keys that exist. Padded query rows attend to real keys and are
+    dropped after; an image without tokens sees one zero key, so that no row is fully masked
+    (kernels differ in what they return for such rows)."""
+    mask = layout.key_padding_mask(True).clone()
+    mask[:, 0] = True
+    return mask.view(layout.batch_size, 1, 1, layout.max_len)
+
+
 def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, dropout_p: float, scale: float) -> torch.Tensor:
     b, width = layout.batch_size, layout.max_len
     h, d = q.shape[1:]
@@ -70,8 +79,7 @@ def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLay
     def pad(t: torch.Tensor) -> torch.Tensor:
         return t.new_zeros(b * width, h, d).index_copy(0, rows, t).view(b, width, h, d).transpose(1, 2)  # (B, H, L, D)
 
-    # (B, 1, 1, L) keys that exist; padded query rows attend to real keys and are dropped after
-    mask = layout.cached("sdpa_key_mask", lambda: layout.key_padding_mask(True).view(b, 1, 1, width))
+    mask = layout.cached("sdpa_key_mask", lambda: _sdpa_key_mask(layout))
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2).reshape(b * width, h, d).index_select(0, rows)
 

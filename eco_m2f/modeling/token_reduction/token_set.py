@@ -306,13 +306,14 @@ class TokenSet:
         # owner: old patch row -> new patch row (-1 when removed)
         new_row = torch.where(mask, torch.cumsum(mask, 0) - 1, -1)
         owned = self.owner >= 0
-        owner = torch.where(owned, new_row[self.owner.clamp(min=0)], -1)
+        cells = self.owner.clamp(min=0).view(-1)  # (B * G,) old patch row of every cell
+        owner = torch.where(owned, new_row.index_select(0, cells).view_as(owned), -1)
         finals = dict(self.finals)
         removed_count = old.num_patches - new.num_patches
         if save_features or save_logits is not None:
             removed = ~mask
             removed_rows = true_indices(removed, removed_count)  # (R,) old patch rows, in order
-            cell_rank = torch.where(removed, torch.cumsum(removed, 0) - 1, -1)[self.owner.clamp(min=0)]  # (B, G)
+            cell_rank = torch.where(removed, torch.cumsum(removed, 0) - 1, -1).index_select(0, cells).view_as(owned)
             newly_final = owned & (owner < 0)
             if save_features:
                 values = self.x.index_select(0, old.patch_rows().index_select(0, removed_rows))
