@@ -78,6 +78,8 @@ def test_finalised_logits_combine_with_the_last_head():
     combined = ts.to_dense(last, final="logits")
     expected = torch.where(mask.view(2, 6), -1.0, torch.arange(12).float().view(2, 6) + 0.5)
     assert torch.equal(combined[..., 0], expected)
+    # the same with a dense last head over every cell
+    assert torch.equal(ts.overlay_final(-torch.ones(2, 6, 3), "logits"), combined)
     assert ts.final_cells("features").sum().item() == 0  # nothing saved as features
     with pytest.raises(ValueError, match="unknown finalised kind 'logit'"):
         ts.to_dense(last, final="logit")
@@ -99,6 +101,7 @@ def test_superpatches_copy_back_to_every_cell_and_pool_their_cells():
     ts = TokenSet.from_groups(prefix, patches, group, counts, grid)
     assert ts.layout.lengths == (6, 3)
     assert ts.token_area().tolist() == [4, 1, 1, 1, 1, 4, 4]
+    assert torch.equal(ts.pool_cells(dense_values), pooled)
     assert ts.to_dense()[..., 0].tolist() == [[0, 0, 10, 20, 0, 0, 30, 40], [50, 50, 60, 60, 50, 50, 60, 60]]
     # a shared token finalised with its logits: every cell it covers gets them
     gone = ts.keep(torch.tensor([0, 1, 1, 1, 1, 1, 0], dtype=torch.bool), save_logits=patches + 1)

@@ -173,6 +173,11 @@ def attention_unavailable(impl: str, device: torch.device, dtype: torch.dtype, d
             _varlen_fn()
         except ImportError:
             return f"'varlen' needs torch.nn.attention.varlen (torch >= 2.10), this is torch {torch.__version__}"
+    if impl == "flex":
+        try:
+            _flex_fn(device.type)
+        except ImportError:
+            return f"'flex' needs torch.nn.attention.flex_attention (torch >= 2.5), this is torch {torch.__version__}"
     if impl in ("varlen", "flex") and dropout:
         return f"'{impl}' has no attention dropout"
     return ""

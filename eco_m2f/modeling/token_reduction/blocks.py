@@ -57,7 +57,8 @@ def _attention(attn: Attention, x: torch.Tensor, layout: PackedLayout, impl: str
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     out = packed_attention(q, k, v, layout, impl, dropout_p, attn.scale).reshape(rows, heads * head_dim)
-    out = attn.norm(out)
+    norm = getattr(attn, "norm", None)  # timm's optional scale norm (Identity by default)
+    out = norm(out) if norm is not None else out
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))

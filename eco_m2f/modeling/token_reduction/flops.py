@@ -65,7 +65,8 @@ def block_cost(block: nn.Module) -> BlockCost:
     inner = heads * head_dim
     per_token = _token_wise_flops(block.norm1) + _token_wise_flops(block.norm2) + _token_wise_flops(block.mlp)
     per_token += attn.qkv.in_features * attn.qkv.out_features + attn.proj.in_features * attn.proj.out_features
-    per_token += _norm_flops(attn.q_norm, inner) + _norm_flops(attn.k_norm, inner) + _norm_flops(attn.norm, inner)
+    per_token += _norm_flops(attn.q_norm, inner) + _norm_flops(attn.k_norm, inner)
+    per_token += _norm_flops(getattr(attn, "norm", nn.Identity()), inner)
     gate = getattr(attn, "gate", None)
     if gate is not None:
         per_token += gate.in_features * gate.out_features

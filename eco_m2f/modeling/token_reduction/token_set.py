@@ -18,7 +18,7 @@ only where a shape depends on data (one per threshold-based reduction, none for 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -68,11 +68,16 @@ def mean_per_group(values: torch.Tensor, group: torch.Tensor, counts: Sequence[i
     :meth:`TokenSet.from_groups`). Returns (sum(counts), D), image after image: e.g. the position
     embedding of a shared superpatch, the mean of its cells' embeddings (CTS, dCTS).
     """
-    b, g, d = values.shape
-    rows = (group + _group_starts(counts, values.device).view(-1, 1)).view(-1)  # (B * G,) token row of every cell
-    total = int(sum(counts))
-    sums = values.new_zeros(total, d).index_add(0, rows, values.reshape(b * g, d))
-    area = values.new_zeros(total).index_add(0, rows, values.new_ones(b * g))
+    rows = (group + _group_starts(counts, values.device).view(-1, 1)).view(-1)
+    return _cell_mean(values, rows, int(sum(counts)))
+
+
+def _cell_mean(dense: torch.Tensor, rows: torch.Tensor, total: int, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, G, D) -> (total, D): row r is the mean of the cells with ``rows == r`` (and weight 1)."""
+    b, g, d = dense.shape
+    weight = dense.new_ones(b * g) if weight is None else weight.to(dense.dtype)
+    sums = dense.new_zeros(total, d).index_add(0, rows, dense.reshape(b * g, d) * weight.unsqueeze(1))
+    area = dense.new_zeros(total).index_add(0, rows, weight)
     return sums / area.clamp(min=1).unsqueeze(1)
 
 
@@ -129,7 +134,7 @@ class TokenSet:
 
         ``prefix`` (B, P, C); ``patches`` (sum(counts), C), image after image; ``group`` (B, G)
         the token (0..counts[b]-1 within image b) that stands for each cell. ``validate`` checks,
-        at the cost of one host sync, that every cell names a token of its image and every token
+        at the cost of host syncs, that every cell names a token of its image and every token
         owns a cell.
         """
         b, p, c = prefix.shape
@@ -170,7 +175,7 @@ class TokenSet:
         """Live patch tokens per image (host ints)."""
         return self.layout.patch_counts
 
-    def counts_per_block(self) -> list:
+    def counts_per_block(self) -> List[List[int]]:
         """Per image, its live patch tokens at each block run so far (for cost records)."""
         p = self.num_prefix
         return [[lengths[b] - p for lengths in self.history] for b in range(self.batch_size)]
@@ -235,6 +240,12 @@ class TokenSet:
         """Inverse of :meth:`padded`: (B, L_max, D) -> live rows (Tp, D) (or packed (T, D))."""
         return padded.reshape((-1,) + tuple(padded.shape[2:])).index_select(0, self.layout.pad_rows(with_prefix))
 
+    def pool_cells(self, dense: torch.Tensor) -> torch.Tensor:
+        """Dense per-cell values (B, G, D) -> (Tp, D), each live token the mean over the cells it
+        stands for (e.g. a per-cell target or embedding for the live tokens)."""
+        owned = (self.owner >= 0).view(-1)
+        return _cell_mean(dense, self.owner.clamp(min=0).view(-1), self.layout.num_patches, owned)
+
     # ------------------------------------------------------------------ per-image reductions
     def segment_mean(self, values: torch.Tensor, select: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per image, the mean of the selected live rows: ``values`` (Tp, D), ``select`` (Tp,)
@@ -287,6 +298,8 @@ class TokenSet:
             raise ValueError(f"keep_topk needs one k per image with 0 <= k <= live tokens {list(counts)}; got {ks}")
         scores = self._check_rows(scores, "scores")
         width, k_max = max(counts), max(ks)
+        if k_max == 0:
+            return self._keep(torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device), ks, save_features, save_logits)
         rows = self.layout.pad_rows(False)
         fill = float("-inf") if largest else float("inf")
         padded = scores.new_full((self.batch_size * width,), fill).index_copy(0, rows, scores).view(self.batch_size, width)
@@ -356,6 +369,20 @@ class TokenSet:
         sources.append(values.new_full((1, d), fill))
         index = torch.where(index >= 0, index, rows)
         return torch.cat(sources, 0).index_select(0, index.view(-1)).view(self.batch_size, self.num_cells, d)
+
+    def overlay_final(self, dense: torch.Tensor, kind: str = "logits") -> torch.Tensor:
+        """``dense`` (B, G, D), e.g. a dense head's logits, with every finalised cell replaced by
+        its stored ``kind`` value (DToP's final map: pruned tokens keep their early prediction)."""
+        _check_kind(kind)
+        store = self.finals.get(kind)
+        stored = None if store is None else store.values()
+        if stored is None:
+            return dense
+        if dense.shape[:2] != self.owner.shape or stored.shape[1:] != dense.shape[2:]:
+            raise ValueError(f"dense must be (B, G) = {tuple(self.owner.shape)} x {tuple(stored.shape[1:])}, got {tuple(dense.shape)}")
+        rows = store.index.clamp(min=0).view(-1)
+        final = stored.to(dense.dtype).index_select(0, rows).view_as(dense)
+        return torch.where((store.index >= 0).unsqueeze(-1), final, dense)
 
     # ------------------------------------------------------------------ checks
     def _check_rows(self, t: torch.Tensor, name: str) -> torch.Tensor:
