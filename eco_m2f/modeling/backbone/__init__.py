@@ -1,7 +1,7 @@
 """Backbones on timm, registered under Detectron2/Mask2Former's names.
 
-Importing this package registers ``build_resnet_backbone`` and ``D2SwinTransformer`` in
-``BACKBONE_REGISTRY``.
+Importing this package registers ``build_resnet_backbone``, ``D2SwinTransformer`` and
+``build_vit_backbone`` in ``BACKBONE_REGISTRY``.
 """
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ from . import key_maps
 from .base import Backbone, pad_to_multiple
 from .resnet import ResNetBackbone, build_resnet_backbone, convert_frozen_batchnorm
 from .swin import D2SwinTransformer, SwinBackbone
+from .vit import ViTBackbone, ViTFeatures, build_vit_backbone
 
 __all__ = [
     "Backbone",
     "D2SwinTransformer",
     "ResNetBackbone",
     "SwinBackbone",
+    "ViTBackbone",
+    "ViTFeatures",
     "build_resnet_backbone",
+    "build_vit_backbone",
     "convert_frozen_batchnorm",
     "key_maps",
     "pad_to_multiple",
