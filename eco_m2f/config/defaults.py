@@ -103,6 +103,7 @@ def add_base_config(cfg: CN) -> None:
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"
     cfg.SOLVER.MAX_ITER = 40000
     cfg.SOLVER.BASE_LR = 0.0001
+    # Final learning rate of WarmupCosineLR and WarmupPolyLR (Segmenter's poly "min_lr").
     cfg.SOLVER.BASE_LR_END = 0.0
     cfg.SOLVER.MOMENTUM = 0.9
     cfg.SOLVER.NESTEROV = False
