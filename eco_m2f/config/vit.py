@@ -67,7 +67,7 @@ def add_vit_config(cfg: CN) -> None:
     head.SETR.NUM_CONVS = 4
     head.SETR.KERNEL_SIZE = 3
     head.SETR.UP_SCALE = 2
-    # PUP auxiliary heads are shallower (SETR: 2 convs, x4 each).
+    # Auxiliary heads (both kinds) are shallower (SETR: 2 convs, x4 each).
     head.SETR.AUX_NUM_CONVS = 2
     head.SETR.AUX_UP_SCALE = 4
     head.SETR.DROPOUT = 0.0  # dropout before the classifier

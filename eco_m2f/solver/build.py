@@ -213,10 +213,10 @@ class _ConfigScheduler(torch.optim.lr_scheduler.LRScheduler):
 class WarmupPolyLR(_ConfigScheduler):
     """Mask2Former's schedule, stepped once per iteration.
 
-    ``lr(it) = base_lr * warmup(it) * ((1 - end) * (1 - it / max_iters) ** power + end)``, ``end``
-    being ``end_factor`` (Segmenter's poly to a minimum lr: ``end = min_lr / base_lr``; 0 is
-    Mask2Former's). Once warmup is over and ``constant_ending > 0``, the multiplier never drops
-    below ``constant_ending``.
+    ``lr(it) = warmup(it) * ((base_lr - end_lr) * (1 - it / max_iters) ** power + end_lr)`` for
+    every parameter group (mmseg's and Segmenter's poly to ``min_lr``; ``end_lr`` 0 is
+    Mask2Former's). Once warmup is over and ``constant_ending > 0``, the poly multiplier never
+    drops below ``constant_ending``.
     """
 
     def __init__(
@@ -229,7 +229,7 @@ class WarmupPolyLR(_ConfigScheduler):
         last_epoch: int = -1,
         power: float = 0.9,
         constant_ending: float = 0.0,
-        end_factor: float = 0.0,
+        end_lr: float = 0.0,
     ) -> None:
         if max_iters <= 0:
             raise ValueError(f"SOLVER.MAX_ITER must be positive for WarmupPolyLR, got {max_iters}")
@@ -239,20 +239,19 @@ class WarmupPolyLR(_ConfigScheduler):
         self.warmup_method = warmup_method
         self.power = power
         self.constant_ending = constant_ending
-        self.end_factor = end_factor
+        self.end_lr = end_lr
         super().__init__(optimizer, last_epoch)
 
-    def _multiplier(self, it: int) -> float:
+    def _multipliers(self, it: int) -> tuple[float, float]:
         warmup = warmup_factor_at_iter(self.warmup_method, it, self.warmup_iters, self.warmup_factor)
         poly = math.pow(max(0.0, 1.0 - it / self.max_iters), self.power)
-        poly = (1.0 - self.end_factor) * poly + self.end_factor
         if self.constant_ending > 0 and warmup == 1.0 and poly < self.constant_ending:
-            return self.constant_ending
-        return warmup * poly
+            poly = self.constant_ending
+        return warmup, poly
 
     def get_lr(self) -> List[float]:
-        m = self._multiplier(self.last_epoch)
-        return [base_lr * m for base_lr in self.base_lrs]
+        warmup, poly = self._multipliers(self.last_epoch)
+        return [warmup * ((base_lr - self.end_lr) * poly + self.end_lr) for base_lr in self.base_lrs]
 
     def _get_closed_form_lr(self) -> List[float]:
         return self.get_lr()
@@ -313,7 +312,7 @@ def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> torch.optim.lr_
         return WarmupPolyLR(
             optimizer, s.MAX_ITER, warmup_factor=s.WARMUP_FACTOR, warmup_iters=s.WARMUP_ITERS,
             warmup_method=s.WARMUP_METHOD, power=s.POLY_LR_POWER, constant_ending=s.POLY_LR_CONSTANT_ENDING,
-            end_factor=s.BASE_LR_END / s.BASE_LR if s.BASE_LR > 0 else 0.0,
+            end_lr=s.BASE_LR_END,
         )
     if name == "WarmupMultiStepLR":
         steps = [x for x in s.STEPS if x <= s.MAX_ITER]

@@ -5,8 +5,8 @@ Both normalise the tokens with a LayerNorm, then run ``num_convs`` x (conv ``ker
 upsampled to the image by the meta-architecture. Naive is one 1x1 conv without upsampling (a
 1x1 conv commutes with bilinear upsampling, so where it upsamples makes no difference); PUP's
 depth, kernel, width and scale come from ``MODEL.SEM_SEG_HEAD.SETR.*`` (SETR: 4 convs 3x3 of 256,
-x2 each; PAUMER's ViT-Ti variant: 192 channels, 2 convs, x4 each; auxiliary PUP heads:
-``AUX_NUM_CONVS`` x ``AUX_UP_SCALE``).
+x2 each; PAUMER's ViT-Ti variant: 192 channels, 2 convs, x4 each). Auxiliary heads of both
+kinds use ``AUX_NUM_CONVS`` convs with x ``AUX_UP_SCALE`` each (SETR: 2, x4).
 """
 from __future__ import annotations
 
@@ -61,10 +61,15 @@ class SETRUpHead(ViTDecodeHead):
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class SETRNaiveHead(SETRUpHead):
-    """SETR-Naive: LayerNorm, 1x1 conv to ``SETR.CHANNELS``, BN, ReLU, 1x1 classifier."""
+    """SETR-Naive: LayerNorm, 1x1 conv to ``SETR.CHANNELS``, BN, ReLU, 1x1 classifier
+    (auxiliary: ``SETR.AUX_NUM_CONVS`` 1x1 convs, x ``AUX_UP_SCALE`` each, as SETR's)."""
 
     def __init__(self, cfg: Any, input_shape: Mapping[str, ShapeSpec], *, auxiliary: bool = False) -> None:
-        super().__init__(cfg, input_shape, num_convs=1, kernel_size=1, up_scale=1, auxiliary=auxiliary)
+        s = cfg.MODEL.SEM_SEG_HEAD.SETR
+        super().__init__(
+            cfg, input_shape, auxiliary=auxiliary, kernel_size=1,
+            num_convs=int(s.AUX_NUM_CONVS) if auxiliary else 1, up_scale=int(s.AUX_UP_SCALE) if auxiliary else 1,
+        )
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
