@@ -53,7 +53,7 @@ def add_vit_config(cfg: CN) -> None:
     head.MASK_TRANSFORMER = CN()
     head.MASK_TRANSFORMER.NUM_LAYERS = 2
     head.MASK_TRANSFORMER.HIDDEN_DIM = 0  # 0 = the encoder's width (official)
-    head.MASK_TRANSFORMER.NUM_HEADS = 0  # 0 = HIDDEN_DIM // 64 (official)
+    head.MASK_TRANSFORMER.NUM_HEADS = 0  # 0 = HIDDEN_DIM // 64 (official), at least 1
     head.MASK_TRANSFORMER.MLP_RATIO = 4.0
     head.MASK_TRANSFORMER.DROPOUT = 0.1
     head.MASK_TRANSFORMER.DROP_PATH_RATE = 0.0

@@ -155,8 +155,8 @@ class ViTBackbone(nn.Module):
             keep = ("img_size", "drop_path_rate", "norm_layer", "in_chans")
             try:
                 net = timm.create_model(timm_name, pretrained=False, num_classes=0, **{k: kwargs[k] for k in keep})
-            except RuntimeError as exc:  # timm: "Unknown model (...)"
-                raise ValueError(f"MODEL.VIT.NAME '{timm_name}': {exc}") from exc
+            except (RuntimeError, TypeError) as exc:  # unknown name, or a model without img_size (not a ViT)
+                raise ValueError(f"MODEL.VIT.NAME '{timm_name}' is not a timm VisionTransformer ({exc})") from exc
             if not isinstance(net, VisionTransformer):
                 raise ValueError(f"MODEL.VIT.NAME '{timm_name}' is a timm {type(net).__name__}, not a VisionTransformer")
             unsupported = [

@@ -45,7 +45,7 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
         m = cfg.MODEL.SEM_SEG_HEAD.MASK_TRANSFORMER
         in_dim = int(input_shape["tokens"].channels)
         dim = int(m.HIDDEN_DIM) or in_dim
-        heads = int(m.NUM_HEADS) or dim // 64
+        heads = int(m.NUM_HEADS) or max(1, dim // 64)
         if heads <= 0 or dim % heads:
             raise ValueError(
                 f"MODEL.SEM_SEG_HEAD.MASK_TRANSFORMER: width {dim} is not divisible into {heads} heads "
