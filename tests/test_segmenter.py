@@ -162,3 +162,14 @@ def test_every_shipped_vit_config_loads():
         assert cfg.MODEL.META_ARCHITECTURE == "Segmenter", f
     tiny = build_model(setup_cfg(str(REPO / "configs/synthetic/segmenter_tiny_cpu.yaml")))
     assert sum(p.numel() for p in tiny.parameters()) < 1_000_000
+
+
+@pytest.mark.parametrize("head, unused", [("SegmenterLinearHead", False), ("ATMHead", True)])
+def test_unused_parameters_are_declared_for_ddp(head, unused):
+    model = _model("MODEL.SEM_SEG_HEAD.NAME", head, "MODEL.VIT.OUT_INDICES", "[0, 1]", "MODEL.SEM_SEG_HEAD.ATM.HIDDEN_DIM",
+                   "16", "MODEL.SEM_SEG_HEAD.ATM.NUM_HEADS", "2", "MODEL.SEM_SEG_HEAD.ATM.NUM_LAYERS", "1").train()
+    batch = [dict(_input(32, 48, seed=i), sem_seg=torch.randint(0, K, (32, 48))) for i in range(2)]
+    sum(model(batch).values()).backward()
+    without_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert model.find_unused_parameters is unused
+    assert (without_grad == ["backbone.norm.weight", "backbone.norm.bias"]) if unused else not without_grad

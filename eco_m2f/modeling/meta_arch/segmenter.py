@@ -72,6 +72,9 @@ class Segmenter(SegmentationModel):
         self.backbone = backbone
         head = cfg.MODEL.SEM_SEG_HEAD
         self.sem_seg_head = build_vit_head(cfg, head.NAME, backbone)
+        # A head on intermediate levels (ATM) leaves the final norm, and any block after its
+        # deepest level, without gradient: DDP must look for unused parameters then.
+        self.find_unused_parameters = self.sem_seg_head.input_kind == "levels"
         self.num_classes = int(head.NUM_CLASSES)
         self.ignore_value = int(head.IGNORE_VALUE)
 
