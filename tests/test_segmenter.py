@@ -166,10 +166,11 @@ def test_every_shipped_vit_config_loads():
 
 @pytest.mark.parametrize("head, unused", [("SegmenterLinearHead", False), ("ATMHead", True)])
 def test_unused_parameters_are_declared_for_ddp(head, unused):
-    model = _model("MODEL.SEM_SEG_HEAD.NAME", head, "MODEL.VIT.OUT_INDICES", "[0, 1]", "MODEL.SEM_SEG_HEAD.ATM.HIDDEN_DIM",
+    model = _model("MODEL.SEM_SEG_HEAD.NAME", head, "MODEL.VIT.OUT_INDICES", "[0, 1, -1]", "MODEL.SEM_SEG_HEAD.ATM.HIDDEN_DIM",
                    "16", "MODEL.SEM_SEG_HEAD.ATM.NUM_HEADS", "2", "MODEL.SEM_SEG_HEAD.ATM.NUM_LAYERS", "1").train()
     batch = [dict(_input(32, 48, seed=i), sem_seg=torch.randint(0, K, (32, 48))) for i in range(2)]
     sum(model(batch).values()).backward()
     without_grad = [n for n, p in model.named_parameters() if p.grad is None]
     assert model.find_unused_parameters is unused
+    assert model.backbone.out_indices == (0, 1) and getattr(model.sem_seg_head, "num_levels", 2) == 2
     assert (without_grad == ["backbone.norm.weight", "backbone.norm.bias"]) if unused else not without_grad

@@ -10,12 +10,12 @@ from eco_m2f.modeling.heads.atm_loss import ATMLoss, present_classes
 from eco_m2f.modeling.registry import SEM_SEG_HEADS_REGISTRY, ShapeSpec
 
 K, C = 5, 32
-SHAPE = {"tokens": ShapeSpec(channels=C, stride=16)}
+SHAPE = {name: ShapeSpec(channels=C, stride=16) for name in ("tokens", "layer0", "layer1")}
 OPTS = [
     "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(K),
     "MODEL.SEM_SEG_HEAD.MASK_TRANSFORMER.NUM_HEADS", "2",
     "MODEL.SEM_SEG_HEAD.ATM.HIDDEN_DIM", "16", "MODEL.SEM_SEG_HEAD.ATM.NUM_HEADS", "2",
-    "MODEL.SEM_SEG_HEAD.ATM.NUM_LAYERS", "2", "MODEL.VIT.OUT_INDICES", "[0, 1]",
+    "MODEL.SEM_SEG_HEAD.ATM.NUM_LAYERS", "2",
     "MODEL.SEM_SEG_HEAD.SETR.CHANNELS", "8",
 ]
 

@@ -227,8 +227,9 @@ class ViTBackbone(nn.Module):
         return ViTFeatures(tokens=x[:, p:], prefix=x[:, :p], grid=grid, layers=layers)
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
-        """Channels and stride of the token grid (for heads built from ShapeSpecs)."""
-        return {"tokens": ShapeSpec(channels=self.embed_dim, stride=self.patch_size)}
+        """Channels and stride of the final tokens (``"tokens"``) and of every kept block (``"layer{i}"``)."""
+        spec = ShapeSpec(channels=self.embed_dim, stride=self.patch_size)
+        return {"tokens": spec, **{f"layer{i}": spec for i in self.out_indices}}
 
     # ------------------------------------------------------------------ optimisation
     def layer_id(self, param_name: str) -> int:

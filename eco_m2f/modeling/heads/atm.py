@@ -97,8 +97,8 @@ class ATMHead(ViTDecodeHead):
         dim, heads, layers = int(a.HIDDEN_DIM), int(a.NUM_HEADS), int(a.NUM_LAYERS)
         if layers < 1:
             raise ValueError(f"MODEL.SEM_SEG_HEAD.ATM.NUM_LAYERS must be >= 1, got {layers}")
-        # one level per kept layer; an auxiliary ATM head reads one intermediate layer
-        self.num_levels = 1 if auxiliary else len(set(cfg.MODEL.VIT.OUT_INDICES))
+        # one level per kept block ("layer{i}" in input_shape); an auxiliary ATM head reads one block
+        self.num_levels = 1 if auxiliary else sum(name.startswith("layer") for name in input_shape)
         if self.num_levels < 1:
             raise ValueError("ATMHead needs at least one level: set MODEL.VIT.OUT_INDICES")
         self.input_proj = nn.ModuleList(nn.Linear(in_dim, dim) for _ in range(self.num_levels))

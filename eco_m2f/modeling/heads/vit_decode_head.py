@@ -1,7 +1,8 @@
 """The decode-head contract of the plain-ViT segmenters (``Segmenter`` meta-architecture).
 
 A head is registered in ``SEM_SEG_HEADS_REGISTRY`` and built as ``cls(cfg, input_shape,
-auxiliary=False)`` with ``input_shape = {"tokens": ShapeSpec(channels=C, stride=patch)}``;
+auxiliary=False)`` with ``input_shape = {"tokens": ShapeSpec(channels=C, stride=patch),
+"layer{i}": ...}`` (the final tokens and every block of ``MODEL.VIT.OUT_INDICES``);
 ``auxiliary=True`` builds it as an auxiliary head on one intermediate layer (its loss weighted
 by ``MODEL.SEM_SEG_HEAD.AUX_LOSS_WEIGHT`` instead of ``LOSS_WEIGHT``). Three input kinds
 (:attr:`ViTDecodeHead.input_kind`):

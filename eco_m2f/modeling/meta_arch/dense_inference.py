@@ -73,7 +73,7 @@ def predict_sliding(
             crops = [images[i][:, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in chunk]
             for (i, (y0, y1, x0, x1)), scores in zip(chunk, predict_whole(network, crops, size_divisibility)):
                 if sums[i] is None:
-                    sums[i] = scores.new_zeros((scores.shape[0], *images[i].shape[-2:]))
-                sums[i][:, y0:y1, x0:x1] += scores
+                    sums[i] = scores.new_zeros((scores.shape[0], *images[i].shape[-2:]), dtype=torch.float32)
+                sums[i][:, y0:y1, x0:x1] += scores.float()
                 counts[i][:, y0:y1, x0:x1] += 1
-    return [s / c.to(s.dtype) for s, c in zip(sums, counts)]
+    return [s / c for s, c in zip(sums, counts)]
