@@ -37,14 +37,14 @@ __all__ = ["Segmenter", "build_vit_head"]
 
 def build_vit_head(cfg: Any, name: str, backbone: ViTBackbone, *, auxiliary: bool = False) -> ViTDecodeHead:
     """The registered decode head ``name`` on ``backbone``'s tokens (a clear error for unknown names)."""
+    key = "MODEL.SEM_SEG_HEAD.AUX_NAME" if auxiliary else "MODEL.SEM_SEG_HEAD.NAME"
     try:
         cls = SEM_SEG_HEADS_REGISTRY.get(name)
     except KeyError as exc:
         known = sorted(n for n, c in SEM_SEG_HEADS_REGISTRY if isinstance(c, type) and issubclass(c, ViTDecodeHead))
-        key = "MODEL.SEM_SEG_HEAD.AUX_NAME" if auxiliary else "MODEL.SEM_SEG_HEAD.NAME"
         raise KeyError(f"{key} '{name}' is not a registered decode head; the Segmenter heads are {known}") from exc
     if not (isinstance(cls, type) and issubclass(cls, ViTDecodeHead)):
-        raise TypeError(f"MODEL.SEM_SEG_HEAD.NAME '{name}' is not a ViT decode head (a {ViTDecodeHead.__name__})")
+        raise TypeError(f"{key} '{name}' is not a ViT decode head (a {ViTDecodeHead.__name__})")
     return cls(cfg, backbone.output_shape(), auxiliary=auxiliary)
 
 
