@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from eco_m2f.checkpoint import load_weights
 from eco_m2f.config import get_cfg
-from eco_m2f.modeling import build_backbone
+from eco_m2f.modeling import build_backbone, build_model
 from eco_m2f.modeling.backbone.efficientnet import (
     IMAGENET_PIXEL_MEAN,
     IMAGENET_PIXEL_STD,
@@ -116,6 +116,29 @@ def test_chelsea_is_a_cat(classifier) -> None:
     top = int(probs.argmax())
     assert top in CAT_CLASSES, f"top-1 ImageNet class {top} (p={float(probs[top]):.3f}) is not a cat"
     assert float(probs[list(CAT_CLASSES)].sum()) > 0.5
+
+
+def test_policy_backbone_takes_the_file_through_model_weights(original, classifier) -> None:
+    """MODEL.WEIGHTS = the package's file: every backbone tensor loaded, the classifier head dropped,
+    and the stride-32 features equal those of the full classifier."""
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.META_ARCHITECTURE", "TokenSharingPolicy",
+                         "MODEL.BACKBONE.NAME", "build_efficientnet_backbone"])
+    model = build_model(cfg).eval()
+    report = load_weights(model, efficientnet_lite0_weights_path())
+    assert report.clean and report.backbone_only
+    assert len(report.loaded) == len(model.backbone.state_dict()) == 288
+    assert sorted(report.untouched) == ["predictor.bias", "predictor.weight"]
+
+    pretrained = get_cfg()
+    pretrained.merge_from_list(["MODEL.META_ARCHITECTURE", "TokenSharingPolicy", "MODEL.BACKBONE.PRETRAINED", "True",
+                                "MODEL.BACKBONE.NAME", "build_efficientnet_backbone"])
+    built = build_model(pretrained).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = classifier.blocks(classifier.bn1(classifier.conv_stem(x)))  # B x 320 x 2 x 3
+        assert torch.equal(model.backbone(x)["res5"], expected)
+        assert torch.equal(built.backbone(x)["res5"], expected)
 
 
 def test_pretrained_needs_the_package_and_lite0(monkeypatch) -> None:
