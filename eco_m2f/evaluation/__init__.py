@@ -1,4 +1,4 @@
-"""Evaluators (PQ, mIoU, mask AP, Cityscapes) and the inference loop, with Detectron2's conventions.
+"""Evaluators (PQ, mIoU, mask AP, Cityscapes, the CTS policy) and the inference loop, with Detectron2's conventions.
 
 Submodules load on first use (``eco_m2f.evaluation.SemSegEvaluator`` imports
 ``.semantic``), so pycocotools / cityscapesscripts load only when needed. Label PNGs are read
@@ -30,6 +30,7 @@ _LAZY = {
     "CityscapesSemSegEvaluator": "cityscapes",
     "CityscapesInstanceEvaluator": "cityscapes",
     "CityscapesPanopticEvaluator": "cityscapes",
+    "PolicyEvaluator": "policy",
 }
 
 
