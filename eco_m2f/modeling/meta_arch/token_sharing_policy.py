@@ -9,7 +9,7 @@ padded, normalised batch (see :func:`..policy.build_frozen_policy`).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,7 @@ from .image_list import ImageList
 __all__ = ["TokenSharingPolicy"]
 
 _NO_TARGET = -100  # cross-entropy's ignore index: cells that hold no pixel of the image
+PixelStats = Optional[Union[Sequence[float], torch.Tensor]]  # per-channel mean or std, 0-255 range
 
 
 @META_ARCH_REGISTRY.register()
@@ -63,12 +64,8 @@ class TokenSharingPolicy(SegmentationModel):
         this model's ``MODEL.PIXEL_MEAN/STD`` (H, W not multiples of 32 are padded with zeros)."""
         return self.predictor(self.backbone(images)[self.in_feature])
 
-    def superpatch_logits(
-        self,
-        images: torch.Tensor,
-        pixel_mean: Optional[Sequence[float] | torch.Tensor] = None,
-        pixel_std: Optional[Sequence[float] | torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def superpatch_logits(self, images: torch.Tensor, pixel_mean: PixelStats = None,
+                          pixel_std: PixelStats = None) -> torch.Tensor:
         """Raw logits B x 2 x H/32 x W/32 of a padded batch B x 3 x H x W.
 
         ``pixel_mean`` / ``pixel_std``: the normalisation the batch has (the caller's own, e.g. a
@@ -84,12 +81,8 @@ class TokenSharingPolicy(SegmentationModel):
             images = (images * std + mean - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
         return self.network(images)
 
-    def superpatch_scores(
-        self,
-        images: torch.Tensor,
-        pixel_mean: Optional[Sequence[float] | torch.Tensor] = None,
-        pixel_std: Optional[Sequence[float] | torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def superpatch_scores(self, images: torch.Tensor, pixel_mean: PixelStats = None,
+                          pixel_std: PixelStats = None) -> torch.Tensor:
         """P(uniform) B x H/32 x W/32 in float32: CTS shares the S superpatches that score highest."""
         return self.superpatch_logits(images, pixel_mean, pixel_std).float().softmax(dim=1)[:, 1]
 
