@@ -89,6 +89,7 @@ class ATMHead(ViTDecodeHead):
 
     input_kind = "levels"
     scores_are_logits = False
+    token_outputs = ("pred_masks",)
 
     def __init__(self, cfg: Any, input_shape: Mapping[str, ShapeSpec], *, auxiliary: bool = False) -> None:
         super().__init__(cfg, auxiliary=auxiliary)

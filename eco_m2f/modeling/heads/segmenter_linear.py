@@ -4,14 +4,14 @@ The parameter is ``head`` (official ``decoder.head.*``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from ..registry import SEM_SEG_HEADS_REGISTRY, ShapeSpec
-from .vit_decode_head import ViTDecodeHead
+from .vit_decode_head import ViTDecodeHead, resize_logits_flops
 
 __all__ = ["SegmenterLinearHead"]
 
@@ -31,3 +31,8 @@ class SegmenterLinearHead(ViTDecodeHead):
     def forward(self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """tokens B x N x C -> {"pred_tokens": B x N x K} (each token on its own; the mask is not needed)."""
         return {"pred_tokens": self.head(tokens)}
+
+    def flops(self, num_tokens: int, grid: Tuple[int, int], size: Sequence[int]) -> int:
+        """One linear layer per token, then the upsampling of the K x h x w logits."""
+        patch = self.head.in_features * self.head.out_features * int(num_tokens)
+        return patch + resize_logits_flops(self.num_classes, grid, size)

@@ -9,7 +9,7 @@ decoder_norm, mask_norm}``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
 from ..registry import SEM_SEG_HEADS_REGISTRY, ShapeSpec
-from .vit_decode_head import ViTDecodeHead
+from .vit_decode_head import ViTDecodeHead, resize_logits_flops
 
 __all__ = ["SegmenterMaskTransformerHead"]
 
@@ -87,3 +87,17 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
         classes = F.normalize(x[:, n:] @ self.proj_classes.to(x.dtype), dim=-1)  # B x K x D
         masks = patches @ classes.transpose(1, 2)  # B x N x K
         return {"pred_tokens": self.mask_norm(masks)}
+
+    def flops(self, num_tokens: int, grid: Tuple[int, int], size: Sequence[int]) -> int:
+        """proj_dec, the blocks on the N + K tokens, decoder_norm, the two projections, the
+        patch-class products, mask_norm, then the upsampling (L2 normalisation costs none)."""
+        from ..token_reduction.flops import block_cost, token_wise_flops
+
+        n, k = int(num_tokens), self.num_classes
+        dim = self.proj_dec.out_features
+        total = n * self.proj_dec.in_features * dim
+        total += sum(block_cost(block)(n + k) for block in self.blocks)
+        total += token_wise_flops(self.decoder_norm) * (n + k)
+        total += (n + k) * dim * dim  # proj_patch on the patches, proj_classes on the classes
+        total += n * dim * k + token_wise_flops(self.mask_norm) * n
+        return total + resize_logits_flops(k, grid, size)

@@ -10,13 +10,13 @@ kinds use ``AUX_NUM_CONVS`` convs with x ``AUX_UP_SCALE`` each (SETR: 2, x4).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..registry import SEM_SEG_HEADS_REGISTRY, ShapeSpec
-from .vit_decode_head import ViTDecodeHead
+from .vit_decode_head import ViTDecodeHead, resize_logits_flops
 
 __all__ = ["SETRNaiveHead", "SETRPUPHead", "SETRUpHead"]
 
@@ -57,6 +57,23 @@ class SETRUpHead(ViTDecodeHead):
         """maps B x C x h x w -> {"pred_maps": B x K x (h * up^n) x (w * up^n)} class logits."""
         x = self.norm(maps.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over channels
         return {"pred_maps": self.conv_seg(self.dropout(self.up_convs(x)))}
+
+    def flops(self, num_tokens: int, grid: Tuple[int, int], size: Sequence[int]) -> int:
+        """LayerNorm, each convolution at its resolution, each bilinear upsampling (4 per output
+        element), the classifier, then the resize to ``size`` (BatchNorm and ReLU count none)."""
+        h, w = int(grid[0]), int(grid[1])
+        channels = self.norm.normalized_shape[0]
+        total = 5 * channels * h * w
+        for layer in self.up_convs:
+            if isinstance(layer, nn.Conv2d):
+                kh, kw = layer.kernel_size
+                total += h * w * layer.out_channels * (layer.in_channels // layer.groups) * kh * kw
+                channels = layer.out_channels
+            elif isinstance(layer, nn.Upsample):
+                h, w = h * int(layer.scale_factor), w * int(layer.scale_factor)
+                total += 4 * channels * h * w
+        total += h * w * self.conv_seg.in_channels * self.conv_seg.out_channels
+        return total + resize_logits_flops(self.num_classes, (h, w), size)
 
 
 @SEM_SEG_HEADS_REGISTRY.register()

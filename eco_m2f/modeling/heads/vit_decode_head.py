@@ -19,7 +19,9 @@ Outputs are a dict. Every per-token tensor has its token axis at dim 1 (e.g.
 ``"pred_maps"`` B x K x h' x w'. :meth:`ViTDecodeHead.semantic_logits` turns dense outputs into
 B x K x H x W class scores at any size, :meth:`ViTDecodeHead.losses` computes the head's own
 weighted losses from the dense targets (B x H x W int64, ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``
-where unknown).
+where unknown). :attr:`ViTDecodeHead.token_outputs` names the per-token outputs (what a
+token-reduction encoder copies back to the grid cells), :meth:`ViTDecodeHead.flops` counts one
+image's FLOPs without tracing (the cost records of token reduction).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ViTDecodeHead", "tokens_to_map", "resize_logits"]
+__all__ = ["ViTDecodeHead", "tokens_to_map", "resize_logits", "resize_logits_flops"]
 
 INPUT_KINDS = ("tokens", "levels", "grid")
 
@@ -52,6 +54,13 @@ def resize_logits(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def resize_logits_flops(channels: int, source: Sequence[int], size: Sequence[int]) -> int:
+    """fvcore's count of :func:`resize_logits` of one C x h x w map to ``size``: 4 per output element."""
+    if tuple(source) == tuple(size):
+        return 0
+    return 4 * int(channels) * int(size[0]) * int(size[1])
+
+
 class ViTDecodeHead(nn.Module):
     """Base of the Segmenter decode heads: cross-entropy on upsampled logits by default.
 
@@ -65,6 +74,9 @@ class ViTDecodeHead(nn.Module):
     #: True when :meth:`semantic_logits` returns logits (softmax gives probabilities); False when
     #: it returns class scores already (SegViT: class probability x mask probability).
     scores_are_logits: ClassVar[bool] = True
+    #: Outputs whose dim 1 is the input's token axis (B x N x ...), e.g. the class logits
+    #: ``"pred_tokens"``: with live tokens as input, these are copied back to the grid.
+    token_outputs: ClassVar[Tuple[str, ...]] = ("pred_tokens",)
 
     def __init__(self, cfg: Any, *, auxiliary: bool = False) -> None:
         super().__init__()
@@ -81,6 +93,12 @@ class ViTDecodeHead(nn.Module):
         if "pred_maps" in outputs:
             return resize_logits(outputs["pred_maps"], size)
         return resize_logits(tokens_to_map(outputs["pred_tokens"], grid), size)
+
+    def flops(self, num_tokens: int, grid: Tuple[int, int], size: Sequence[int]) -> int:
+        """FLOPs of ``forward`` on one image's ``num_tokens`` tokens (the whole ``grid`` for grid
+        heads) plus :meth:`semantic_logits` at ``size``, by fvcore's conventions (one multiply-add
+        is one flop, BatchNorm and elementwise operations none)."""
+        raise NotImplementedError(f"{type(self).__name__} has no FLOP count of its own (ViTDecodeHead.flops)")
 
     def losses(self, outputs: Dict[str, Any], targets: torch.Tensor, grid: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         """{"loss_ce"}: cross-entropy of the logits upsampled to the targets' size, averaged over

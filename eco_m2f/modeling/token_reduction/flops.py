@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Sequence
 import torch.nn as nn
 from timm.layers import LayerScale
 
-__all__ = ["BlockCost", "SDPA_FLOP_HANDLES", "block_cost", "blocks_flops", "sdpa_flop_jit"]
+__all__ = ["BlockCost", "SDPA_FLOP_HANDLES", "block_cost", "blocks_flops", "sdpa_flop_jit", "token_wise_flops"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ def _norm_flops(norm: nn.Module, elements: int) -> int:
     raise TypeError(f"no FLOP rule for norm layer {type(norm).__name__}")
 
 
-def _token_wise_flops(module: nn.Module) -> int:
-    """FLOPs per token of a token-wise module (norm, MLP, LayerScale) by fvcore's rules."""
+def token_wise_flops(module: nn.Module) -> int:
+    """FLOPs per token of a token-wise module (norm, linear layers, MLP, LayerScale) by fvcore's rules."""
     total = 0
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
@@ -63,7 +63,7 @@ def block_cost(block: nn.Module) -> BlockCost:
     attn = block.attn
     heads, head_dim = attn.num_heads, attn.head_dim
     inner = heads * head_dim
-    per_token = _token_wise_flops(block.norm1) + _token_wise_flops(block.norm2) + _token_wise_flops(block.mlp)
+    per_token = token_wise_flops(block.norm1) + token_wise_flops(block.norm2) + token_wise_flops(block.mlp)
     per_token += attn.qkv.in_features * attn.qkv.out_features + attn.proj.in_features * attn.proj.out_features
     per_token += _norm_flops(attn.q_norm, inner) + _norm_flops(attn.k_norm, inner)
     per_token += _norm_flops(getattr(attn, "norm", nn.Identity()), inner)
