@@ -142,7 +142,7 @@ def test_bad_settings_and_labels_are_clear_errors():
         _model("INPUT.CROP.ENABLED", "True", "INPUT.CROP.TYPE", "absolute", "INPUT.CROP.SIZE", "(500, 500)")
     with pytest.raises(ValueError, match=r"AUX_LAYERS \[0\]: blocks \[0\] are not in MODEL.VIT.OUT_INDICES"):
         _model("MODEL.SEM_SEG_HEAD.AUX_LAYERS", "[0]")
-    with pytest.raises(ValueError, match="MODEL.TOKEN_REDUCTION.NAME 'paumer'"):
+    with pytest.raises(KeyError, match="MODEL.TOKEN_REDUCTION.NAME 'paumer' is not a registered token-reduction method"):
         _model("MODEL.TOKEN_REDUCTION.NAME", "paumer")
     with pytest.raises(TypeError, match="needs a ViT backbone"):
         _model("MODEL.BACKBONE.NAME", "build_resnet_backbone")

@@ -92,6 +92,13 @@ def add_vit_config(cfg: CN) -> None:
     cfg.MODEL.TOKEN_REDUCTION = CN()
     # Registered token-reduction method that takes over the Segmenter's encoder loop; "" = dense.
     cfg.MODEL.TOKEN_REDUCTION.NAME = ""
+    # Attention of the token runtime over images that keep different numbers of tokens: "auto"
+    # (the flash varlen kernel on CUDA, SDPA with a key-padding mask on CPU), "padded",
+    # "jagged", "flash", "varlen" or "flex" (eco_m2f/modeling/token_reduction/attention.py).
+    cfg.MODEL.TOKEN_REDUCTION.ATTENTION = "auto"
+    # In fp16/bf16 inference on CUDA, replay each run of blocks between two reductions as one
+    # CUDA graph (GraphedBlocks); only with ATTENTION "auto", "flash" or "varlen".
+    cfg.MODEL.TOKEN_REDUCTION.CUDA_GRAPHS = True
 
     # ------------------------------------------------------------------ inference
     # Sliding-window inference: CROP_SIZE windows every STRIDE pixels (the last one flush with

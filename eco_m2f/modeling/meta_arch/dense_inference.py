@@ -9,12 +9,14 @@ Sliding windows follow mmseg's grid: along each axis ``ceil((L - crop) / stride)
 never extends past the image, so an image smaller than the crop is one window of its own size.
 Windows of every image of the batch are run together, ``batch_size`` at a time, grouped by
 shape (so no window is padded beyond the patch size), and the scores of overlapping windows
-are averaged per pixel.
+are averaged per pixel. ``on_batch``, when given, is called after every network call with the
+index (into ``images``) of the image each row of that call belongs to, so that a caller can
+attribute per-row side results (e.g. cost records) to images.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,6 +26,7 @@ __all__ = ["predict_whole", "predict_sliding", "window_boxes"]
 
 Network = Callable[[torch.Tensor], torch.Tensor]
 Box = Tuple[int, int, int, int]  # y0, y1, x0, x1
+OnBatch = Optional[Callable[[List[int]], None]]
 
 
 def _axis_starts(length: int, crop: int, stride: int) -> List[int]:
@@ -43,10 +46,14 @@ def window_boxes(height: int, width: int, crop: Sequence[int], stride: Sequence[
     ]
 
 
-def predict_whole(network: Network, images: Sequence[torch.Tensor], size_divisibility: int) -> List[torch.Tensor]:
+def predict_whole(
+    network: Network, images: Sequence[torch.Tensor], size_divisibility: int, on_batch: OnBatch = None
+) -> List[torch.Tensor]:
     """Scores of each C x h x w image, the batch padded together (bottom/right) as in training."""
     batch = ImageList.from_tensors(list(images), size_divisibility)
     scores = network(batch.tensor)
+    if on_batch is not None:
+        on_batch(list(range(len(images))))
     return [s[:, :h, :w] for s, (h, w) in zip(scores, batch.image_sizes)]
 
 
@@ -57,6 +64,7 @@ def predict_sliding(
     stride: Sequence[int],
     size_divisibility: int,
     batch_size: int = 0,
+    on_batch: OnBatch = None,
 ) -> List[torch.Tensor]:
     """Scores of each C x h x w image from windows of ``crop`` every ``stride`` pixels (averaged where they overlap)."""
     by_shape: Dict[Tuple[int, int], List[Tuple[int, Box]]] = defaultdict(list)
@@ -71,7 +79,10 @@ def predict_sliding(
         for start in range(0, len(windows), step):
             chunk = windows[start : start + step]
             crops = [images[i][:, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in chunk]
-            for (i, (y0, y1, x0, x1)), scores in zip(chunk, predict_whole(network, crops, size_divisibility)):
+            scored = predict_whole(network, crops, size_divisibility)
+            if on_batch is not None:
+                on_batch([i for i, _ in chunk])
+            for (i, (y0, y1, x0, x1)), scores in zip(chunk, scored):
                 if sums[i] is None:
                     sums[i] = scores.new_zeros((scores.shape[0], *images[i].shape[-2:]), dtype=torch.float32)
                 sums[i][:, y0:y1, x0:x1] += scores.float()

@@ -12,14 +12,18 @@ so any semantic mapper works. Inference: whole image or sliding window (``TEST.S
 optionally over scales and flips (``TEST.AUG``); ``"sem_seg"`` holds class probabilities
 (K x height x width) at the original size.
 
-Token reduction takes over :meth:`Segmenter.encode`: the one place where images become the
-decoder's tokens. It returns :class:`~eco_m2f.modeling.backbone.vit.ViTFeatures`; a method that
-removes tokens hands back the dense map (tokens scattered back to the grid) or live tokens with
-a ``padding_mask`` for the token-wise heads.
+Token reduction takes over :meth:`Segmenter.encode`, the one place where images become the
+decoder's tokens: with ``MODEL.TOKEN_REDUCTION.NAME`` set, the registered
+:class:`~eco_m2f.modeling.token_reduction.plugin.TokenReducer` acts between the ViT's blocks
+(:class:`~eco_m2f.modeling.token_reduction.encoder_loop.ReductionLoop`) and hands back the dense
+map or live tokens with a ``padding_mask`` for the token-wise heads; its extra losses join the
+loss dict, and every eval output gets its per-image ``"cost"`` record
+(:mod:`eco_m2f.modeling.token_reduction.cost`). Without it the Segmenter is the dense model.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections import defaultdict
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +32,9 @@ import torch.nn.functional as F
 from ..backbone.vit import ViTBackbone, ViTFeatures
 from ..heads.vit_decode_head import ViTDecodeHead, resize_logits, tokens_to_map
 from ..registry import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+from ..token_reduction.cost import cost_records, merge_cost_records
+from ..token_reduction.encoder_loop import ReducedPass, ReductionLoop, grid_outputs
+from ..token_reduction.plugin import TokenMap, TokenReducer, build_token_reducer
 from .base import SegmentationModel
 from .dense_inference import predict_sliding, predict_whole
 from .segmenter_keys import is_official_segmenter_state_dict, official_segmenter_to_ours
@@ -90,11 +97,13 @@ class Segmenter(SegmentationModel):
             build_vit_head(cfg, aux_name, backbone, auxiliary=True) for _ in self.aux_layers
         )
 
-        if cfg.MODEL.TOKEN_REDUCTION.NAME:
-            raise ValueError(
-                f"MODEL.TOKEN_REDUCTION.NAME '{cfg.MODEL.TOKEN_REDUCTION.NAME}': no token-reduction method is "
-                "available in this build; leave it empty for the dense Segmenter"
-            )
+        reduction = cfg.MODEL.TOKEN_REDUCTION
+        #: the token-reduction method acting between the blocks; None: the dense encoder
+        self.token_reducer: Optional[TokenReducer] = None
+        self._reduction: Optional[ReductionLoop] = None
+        if reduction.NAME:
+            self.token_reducer = build_token_reducer(cfg, backbone, self.sem_seg_head)
+            self._reduction = ReductionLoop(backbone, self.token_reducer, str(reduction.ATTENTION), bool(reduction.CUDA_GRAPHS))
         self._init_inference(cfg)
         self._check_train_crop(cfg)
 
@@ -138,9 +147,11 @@ class Segmenter(SegmentationModel):
 
     # ------------------------------------------------------------------ network
     def encode(self, images: torch.Tensor) -> ViTFeatures:
-        """Normalised, padded B x 3 x H x W -> the decoder's tokens (the encoder loop; token
-        reduction replaces this method)."""
-        return self.backbone(images)
+        """Normalised, padded B x 3 x H x W -> the decoder's tokens (the dense ViT, or the
+        token-reduction loop)."""
+        if self._reduction is None:
+            return self.backbone(images)
+        return self._reduction.encode(images).features
 
     def run_head(self, head: ViTDecodeHead, features: ViTFeatures, layer: Optional[int] = None) -> Dict[str, Any]:
         """``head`` on the final tokens (``layer`` None) or on block ``layer``'s output, in the head's input kind."""
@@ -158,18 +169,65 @@ class Segmenter(SegmentationModel):
             raise ValueError(f"{type(head).__name__} needs the dense token grid; scatter the live tokens back first")
         return head(tokens_to_map(tokens, features.grid))  # B x C x h x w
 
+    def head_outputs(
+        self, head: ViTDecodeHead, features: ViTFeatures, reduced: Optional[ReducedPass] = None, layer: Optional[int] = None
+    ) -> Dict[str, Any]:
+        """:meth:`run_head`; after a reduced pass, with the per-token outputs copied back to the
+        grid and (main head) the reducer's finalised logits put over them."""
+        outputs = self.run_head(head, features, layer)
+        if reduced is None:
+            return outputs
+        if self.token_reducer.output_kind == "tokens":
+            outputs = grid_outputs(outputs, head, reduced.tokens)
+        if layer is None:
+            outputs = self.token_reducer.overlay(outputs, reduced.tokens, reduced.state)
+        return outputs
+
     def network(self, images: torch.Tensor, cost: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
         """Class scores B x K x H x W of a normalised batch padded to the patch size (logits,
-        or SegViT's class x mask probabilities for ``ATMHead``), at the input's size."""
+        or SegViT's class x mask probabilities for ``ATMHead``), at the input's size. A token
+        reducer's path depends only on the image, so ``cost`` is not needed to retrace it."""
+        if self._reduction is not None:
+            return self.reduced_network(images)[0]
         features = self.encode(images)
         outputs = self.run_head(self.sem_seg_head, features)
         return self.sem_seg_head.semantic_logits(outputs, features.grid, images.shape[-2:])
 
-    def flop_scopes(self) -> Dict[str, str]:
-        return {"backbone": "backbone", "decode_head": "sem_seg_head"}
+    def reduced_network(self, images: torch.Tensor, record_maps: bool = False) -> Tuple[torch.Tensor, ReducedPass]:
+        """:meth:`network` of a token-reduction Segmenter, with the pass it ran."""
+        if self._reduction is None:
+            raise ValueError("reduced_network needs a token-reduction method (MODEL.TOKEN_REDUCTION.NAME)")
+        reduced = self._reduction.encode(images, record_maps=record_maps)
+        outputs = self.head_outputs(self.sem_seg_head, reduced.features, reduced)
+        return self.sem_seg_head.semantic_logits(outputs, reduced.features.grid, images.shape[-2:]), reduced
 
-    def benchmark_stages(self) -> Dict[str, Tuple[nn.Module, str]]:
-        return {"backbone": (self, "encode"), "decode_head": (self.sem_seg_head, "forward")}
+    def cost_records(self, reduced: ReducedPass, size: Sequence[int]) -> List[Dict[str, Any]]:
+        """Per image of a reduced pass with outputs of ``size`` (H, W): its cost record."""
+        return cost_records(
+            self.backbone, self.sem_seg_head, reduced.tokens, reduced.state, size, reduced.norm_tokens, reduced.head_tokens
+        )
+
+    @torch.no_grad()
+    def token_maps(self, images: torch.Tensor) -> List[Dict[str, TokenMap]]:
+        """Per image of a normalised padded batch, what became of each cell's token: the
+        framework's ``"blocks"`` map (blocks each token went through) and the method's own."""
+        if self._reduction is None:
+            raise ValueError("token maps need a token-reduction method (MODEL.TOKEN_REDUCTION.NAME)")
+        return self._reduction.token_maps(self.reduced_network(images, record_maps=True)[1])
+
+    @property
+    def dynamic_cost(self) -> bool:
+        return self.token_reducer is not None and self.token_reducer.content_dependent_cost
+
+    def flop_scopes(self) -> Dict[str, str]:
+        scopes = {"backbone": "backbone", "decode_head": "sem_seg_head"}
+        if self.token_reducer is not None:
+            scopes["token_reducer"] = "token_reducer"
+        return scopes
+
+    def benchmark_stages(self) -> Dict[str, Tuple[Any, str]]:
+        encoder = (self, "encode") if self._reduction is None else (self._reduction, "encode")
+        return {"backbone": encoder, "decode_head": (self.sem_seg_head, "forward")}
 
     # ------------------------------------------------------------------ training
     def prepare_targets(self, batched_inputs: List[Dict[str, Any]], size: Tuple[int, int]) -> torch.Tensor:
@@ -190,13 +248,25 @@ class Segmenter(SegmentationModel):
         return targets.to(self.device, non_blocking=True)
 
     def losses(self, images: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The main head's weighted losses, plus ``<name>_aux<layer>`` of every auxiliary head."""
-        features = self.encode(images)
-        losses = self.sem_seg_head.losses(self.run_head(self.sem_seg_head, features), targets, features.grid)
+        """The main head's weighted losses, plus ``<name>_aux<layer>`` of every auxiliary head
+        and the token reducer's own losses."""
+        reduced = None if self._reduction is None else self._reduction.encode(images, targets)
+        features = self.encode(images) if reduced is None else reduced.features
+        main = self.head_outputs(self.sem_seg_head, features, reduced)
+        losses = self.sem_seg_head.losses(main, targets, features.grid)
         for layer, head in zip(self.aux_layers, self.auxiliary_heads):
-            aux = head.losses(self.run_head(head, features, layer), targets, features.grid)
+            aux = head.losses(self.head_outputs(head, features, reduced, layer), targets, features.grid)
             losses.update({f"{name}_aux{layer}": value for name, value in aux.items()})
+        if reduced is not None:
+            clash = sorted(set(reduced.state.losses) & set(losses))
+            if clash:
+                raise ValueError(f"{type(self.token_reducer).__name__} names losses {clash} that the Segmenter already has")
+            losses.update(reduced.state.losses)
         return losses
+
+    def on_train_iteration(self, iteration: int, max_iter: int) -> None:
+        if self.token_reducer is not None:
+            self.token_reducer.on_train_iteration(iteration, max_iter)
 
     def forward(self, batched_inputs: List[Dict[str, Any]]) -> Any:
         """Losses in training mode; ``[{"sem_seg": K x height x width}]`` in eval mode."""
@@ -206,13 +276,17 @@ class Segmenter(SegmentationModel):
         return self.inference(batched_inputs)
 
     # ------------------------------------------------------------------ inference
-    def predict(self, images: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """Scores K x h x w of each normalised C x h x w image: sliding window or whole image."""
+    def predict(self, images: Sequence[torch.Tensor], recorder: Optional["_CostRecorder"] = None) -> List[torch.Tensor]:
+        """Scores K x h x w of each normalised C x h x w image: sliding window or whole image;
+        ``recorder`` runs the network instead and keeps every pass's cost records."""
+        network: Callable[[torch.Tensor], torch.Tensor] = self.network if recorder is None else recorder
+        on_batch = None if recorder is None else recorder.assign
         if self.slide:
             return predict_sliding(
-                self.network, images, self.slide_crop, self.slide_stride, self.size_divisibility, self.slide_batch_size
+                network, images, self.slide_crop, self.slide_stride, self.size_divisibility, self.slide_batch_size,
+                on_batch=on_batch,
             )
-        return predict_whole(self.network, images, self.size_divisibility)
+        return predict_whole(network, images, self.size_divisibility, on_batch=on_batch)
 
     def _rescaled(self, image: torch.Tensor, short_edge: Optional[int]) -> torch.Tensor:
         from ...data.augmentations import shortest_edge_output_shape
@@ -234,18 +308,31 @@ class Segmenter(SegmentationModel):
         ]
         out_sizes = [(int(x.get("height", im.shape[-2])), int(x.get("width", im.shape[-1]))) for x, im in zip(batched_inputs, images)]
         totals: List[Optional[torch.Tensor]] = [None] * len(images)
+        recorder = None if self._reduction is None else _CostRecorder(self)
         for short_edge, flip in self.test_variants:
             variant = [self._rescaled(im, short_edge) for im in images]
             if flip:
                 variant = [im.flip(-1) for im in variant]
-            for i, scores in enumerate(self.predict(variant)):
+            for i, scores in enumerate(self.predict(variant, recorder)):
                 if flip:
                     scores = scores.flip(-1)
                 scores = resize_logits(scores[None].float(), out_sizes[i])[0]
                 if self.sem_seg_head.scores_are_logits:
                     scores = scores.softmax(dim=0)
                 totals[i] = scores if totals[i] is None else totals[i] + scores
-        return [{"sem_seg": t / len(self.test_variants)} for t in totals]
+        results = [{"sem_seg": t / len(self.test_variants)} for t in totals]
+        if recorder is not None:
+            for i, result in enumerate(results):
+                result["cost"] = merge_cost_records(recorder.records[i])
+        return results
+
+    # ------------------------------------------------------------------ devices
+    def _apply(self, fn, *args, **kwargs):
+        """Moving or casting the parameters invalidates the captured CUDA graphs."""
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_reduction", None) is not None:
+            self._reduction.reset()
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_layout_map(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -253,3 +340,26 @@ class Segmenter(SegmentationModel):
         if is_official_segmenter_state_dict(state_dict):
             return official_segmenter_to_ours(state_dict)
         return dict(state_dict)
+
+
+class _CostRecorder:
+    """The network of a token-reduction Segmenter for the dense-inference helpers, keeping the
+    cost record of every image of every pass (windows, test variants) under the image's index."""
+
+    def __init__(self, model: Segmenter) -> None:
+        self.model = model
+        self.records: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
+        self._pending: List[Dict[str, Any]] = []
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        logits, reduced = self.model.reduced_network(images)
+        self._pending = self.model.cost_records(reduced, images.shape[-2:])
+        return logits
+
+    def assign(self, indices: Sequence[int]) -> None:
+        """The rows of the last pass belong to these images."""
+        if len(indices) != len(self._pending):
+            raise RuntimeError(f"{len(indices)} images for a pass of {len(self._pending)}")
+        for i, record in zip(indices, self._pending):
+            self.records[int(i)].append(record)
+        self._pending = []

@@ -1,0 +1,118 @@
+"""Per-image cost records of a reduced Segmenter pass: live tokens per block and exact GFLOPs.
+
+Nothing is traced: the FLOPs of an image are the sum of what its pass really ran, counted
+analytically with fvcore's conventions (one multiply-add is one flop; see :mod:`.flops`), so
+that they equal fvcore's count of ``model.network`` on that image alone:
+
+* ``backbone``: the embedding (patch projection, and the bilinear resize of the position
+  embedding when the grid differs from the stored one: 4 flops per output element), every
+  block on the tokens it saw (:func:`~.flops.blocks_flops` over ``TokenSet.history``) and the
+  final norm on the tokens it normalised;
+* ``decode_head``: the head on the tokens it saw and the upsampling of its logits
+  (:meth:`~eco_m2f.modeling.heads.vit_decode_head.ViTDecodeHead.flops`);
+* ``token_reducer``: what the method charged itself (auxiliary heads, a policy network).
+
+A record (``"cost"`` of each eval output) holds ``gflops`` and ``gflops_<scope>`` for the three
+scopes, ``tokens`` (live patch tokens entering each block, a list), ``cells`` (the grid cells,
+i.e. the dense model's tokens per block), the method's own additive fields, and two derived
+ones: ``live_tokens`` (mean of ``tokens``) and ``token_fraction`` (``sum(tokens)`` over
+``depth * cells``: the share of the dense model's patch-token work that was done).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Sequence, Tuple
+
+from .flops import blocks_flops, token_wise_flops
+from .token_set import TokenSet
+
+if TYPE_CHECKING:
+    from ..backbone.vit import ViTBackbone
+    from ..heads.vit_decode_head import ViTDecodeHead
+    from .plugin import ReductionState
+
+__all__ = ["DERIVED_FIELDS", "cost_records", "merge_cost_records", "patch_embedding_flops"]
+
+#: Fields recomputed from the others after records are summed.
+DERIVED_FIELDS = ("live_tokens", "token_fraction")
+
+
+def patch_embedding_flops(backbone: "ViTBackbone", grid: Tuple[int, int]) -> int:
+    """FLOPs of ``backbone.prepare_tokens`` for one image of an h x w patch grid."""
+    cells = int(grid[0]) * int(grid[1])
+    proj = backbone.patch_embed.proj  # Conv2d(in, C, p, stride p): one output pixel per cell
+    per_cell = proj.out_channels * (proj.in_channels // proj.groups) * proj.kernel_size[0] * proj.kernel_size[1]
+    flops = cells * (per_cell + token_wise_flops(backbone.patch_embed.norm))
+    if tuple(grid) != tuple(backbone.pos_grid):
+        flops += 4 * backbone.embed_dim * cells  # bilinear resize of the position embedding
+    return flops
+
+
+def cost_records(
+    backbone: "ViTBackbone",
+    head: "ViTDecodeHead",
+    tokens: TokenSet,
+    state: "ReductionState",
+    size: Sequence[int],
+    norm_tokens: Sequence[int],
+    head_tokens: Sequence[int],
+) -> List[Dict[str, Any]]:
+    """One record per image of a finished pass: ``tokens`` after the last block, ``size`` the
+    network's output size (H, W), ``norm_tokens`` / ``head_tokens`` per image the tokens that
+    the final norm and the decode head saw."""
+    depth = len(backbone.blocks)
+    if len(tokens.history) != depth:
+        raise ValueError(f"the pass ran {len(tokens.history)} block(s) of {depth}: cost records need the whole encoder")
+    blocks = blocks_flops(backbone.blocks, tokens.history)
+    norm = token_wise_flops(backbone.norm)
+    reducer = state.flops.get("token_reducer", [0] * state.batch_size)
+    embed = state.flops.get("backbone", [0] * state.batch_size)
+    head_cost: Dict[int, int] = {}  # head FLOPs depend only on the token count here
+    records = []
+    for b, live in enumerate(tokens.counts_per_block()):
+        n = int(head_tokens[b])
+        if n not in head_cost:
+            head_cost[n] = int(head.flops(n, tokens.grid, size))
+        backbone_flops = embed[b] + blocks[b] + norm * int(norm_tokens[b])
+        record = {
+            "gflops": (backbone_flops + head_cost[n] + reducer[b]) / 1e9,
+            "gflops_backbone": backbone_flops / 1e9,
+            "gflops_decode_head": head_cost[n] / 1e9,
+            "gflops_token_reducer": reducer[b] / 1e9,
+            "tokens": [int(v) for v in live],
+            "cells": tokens.num_cells,
+        }
+        for name, value in state.cost[b].items():
+            if name in record or name in DERIVED_FIELDS:
+                raise ValueError(f"a token-reduction method may not set the framework's cost field '{name}'")
+            record[name] = value
+        records.append(_with_derived(record))
+    return records
+
+
+def _with_derived(record: Dict[str, Any]) -> Dict[str, Any]:
+    tokens = record["tokens"]
+    record["live_tokens"] = sum(tokens) / len(tokens)
+    record["token_fraction"] = sum(tokens) / (len(tokens) * record["cells"])
+    return record
+
+
+def _add(a: Any, b: Any, name: str) -> Any:
+    if isinstance(a, list) or isinstance(b, list):
+        if not (isinstance(a, list) and isinstance(b, list)) or len(a) != len(b):
+            raise ValueError(f"cost field '{name}' cannot be summed: {a!r} and {b!r}")
+        return [x + y for x, y in zip(a, b)]
+    return a + b
+
+
+def merge_cost_records(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The record of one image from those of its passes (sliding windows, test-time variants):
+    every field summed (lists element-wise), the derived fields recomputed."""
+    if not records:
+        raise ValueError("no cost records to merge")
+    merged = {k: (list(v) if isinstance(v, list) else v) for k, v in records[0].items() if k not in DERIVED_FIELDS}
+    for record in records[1:]:
+        if set(record) != set(records[0]):
+            raise ValueError(f"cost records with different fields cannot be merged: {sorted(records[0])} vs {sorted(record)}")
+        for name in merged:
+            merged[name] = _add(merged[name], record[name], name)
+    return _with_derived(merged)

@@ -1,0 +1,209 @@
+"""The Segmenter's ViT encoder with a token reducer between its blocks, and the way back to the grid.
+
+:class:`ReductionLoop` runs the loop of :mod:`.plugin`: the reducer's embedding, the runs of
+blocks between decision layers (:func:`~.blocks.run_blocks`; in half-precision inference each
+run is replayed as one CUDA graph by :class:`~.graphs.GraphedBlocks`), the reducer after each
+decision layer, and the decoder's input (:class:`~eco_m2f.modeling.backbone.vit.ViTFeatures`) of
+the reducer's ``output_kind``. :func:`grid_outputs` turns the head's per-token outputs on live
+tokens back into dense grids, and :func:`overlay_final_logits` puts finalised logits over them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+
+import torch
+import torch.utils.checkpoint as tcp
+
+from .attention import ATTENTION_IMPLS
+from .blocks import check_block, run_block, run_blocks
+from .graphs import GraphedBlocks
+from .plugin import ReductionState, TokenMap, TokenReducer
+from .token_set import TokenSet
+
+if TYPE_CHECKING:
+    from ..backbone.vit import ViTBackbone, ViTFeatures
+    from ..heads.vit_decode_head import ViTDecodeHead
+
+__all__ = ["ReducedPass", "ReductionLoop", "grid_outputs", "overlay_final_logits"]
+
+#: Name of the framework's own token map: how many blocks each cell's token went through.
+BLOCKS_MAP = "blocks"
+_GRAPH_ATTENTION = ("auto", "flash", "varlen")  # the kernels a captured graph can replay
+
+
+@dataclass
+class ReducedPass:
+    """One reduced encoder pass: the decoder's input, the final token set, the reducer's state,
+    and per image the tokens that the final norm and the decode head see."""
+
+    features: "ViTFeatures"
+    tokens: TokenSet
+    state: ReductionState
+    norm_tokens: List[int]
+    head_tokens: List[int]
+
+
+class ReductionLoop:
+    """Encoder loop of a Segmenter whose ``reducer`` acts between the blocks of ``backbone``.
+
+    Not a module: it holds the Segmenter's own backbone and reducer. Call :meth:`reset` after
+    the blocks' parameters move (captured graphs point at their memory).
+
+    Args:
+        attention: the runtime's attention implementation (``MODEL.TOKEN_REDUCTION.ATTENTION``).
+        cuda_graphs: replay each run of blocks as a CUDA graph in fp16/bf16 inference on CUDA
+            (``MODEL.TOKEN_REDUCTION.CUDA_GRAPHS``); only with ``auto``, ``flash`` or ``varlen``.
+    """
+
+    def __init__(self, backbone: "ViTBackbone", reducer: TokenReducer, attention: str = "auto", cuda_graphs: bool = True) -> None:
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"MODEL.TOKEN_REDUCTION.ATTENTION '{attention}' is not one of {list(ATTENTION_IMPLS)}")
+        for block in backbone.blocks:
+            check_block(block)
+        self.backbone = backbone
+        self.reducer = reducer
+        self.attention = attention
+        self.cuda_graphs = bool(cuda_graphs) and attention in _GRAPH_ATTENTION
+        self.decisions = frozenset(reducer.decision_layers)
+        stops = sorted(self.decisions | set(backbone.out_indices) | {backbone.depth - 1})
+        #: (first, last + 1) block index of every run between two stops
+        self.runs: Tuple[Tuple[int, int], ...] = tuple(zip([0] + [s + 1 for s in stops[:-1]], [s + 1 for s in stops]))
+        self._graphs: Dict[Tuple[int, int], GraphedBlocks] = {}
+
+    def reset(self) -> None:
+        """Drop the captured CUDA graphs."""
+        self._graphs.clear()
+
+    # ------------------------------------------------------------------ blocks
+    def _run(self, start: int, stop: int, tokens: TokenSet) -> TokenSet:
+        blocks = list(self.backbone.blocks[start:stop])
+        if self.cuda_graphs and not torch.is_grad_enabled():
+            graphed = self._graphs.get((start, stop))
+            if graphed is None:
+                options = {} if self.attention == "auto" else {"attention": self.attention}
+                graphed = self._graphs[(start, stop)] = GraphedBlocks(blocks, **options)
+            if graphed.applies(tokens):
+                return graphed(tokens)
+        if self.backbone.use_checkpoint and self.backbone.training and torch.is_grad_enabled():
+            x, layout, history = tokens.x, tokens.layout, list(tokens.history)
+            for block in blocks:
+                x = tcp.checkpoint(run_block, block, x, layout, self.attention, use_reentrant=False)
+                history.append(layout.lengths)
+            return tokens.with_features(x, tuple(history))
+        return run_blocks(blocks, tokens, self.attention)
+
+    # ------------------------------------------------------------------ the pass
+    def encode(self, images: torch.Tensor, targets: torch.Tensor | None = None, record_maps: bool = False) -> ReducedPass:
+        """Normalised padded images B x 3 x H x W (and the training targets) -> the reduced pass."""
+        patch = self.backbone.patch_size
+        grid = (-(-images.shape[-2] // patch), -(-images.shape[-1] // patch))
+        state = ReductionState(images=images, grid=grid, targets=targets, record_maps=record_maps)
+        tokens = self.reducer.embed(self.backbone, images, state)
+        if tokens.grid != grid:
+            raise ValueError(f"{type(self.reducer).__name__}.embed() returned a {tokens.grid} grid for a {grid} input")
+        depth = self.backbone.depth
+        exits = torch.full_like(tokens.owner, depth) if record_maps else None
+        captured: Dict[int, TokenSet] = {}
+        for start, stop in self.runs:
+            tokens = self._run(start, stop, tokens)
+            layer = stop - 1
+            if layer in self.backbone.out_indices:
+                captured[layer] = tokens
+            if layer in self.decisions:
+                live = tokens.live_cells() if record_maps else None
+                tokens = self.reducer.reduce(layer, tokens, state)
+                if exits is not None:
+                    exits = torch.where(live & ~tokens.live_cells(), layer + 1, exits)
+        if exits is not None:
+            state.token_maps[BLOCKS_MAP] = exits
+            labels = {v: self.reducer.describe_exit(v, depth) for v in range(1, depth + 1)}
+            state.token_map_labels[BLOCKS_MAP] = labels
+        if self.reducer.output_kind == "dense":
+            return self._dense(tokens, captured, state)
+        return self._live(tokens, captured, state)
+
+    def _dense(self, tokens: TokenSet, captured: Dict[int, TokenSet], state: ReductionState) -> ReducedPass:
+        """Every cell's token back on the grid, in order: live features, else finalised features."""
+        from ..backbone.vit import ViTFeatures
+
+        p = tokens.num_prefix
+        x = torch.cat([tokens.prefix(), tokens.to_dense(final="features")], dim=1)  # B x (P + G) x C
+        x = self.backbone.norm(x)
+        layers = {i: t.to_dense(final="features") for i, t in captured.items()}
+        features = ViTFeatures(tokens=x[:, p:], prefix=x[:, :p], grid=tokens.grid, layers=layers)
+        cells = [tokens.num_cells] * tokens.batch_size
+        return ReducedPass(features, tokens, state, [p + g for g in cells], cells)
+
+    def _live(self, tokens: TokenSet, captured: Dict[int, TokenSet], state: ReductionState) -> ReducedPass:
+        """The live tokens, padded to the longest image, with the padding mask of the heads."""
+        from ..backbone.vit import ViTFeatures
+
+        x = tokens.with_features(self.backbone.norm(tokens.x))
+        patches, real = x.padded()  # B x L_max x C, True at real tokens
+        uniform = len(set(tokens.live_counts)) == 1
+        layers = {}
+        for i, t in captured.items():
+            if t.owner is not tokens.owner:
+                raise ValueError(
+                    f"MODEL.VIT.OUT_INDICES block {i} precedes a reduction: {type(self.reducer).__name__} hands live "
+                    "tokens to the decoder, which then sees one token set only"
+                )
+            layers[i] = t.padded()[0]
+        features = ViTFeatures(
+            tokens=patches, prefix=x.prefix(), grid=tokens.grid, layers=layers, padding_mask=None if uniform else ~real
+        )
+        counts = list(tokens.live_counts)
+        return ReducedPass(features, tokens, state, [tokens.num_prefix + n for n in counts], counts)
+
+    # ------------------------------------------------------------------ pictures
+    def token_maps(self, done: ReducedPass) -> List[Dict[str, TokenMap]]:
+        """Per image, every token map of a pass run with ``record_maps``."""
+        state, (h, w) = done.state, done.tokens.grid
+        if not state.record_maps:
+            raise ValueError("token maps need a pass run with record_maps=True")
+        out: List[Dict[str, TokenMap]] = [{} for _ in range(state.batch_size)]
+        for name, values in state.token_maps.items():
+            title = "blocks per token" if name == BLOCKS_MAP else name
+            for b in range(state.batch_size):
+                out[b][name] = TokenMap(values[b].view(h, w).cpu(), dict(state.token_map_labels[name]), title)
+        return out
+
+
+def grid_outputs(outputs: Dict[str, Any], head: "ViTDecodeHead", tokens: TokenSet) -> Dict[str, Any]:
+    """The head's outputs on live tokens (``output_kind`` "tokens") with every per-token output
+    (``head.token_outputs``, here and in ``"aux_outputs"``) copied back to all cells of its token:
+    B x L_max x D -> B x G x D (cells without a live token 0, for :func:`overlay_final_logits`)."""
+    out = dict(outputs)
+    for key in head.token_outputs:
+        if key in out:
+            out[key] = tokens.to_dense(tokens.unpad(out[key]), final=None)
+    if isinstance(out.get("aux_outputs"), list):
+        out["aux_outputs"] = [grid_outputs(level, head, tokens) for level in out["aux_outputs"]]
+    return out
+
+
+def overlay_final_logits(outputs: Dict[str, Any], tokens: TokenSet) -> Dict[str, Any]:
+    """Dense head outputs with the finalised logits of ``tokens`` over their cells: on the
+    per-token class logits ``"pred_tokens"`` (B x G x K), or on ``"pred_maps"`` (B x K x H' x W',
+    each cell covering an s x s block of it)."""
+    if "logits" not in tokens.finals:
+        return outputs
+    cells = tokens.final_cells("logits")  # B x G
+    out = dict(outputs)
+    if "pred_tokens" in out:
+        out["pred_tokens"] = tokens.overlay_final(out["pred_tokens"], "logits")
+        return out
+    if "pred_maps" not in out:
+        raise ValueError("finalised logits need per-token class logits ('pred_tokens') or class maps ('pred_maps')")
+    maps = out["pred_maps"]
+    (b, k, hh, ww), (h, w) = maps.shape, tokens.grid
+    if hh % h or ww % w:
+        raise ValueError(f"class maps of {hh} x {ww} do not cover the {h} x {w} grid in whole blocks")
+    final = tokens.overlay_final(maps.new_zeros(b, h * w, k), "logits").transpose(1, 2).reshape(b, k, h, w)
+    mask = cells.view(b, 1, h, w)
+    up = (hh // h, ww // w)
+    final = final.repeat_interleave(up[0], dim=2).repeat_interleave(up[1], dim=3)  # B x K x H' x W'
+    mask = mask.repeat_interleave(up[0], dim=2).repeat_interleave(up[1], dim=3)
+    out["pred_maps"] = torch.where(mask, final, maps)
+    return out

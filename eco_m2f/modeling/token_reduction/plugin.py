@@ -1,0 +1,211 @@
+"""Token-reduction methods as plug-ins of the Segmenter's encoder loop (``MODEL.TOKEN_REDUCTION.NAME``).
+
+A method is a :class:`TokenReducer` registered in :data:`TOKEN_REDUCTION_REGISTRY` and built as
+``cls(cfg, backbone, head)`` (the Segmenter's ViT and main decode head). When
+``MODEL.TOKEN_REDUCTION.NAME`` names one, the Segmenter's encoder becomes
+(:class:`~.encoder_loop.ReductionLoop`)::
+
+    tokens = reducer.embed(backbone, images, state)             # a TokenSet
+    for each run of blocks up to the next decision layer:
+        tokens = run_blocks(run, tokens)                        # CUDA graphs in half-precision inference
+        tokens = reducer.reduce(layer, tokens, state)           # after each of reducer.decision_layers
+    decoder input: reducer.output_kind
+        "dense":  every cell's token (live, or finalised with its features) back on the grid,
+                  in the original order (PAUMER, DoViT);
+        "tokens": the live tokens with a padding mask, for token-wise heads; their per-token
+                  outputs are copied back to every cell each token stands for (CTS, dCTS);
+    outputs = reducer.overlay(outputs, tokens, state)           # finalised logits over the map (DToP, early exit)
+
+Everything a method learns or spends in one forward pass goes into the :class:`ReductionState`
+it is handed: extra training losses (joined to the Segmenter's loss dict), FLOPs spent outside
+the ViT blocks (auxiliary heads, a policy network; the blocks, embedding, final norm and decode
+head are counted by the framework), per-image cost fields, and token maps for pictures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from fvcore.common.registry import Registry
+
+from .token_set import TokenSet
+
+if TYPE_CHECKING:  # only for annotations: the backbone and heads import nothing from here
+    from ..backbone.vit import ViTBackbone
+    from ..heads.vit_decode_head import ViTDecodeHead
+
+__all__ = [
+    "OUTPUT_KINDS",
+    "TOKEN_REDUCTION_REGISTRY",
+    "ReductionState",
+    "TokenMap",
+    "TokenReducer",
+    "build_token_reducer",
+]
+
+TOKEN_REDUCTION_REGISTRY = Registry("TOKEN_REDUCTION")
+TOKEN_REDUCTION_REGISTRY.__doc__ = "Token-reduction methods: cls(cfg, backbone, head) -> TokenReducer."
+
+#: How the decode head sees the reduced encoder's result (see the module docstring).
+OUTPUT_KINDS = ("dense", "tokens")
+
+#: FLOP scopes a method may charge in :meth:`ReductionState.add_flops` (the Segmenter's report names).
+FLOP_SCOPES = ("backbone", "token_reducer")
+
+
+@dataclass
+class TokenMap:
+    """What became of each grid cell's token, for one image: ``values`` (h x w long) and what each
+    value means (``labels``: value -> legend text), under ``title``."""
+
+    values: torch.Tensor
+    labels: Dict[int, str]
+    title: str
+
+
+@dataclass
+class ReductionState:
+    """One forward pass of a reduced encoder: its inputs, and what the method leaves behind.
+
+    Attributes:
+        images: B x 3 x H x W normalised, padded input.
+        grid: (h, w) patch grid of the input.
+        targets: B x H x W int64 labels (ignore value where unknown) in training, else None.
+        losses: extra training losses of the method, already weighted (joined to the Segmenter's).
+        flops: scope ("backbone" or "token_reducer") -> per-image FLOPs the method spent outside
+            the ViT blocks and the decode head (its embedding, auxiliary heads, a policy network).
+        cost: per-image cost fields of the method (numbers or lists of numbers, each one additive,
+            so that sliding windows and test-time augmentation sum them).
+        record_maps: True when token maps are wanted (pictures); methods skip them otherwise.
+        token_maps: name -> B x h*w long values of a method's own map (e.g. the window size of
+            each cell's shared token), with ``token_map_labels[name]``: value -> legend text.
+        scratch: anything else the method keeps between its calls within the pass.
+    """
+
+    images: torch.Tensor
+    grid: Tuple[int, int]
+    targets: Optional[torch.Tensor] = None
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    flops: Dict[str, List[int]] = field(default_factory=dict)
+    cost: List[Dict[str, Any]] = field(default_factory=list)
+    record_maps: bool = False
+    token_maps: Dict[str, torch.Tensor] = field(default_factory=dict)
+    token_map_labels: Dict[str, Dict[int, str]] = field(default_factory=dict)
+    scratch: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.cost:
+            self.cost = [{} for _ in range(self.batch_size)]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def training(self) -> bool:
+        """True in a training step (targets given)."""
+        return self.targets is not None
+
+    def add_flops(self, scope: str, per_image: Union[int, Sequence[int]]) -> None:
+        """Charge FLOPs to ``scope``: one number for every image, or one per image."""
+        if scope not in FLOP_SCOPES:
+            raise ValueError(f"unknown FLOP scope '{scope}'; a token-reduction method charges one of {list(FLOP_SCOPES)}")
+        values = [int(per_image)] * self.batch_size if isinstance(per_image, (int, float)) else [int(v) for v in per_image]
+        if len(values) != self.batch_size:
+            raise ValueError(f"add_flops('{scope}') got {len(values)} values for a batch of {self.batch_size}")
+        old = self.flops.get(scope, [0] * self.batch_size)
+        self.flops[scope] = [a + b for a, b in zip(old, values)]
+
+    def add_cost(self, name: str, per_image: Sequence[Any]) -> None:
+        """Set the cost field ``name`` of every image (numbers or lists of numbers, additive)."""
+        if len(per_image) != self.batch_size:
+            raise ValueError(f"add_cost('{name}') got {len(per_image)} values for a batch of {self.batch_size}")
+        for record, value in zip(self.cost, per_image):
+            record[name] = value
+
+
+class TokenReducer(nn.Module):
+    """Base class of the token-reduction methods of the Segmenter.
+
+    Subclasses set :attr:`decision_layers` (in ``__init__``, from their config) and implement
+    :meth:`reduce`; the other hooks have defaults that suit a method which only removes tokens.
+    Their parameters (auxiliary heads...) live in the module and are saved under
+    ``token_reducer.*`` in the Segmenter's state dict.
+    """
+
+    #: "dense" or "tokens": how the decode head sees the result (see the module docstring).
+    output_kind: str = "dense"
+    #: False when the FLOPs of an image depend only on its size (e.g. top-k with fixed ratios),
+    #: so that one count per input size serves every image.
+    content_dependent_cost: bool = True
+
+    def __init__(self, cfg: Any, backbone: "ViTBackbone", head: "ViTDecodeHead") -> None:
+        super().__init__()
+        #: 0-based block indices after which :meth:`reduce` runs, ascending.
+        self.decision_layers: Tuple[int, ...] = ()
+
+    # ------------------------------------------------------------------ the loop
+    def embed(self, backbone: "ViTBackbone", images: torch.Tensor, state: ReductionState) -> TokenSet:
+        """Images -> the token set the first block sees. Default: the ViT's own embedding, one
+        token per patch (a method that shares tokens builds its superpatches here and charges
+        their FLOPs; the framework then counts nothing for the embedding)."""
+        from .cost import patch_embedding_flops
+
+        tokens, grid = backbone.prepare_tokens(images)
+        state.add_flops("backbone", patch_embedding_flops(backbone, grid))
+        return TokenSet.from_dense(tokens, grid, backbone.num_prefix_tokens)
+
+    def reduce(self, layer: int, tokens: TokenSet, state: ReductionState) -> TokenSet:
+        """After block ``layer`` (0-based, one of :attr:`decision_layers`): the tokens that go on."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement reduce()")
+
+    def overlay(self, outputs: Dict[str, Any], tokens: TokenSet, state: ReductionState) -> Dict[str, Any]:
+        """The decode head's dense outputs with every finalised cell's logits put over them
+        (the cells whose token left with ``save_logits``); unchanged when none did."""
+        from .encoder_loop import overlay_final_logits
+
+        return overlay_final_logits(outputs, tokens)
+
+    # ------------------------------------------------------------------ description
+    def describe_exit(self, blocks: int, depth: int) -> str:
+        """Legend of a cell whose token went through ``blocks`` of the ``depth`` blocks."""
+        return f"all {depth} blocks" if blocks >= depth else f"left after block {blocks}"
+
+    def check_head(self, head: "ViTDecodeHead") -> None:
+        """Raise when the method cannot feed ``head`` (called once by the Segmenter)."""
+        if self.output_kind == "tokens" and head.input_kind == "grid":
+            raise ValueError(
+                f"{type(self).__name__} hands live tokens to the decoder, but {type(head).__name__} needs the "
+                "dense grid; use a token-wise head (SegmenterLinearHead, SegmenterMaskTransformerHead, ATMHead)"
+            )
+
+    # ------------------------------------------------------------------ training
+    def on_train_iteration(self, iteration: int, max_iter: int) -> None:
+        """Forwarded from the Segmenter before every training step (schedules)."""
+
+
+def build_token_reducer(cfg: Any, backbone: "ViTBackbone", head: "ViTDecodeHead") -> TokenReducer:
+    """The registered method ``MODEL.TOKEN_REDUCTION.NAME`` (a clear error for unknown names)."""
+    from . import methods  # noqa: F401  (registers the built-in methods)
+
+    name = str(cfg.MODEL.TOKEN_REDUCTION.NAME)
+    try:
+        cls = TOKEN_REDUCTION_REGISTRY.get(name)
+    except KeyError as exc:
+        known = sorted(n for n, _ in TOKEN_REDUCTION_REGISTRY)
+        raise KeyError(f"MODEL.TOKEN_REDUCTION.NAME '{name}' is not a registered token-reduction method; known: {known}") from exc
+    reducer = cls(cfg, backbone, head)
+    if not isinstance(reducer, TokenReducer):
+        raise TypeError(f"MODEL.TOKEN_REDUCTION.NAME '{name}' built a {type(reducer).__name__}, not a TokenReducer")
+    if reducer.output_kind not in OUTPUT_KINDS:
+        raise ValueError(f"{type(reducer).__name__}.output_kind {reducer.output_kind!r} is not one of {OUTPUT_KINDS}")
+    layers = tuple(reducer.decision_layers)
+    if list(layers) != sorted(set(layers)) or any(not 0 <= i < backbone.depth for i in layers):
+        raise ValueError(
+            f"{type(reducer).__name__}.decision_layers {list(layers)} must be distinct ascending block indices "
+            f"within the {backbone.depth} blocks"
+        )
+    reducer.check_head(head)
+    return reducer
