@@ -66,7 +66,26 @@ def test_without_a_method_the_segmenter_is_the_dense_model():
         expected = model.sem_seg_head.semantic_logits(model.sem_seg_head(features.tokens), features.grid, (64, 64))
         assert torch.equal(model.network(x), expected)
         out = model(_inputs(2))
-    assert all(set(o) == {"sem_seg"} for o in out)
+    assert all(set(o) == {"sem_seg", "cost"} for o in out)
+
+
+@pytest.mark.parametrize("opts", [[], LINEAR, SETR])
+def test_the_dense_segmenter_records_its_cost_exactly(opts):
+    model = tiny_segmenter(*opts)
+    with torch.no_grad():
+        record = model(_inputs(1, 48, 80))[0]["cost"]
+    assert record["tokens"] == [15, 15, 15] and record["cells"] == 15 and record["token_fraction"] == 1.0
+    x = (_inputs(1, 48, 80)[0]["image"][None].float() - 127.5) / 127.5
+    assert record["gflops"] == pytest.approx(_fvcore_gflops(model, x), rel=1e-9)
+    assert record["gflops_token_reducer"] == 0
+
+
+def test_a_head_without_a_flop_count_leaves_the_dense_gflops_to_a_counter():
+    model = tiny_segmenter("MODEL.SEM_SEG_HEAD.NAME", "ATMHead", "MODEL.SEM_SEG_HEAD.ATM.HIDDEN_DIM", "16",
+                           "MODEL.SEM_SEG_HEAD.ATM.NUM_HEADS", "2", "MODEL.SEM_SEG_HEAD.ATM.NUM_LAYERS", "1")
+    with torch.no_grad():
+        record = model(_inputs(1))[0]["cost"]
+    assert record["tokens"] == [16, 16, 16] and not any(k.startswith("gflops") for k in record)
 
 
 @pytest.mark.parametrize("name,opts", [

@@ -17,8 +17,9 @@ decoder's tokens: with ``MODEL.TOKEN_REDUCTION.NAME`` set, the registered
 :class:`~eco_m2f.modeling.token_reduction.plugin.TokenReducer` acts between the ViT's blocks
 (:class:`~eco_m2f.modeling.token_reduction.encoder_loop.ReductionLoop`) and hands back the dense
 map or live tokens with a ``padding_mask`` for the token-wise heads; its extra losses join the
-loss dict, and every eval output gets its per-image ``"cost"`` record
-(:mod:`eco_m2f.modeling.token_reduction.cost`). Without it the Segmenter is the dense model.
+loss dict. Without it the Segmenter is the dense model. Every eval output carries its per-image
+``"cost"`` record (:mod:`eco_m2f.modeling.token_reduction.cost`: live tokens per block, GFLOPs),
+the dense model's too.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from ..backbone.vit import ViTBackbone, ViTFeatures
 from ..heads.vit_decode_head import ViTDecodeHead, resize_logits, tokens_to_map
 from ..registry import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
-from ..token_reduction.cost import cost_records, merge_cost_records
+from ..token_reduction.cost import cost_records, dense_cost_records, merge_cost_records
 from ..token_reduction.encoder_loop import ReducedPass, ReductionLoop, grid_outputs
 from ..token_reduction.plugin import TokenMap, TokenReducer, build_token_reducer
 from .base import SegmentationModel
@@ -276,7 +277,7 @@ class Segmenter(SegmentationModel):
         return self.inference(batched_inputs)
 
     # ------------------------------------------------------------------ inference
-    def predict(self, images: Sequence[torch.Tensor], recorder: Optional["_CostRecorder"] = None) -> List[torch.Tensor]:
+    def predict(self, images: Sequence[torch.Tensor], recorder: Optional[_CostRecorder] = None) -> List[torch.Tensor]:
         """Scores K x h x w of each normalised C x h x w image: sliding window or whole image;
         ``recorder`` runs the network instead and keeps every pass's cost records."""
         network: Callable[[torch.Tensor], torch.Tensor] = self.network if recorder is None else recorder
@@ -308,7 +309,7 @@ class Segmenter(SegmentationModel):
         ]
         out_sizes = [(int(x.get("height", im.shape[-2])), int(x.get("width", im.shape[-1]))) for x, im in zip(batched_inputs, images)]
         totals: List[Optional[torch.Tensor]] = [None] * len(images)
-        recorder = None if self._reduction is None else _CostRecorder(self)
+        recorder = _CostRecorder(self)
         for short_edge, flip in self.test_variants:
             variant = [self._rescaled(im, short_edge) for im in images]
             if flip:
@@ -320,11 +321,10 @@ class Segmenter(SegmentationModel):
                 if self.sem_seg_head.scores_are_logits:
                     scores = scores.softmax(dim=0)
                 totals[i] = scores if totals[i] is None else totals[i] + scores
-        results = [{"sem_seg": t / len(self.test_variants)} for t in totals]
-        if recorder is not None:
-            for i, result in enumerate(results):
-                result["cost"] = merge_cost_records(recorder.records[i])
-        return results
+        return [
+            {"sem_seg": t / len(self.test_variants), "cost": merge_cost_records(recorder.records[i])}
+            for i, t in enumerate(totals)
+        ]
 
     # ------------------------------------------------------------------ devices
     def _apply(self, fn, *args, **kwargs):
@@ -343,8 +343,8 @@ class Segmenter(SegmentationModel):
 
 
 class _CostRecorder:
-    """The network of a token-reduction Segmenter for the dense-inference helpers, keeping the
-    cost record of every image of every pass (windows, test variants) under the image's index."""
+    """The network of a Segmenter for the dense-inference helpers, keeping the cost record of
+    every image of every pass (windows, test variants) under the image's index."""
 
     def __init__(self, model: Segmenter) -> None:
         self.model = model
@@ -352,8 +352,14 @@ class _CostRecorder:
         self._pending: List[Dict[str, Any]] = []
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        logits, reduced = self.model.reduced_network(images)
-        self._pending = self.model.cost_records(reduced, images.shape[-2:])
+        model, size = self.model, images.shape[-2:]
+        if model.token_reducer is None:
+            patch = model.backbone.patch_size
+            grid = (-(-size[0] // patch), -(-size[1] // patch))
+            self._pending = dense_cost_records(model.backbone, model.sem_seg_head, images.shape[0], grid, size)
+            return model.network(images)
+        logits, reduced = model.reduced_network(images)
+        self._pending = model.cost_records(reduced, size)
         return logits
 
     def assign(self, indices: Sequence[int]) -> None:

@@ -1,4 +1,4 @@
-"""Per-image cost records of a reduced Segmenter pass: live tokens per block and exact GFLOPs.
+"""Per-image cost records of a Segmenter pass: live tokens per block and exact GFLOPs.
 
 Nothing is traced: the FLOPs of an image are the sum of what its pass really ran, counted
 analytically with fvcore's conventions (one multiply-add is one flop; see :mod:`.flops`), so
@@ -16,7 +16,9 @@ A record (``"cost"`` of each eval output) holds ``gflops`` and ``gflops_<scope>`
 scopes, ``tokens`` (live patch tokens entering each block, a list), ``cells`` (the grid cells,
 i.e. the dense model's tokens per block), the method's own additive fields, and two derived
 ones: ``live_tokens`` (mean of ``tokens``) and ``token_fraction`` (``sum(tokens)`` over
-``depth * cells``: the share of the dense model's patch-token work that was done).
+``depth * cells``: the share of the dense model's patch-token work that was done). The dense
+Segmenter's records (:func:`dense_cost_records`) have the same fields, with every cell's token
+through every block.
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ if TYPE_CHECKING:
     from ..heads.vit_decode_head import ViTDecodeHead
     from .plugin import ReductionState
 
-__all__ = ["DERIVED_FIELDS", "cost_records", "merge_cost_records", "patch_embedding_flops"]
+__all__ = ["DERIVED_FIELDS", "cost_records", "dense_cost_records", "merge_cost_records", "patch_embedding_flops"]
 
 #: Fields recomputed from the others after records are summed.
 DERIVED_FIELDS = ("live_tokens", "token_fraction")
+_FRAMEWORK_FIELDS = ("gflops", "gflops_backbone", "gflops_decode_head", "gflops_token_reducer", "tokens", "cells")
 
 
 def patch_embedding_flops(backbone: "ViTBackbone", grid: Tuple[int, int]) -> int:
@@ -56,35 +59,63 @@ def cost_records(
     norm_tokens: Sequence[int],
     head_tokens: Sequence[int],
 ) -> List[Dict[str, Any]]:
-    """One record per image of a finished pass: ``tokens`` after the last block, ``size`` the
-    network's output size (H, W), ``norm_tokens`` / ``head_tokens`` per image the tokens that
+    """One record per image of a finished reduced pass: ``tokens`` after the last block, ``size``
+    the network's output size (H, W), ``norm_tokens`` / ``head_tokens`` per image the tokens that
     the final norm and the decode head saw."""
     depth = len(backbone.blocks)
     if len(tokens.history) != depth:
         raise ValueError(f"the pass ran {len(tokens.history)} block(s) of {depth}: cost records need the whole encoder")
-    blocks = blocks_flops(backbone.blocks, tokens.history)
+    batch = state.batch_size
+    for fields in state.cost:
+        clash = sorted(set(fields) & (set(_FRAMEWORK_FIELDS) | set(DERIVED_FIELDS)))
+        if clash:
+            raise ValueError(f"a token-reduction method may not set the framework's cost fields {clash}")
+    return _records(
+        backbone, head, tokens.grid, size, tokens.history, tokens.num_prefix, norm_tokens, head_tokens,
+        state.flops.get("backbone", [0] * batch), state.flops.get("token_reducer", [0] * batch), state.cost,
+    )
+
+
+def dense_cost_records(backbone: "ViTBackbone", head: "ViTDecodeHead", batch: int, grid: Tuple[int, int], size: Sequence[int]) -> List[Dict[str, Any]]:
+    """The records of the dense Segmenter (every cell's token through every block) for a batch;
+    without the GFLOPs fields when the head has no FLOP count of its own (a FLOP counter then
+    counts them)."""
+    cells = int(grid[0]) * int(grid[1])
+    p = backbone.num_prefix_tokens
+    try:
+        head.flops(cells, grid, size)
+        counted = True
+    except NotImplementedError:
+        counted = False
+    history = ((p + cells,) * batch,) * len(backbone.blocks)
+    embed = [patch_embedding_flops(backbone, grid)] * batch
+    records = _records(backbone, head if counted else None, grid, size, history, p, [p + cells] * batch, [cells] * batch,
+                       embed, [0] * batch, None)
+    return records if counted else [{k: v for k, v in r.items() if not k.startswith("gflops")} for r in records]
+
+
+def _records(backbone, head, grid, size, history, num_prefix, norm_tokens, head_tokens, embed, reducer, fields) -> List[Dict[str, Any]]:
+    """Records from per-image counts: ``history`` lengths per block (prefix included), the tokens
+    of the final norm and of the head, FLOPs of the embedding and the method, its fields."""
+    blocks = blocks_flops(backbone.blocks, history)
     norm = token_wise_flops(backbone.norm)
-    reducer = state.flops.get("token_reducer", [0] * state.batch_size)
-    embed = state.flops.get("backbone", [0] * state.batch_size)
+    cells = int(grid[0]) * int(grid[1])
     head_cost: Dict[int, int] = {}  # head FLOPs depend only on the token count here
     records = []
-    for b, live in enumerate(tokens.counts_per_block()):
+    for b in range(len(history[0])):
         n = int(head_tokens[b])
         if n not in head_cost:
-            head_cost[n] = int(head.flops(n, tokens.grid, size))
+            head_cost[n] = 0 if head is None else int(head.flops(n, grid, size))
         backbone_flops = embed[b] + blocks[b] + norm * int(norm_tokens[b])
         record = {
             "gflops": (backbone_flops + head_cost[n] + reducer[b]) / 1e9,
             "gflops_backbone": backbone_flops / 1e9,
             "gflops_decode_head": head_cost[n] / 1e9,
             "gflops_token_reducer": reducer[b] / 1e9,
-            "tokens": [int(v) for v in live],
-            "cells": tokens.num_cells,
+            "tokens": [int(lengths[b]) - num_prefix for lengths in history],
+            "cells": cells,
         }
-        for name, value in state.cost[b].items():
-            if name in record or name in DERIVED_FIELDS:
-                raise ValueError(f"a token-reduction method may not set the framework's cost field '{name}'")
-            record[name] = value
+        record.update(fields[b] if fields is not None else {})
         records.append(_with_derived(record))
     return records
 
