@@ -6,6 +6,7 @@ from .defaults import add_base_config
 from .eco import add_eco_config
 from .engine import add_engine_config
 from .mask_former import add_maskformer2_config
+from .paumer import add_paumer_config
 from .policy import add_policy_config
 from .vit import add_vit_config
 
@@ -20,6 +21,7 @@ def get_cfg() -> CfgNode:
     add_eco_config(cfg)
     add_engine_config(cfg)
     add_vit_config(cfg)
+    add_paumer_config(cfg)
     add_policy_config(cfg)
     return cfg
 

@@ -1,2 +1,5 @@
 """The built-in token-reduction methods; importing this package registers each of them in
 :data:`~eco_m2f.modeling.token_reduction.plugin.TOKEN_REDUCTION_REGISTRY`."""
+from .paumer import PAUMER
+
+__all__ = ["PAUMER"]
