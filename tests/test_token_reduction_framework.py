@@ -130,7 +130,7 @@ def test_cost_records_of_a_batch_equal_fvcore_on_each_image_alone(name, opts, si
     cells = (size[0] // 16) * (size[1] // 16)
     assert len(set(counts)) > 1 and all(0 < n < cells for n in counts), counts  # a ragged batch
     for b, record in enumerate(records):
-        assert record["tokens"] == [cells, counts[b], counts[b]]
+        assert record["tokens"] == [cells, counts[b], counts[b]] and record["final_tokens"] == counts[b]
         assert record["scored"] == cells
         fv = _fvcore_gflops(model, batch[b : b + 1])
         assert record["gflops"] == pytest.approx(fv, rel=1e-9, abs=1e-12), (b, record["gflops"], fv)

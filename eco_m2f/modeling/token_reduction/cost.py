@@ -14,11 +14,12 @@ that they equal fvcore's count of ``model.network`` on that image alone:
 
 A record (``"cost"`` of each eval output) holds ``gflops`` and ``gflops_<scope>`` for the three
 scopes, ``tokens`` (live patch tokens entering each block, a list), ``cells`` (the grid cells,
-i.e. the dense model's tokens per block), the method's own additive fields, and two derived
-ones: ``live_tokens`` (mean of ``tokens``) and ``token_fraction`` (``sum(tokens)`` over
-``depth * cells``: the share of the dense model's patch-token work that was done). The dense
-Segmenter's records (:func:`dense_cost_records`) have the same fields, with every cell's token
-through every block.
+i.e. the dense model's tokens per block), the method's own additive fields, and three derived
+ones: ``final_tokens`` (the last block's live tokens, an integer, so that an efficiency
+evaluator histograms it), ``live_tokens`` (mean of ``tokens``) and ``token_fraction``
+(``sum(tokens)`` over ``depth * cells``: the share of the dense model's patch-token work
+done). The dense Segmenter's records (:func:`dense_cost_records`) have the same fields, with
+every cell's token through every block.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["DERIVED_FIELDS", "cost_records", "dense_cost_records", "merge_cost_records", "patch_embedding_flops"]
 
 #: Fields recomputed from the others after records are summed.
-DERIVED_FIELDS = ("live_tokens", "token_fraction")
+DERIVED_FIELDS = ("final_tokens", "live_tokens", "token_fraction")
 _FRAMEWORK_FIELDS = ("gflops", "gflops_backbone", "gflops_decode_head", "gflops_token_reducer", "tokens", "cells")
 
 
@@ -122,6 +123,7 @@ def _records(backbone, head, grid, size, history, num_prefix, norm_tokens, head_
 
 def _with_derived(record: Dict[str, Any]) -> Dict[str, Any]:
     tokens = record["tokens"]
+    record["final_tokens"] = int(tokens[-1])
     record["live_tokens"] = sum(tokens) / len(tokens)
     record["token_fraction"] = sum(tokens) / (len(tokens) * record["cells"])
     return record
