@@ -1,0 +1,324 @@
+"""Trade-off sweep of a token-reduction model: a dense baseline and named settings, in one process.
+
+Each setting is a name and ``KEY VALUE`` overrides of one config (a pause configuration, a
+threshold...); the dense baseline is the same config with ``MODEL.TOKEN_REDUCTION.NAME ""``,
+from its own weights or the method's. For each, in turn:
+
+* the evaluation on ``DATASETS.TEST[0]`` with the dataset's evaluators (mIoU) and the mean of
+  the per-image cost records of the outputs (GFLOPs, live tokens, token fraction);
+* images/s of ``model.network`` on the first validation images (batch 8 and batch 1, bf16 by
+  default), CUDA-synchronised, after warm-up, with the GFLOPs of exactly those images.
+
+Then the speed-up over the dense baseline and the share of the FLOP reduction that became time,
+``(t_dense - t) / (t_dense - t_dense * F / F_dense)`` (NaN when F equals F_dense). Evaluations
+are cached in ``evaluations.jsonl`` (a rerun after a kill skips them); timings are always
+redone, so every setting is timed beside the baseline in the same process. Nothing here knows
+a method: everything comes from the config and the cost records.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .evaluator import DatasetEvaluator
+
+__all__ = [
+    "DENSE", "Setting", "SweepRow", "flop_time_share", "format_sweep_table", "load_sweep", "parse_settings", "run_sweep",
+    "write_sweep",
+]
+
+#: Name of the dense baseline's row.
+DENSE = "dense"
+
+
+@dataclass
+class Setting:
+    """A named set of ``KEY VALUE`` config overrides."""
+
+    name: str
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
+class SweepRow:
+    name: str
+    overrides: List[str]
+    miou: float
+    gflops: float  # mean per image over the evaluation
+    live_tokens: float  # mean live patch tokens per block and image
+    token_fraction: float
+    ms_b8: float = math.nan  # median latency of one batch
+    ips_b8: float = math.nan
+    ms_b1: float = math.nan
+    ips_b1: float = math.nan
+    timed_gflops: float = math.nan  # mean GFLOPs of the timed images
+    speedup_b8: float = math.nan
+    speedup_b1: float = math.nan
+    share_b8: float = math.nan  # share of the FLOP reduction that became time
+    share_b1: float = math.nan
+
+
+def parse_settings(specs: Sequence[Sequence[str]]) -> List[Setting]:
+    """``[["tau0.4", "KEY", "VALUE", ...], ...]`` -> settings (names unique, pairs complete)."""
+    settings = []
+    for spec in specs:
+        if not spec or len(spec) % 2 != 1:
+            raise ValueError(f"a setting is NAME followed by KEY VALUE pairs, got {list(spec)}")
+        settings.append(Setting(spec[0], list(spec[1:])))
+    names = [s.name for s in settings]
+    if DENSE in names or len(set(names)) != len(names):
+        raise ValueError(f"setting names must be distinct and not '{DENSE}' (the baseline's): {names}")
+    return settings
+
+
+def flop_time_share(t_dense: float, t: float, flop_ratio: float) -> float:
+    """Share of the FLOP reduction ``1 - flop_ratio`` that became time: 1 = time fell as much as FLOPs."""
+    saved = t_dense * (1.0 - flop_ratio)
+    return (t_dense - t) / saved if saved > 0 else math.nan
+
+
+class _CostMeans(DatasetEvaluator):
+    """Means of the per-image cost records of the outputs (the fields the sweep reports)."""
+
+    FIELDS = ("gflops", "live_tokens", "token_fraction")
+
+    def reset(self) -> None:
+        self._records: List[Dict[str, Any]] = []
+
+    def process(self, inputs: List[Dict[str, Any]], outputs: List[Dict[str, Any]]) -> None:
+        self._records += [out["cost"] for out in outputs if "cost" in out]
+
+    def evaluate(self) -> Dict[str, Any]:
+        from ..utils import comm
+
+        records = [r for part in comm.all_gather(self._records) for r in part]
+        missing = [f for f in self.FIELDS if not records or any(f not in r for r in records)]
+        if missing:
+            raise ValueError(f"the model's outputs hold no cost records with {missing}: the sweep needs them")
+        return {"cost": {f: sum(float(r[f]) for r in records) / len(records) for f in self.FIELDS}}
+
+
+def _build(cfg, device: str):
+    """The model of ``cfg`` on ``device`` in eval mode, from ``MODEL.WEIGHTS`` (a model without a
+    token reducer ignores a checkpoint's ``token_reducer.*`` keys; anything else must match)."""
+    from ..checkpoint import load_weights
+    from ..modeling import build_model
+
+    model = build_model(cfg)
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError("the sweep evaluates trained weights: set MODEL.WEIGHTS (or --weights)")
+    report = load_weights(model, cfg.MODEL.WEIGHTS, allow_unexpected=True)
+    stray = [k for k in report.unexpected_keys if not k.startswith("token_reducer.")]
+    if stray or (report.unexpected_keys and getattr(model, "token_reducer", None) is not None):
+        raise ValueError(f"{cfg.MODEL.WEIGHTS} holds keys this model does not have: {(stray or report.unexpected_keys)[:10]}")
+    return model.to(device).eval()
+
+
+def _evaluate(cfg, model, out_dir: str) -> Dict[str, float]:
+    from ..data import build_detection_test_loader
+    from .build import build_evaluators
+    from .evaluator import DatasetEvaluators, inference_on_dataset
+
+    name = cfg.DATASETS.TEST[0]
+    evaluators = DatasetEvaluators(list(build_evaluators(cfg, name, out_dir)) + [_CostMeans()])
+    results = inference_on_dataset(model, build_detection_test_loader(cfg, name), evaluators)
+    if "sem_seg" not in results:
+        raise ValueError(f"{name} gave no semantic results (mIoU); the sweep needs a semantic dataset")
+    return {"miou": float(results["sem_seg"]["mIoU"]), **results["cost"]}
+
+
+def _timed_inputs(cfg, count: int) -> List[Dict[str, Any]]:
+    """The first ``count`` images of ``DATASETS.TEST[0]`` as the test mapper gives them."""
+    from ..data import build_detection_test_loader
+
+    inputs: List[Dict[str, Any]] = []
+    for batch in build_detection_test_loader(cfg, cfg.DATASETS.TEST[0]):
+        inputs += batch
+        if len(inputs) >= count:
+            return inputs[:count]
+    raise ValueError(f"{cfg.DATASETS.TEST[0]} has {len(inputs)} images; timing batch {count} needs as many")
+
+
+def _time(model, inputs: List[Dict[str, Any]], batches: Sequence[int], dtype: str, warmup: int, iters: int) -> Dict[str, float]:
+    """Latency and images/s of ``model.network`` at each batch size, and the timed images' GFLOPs."""
+    from .throughput import time_forward
+
+    with torch.no_grad():
+        timed_gflops = [float(out["cost"]["gflops"]) for out in model(inputs[: max(batches)])]
+    out = {"timed_gflops": sum(timed_gflops) / len(timed_gflops)}
+    for batch in batches:
+        images = model.preprocess_image(inputs[:batch]).tensor
+        ms, ips = time_forward(lambda x: model.network(x), images, dtype, warmup, iters)
+        out[f"ms_b{batch}"], out[f"ips_b{batch}"] = ms, ips
+    return out
+
+
+def run_sweep(
+    config_file: str,
+    settings: Sequence[Setting],
+    out_dir: str,
+    opts: Sequence[str] = (),
+    dense_weights: str = "",
+    dtype: str = "bf16",
+    warmup: int = 10,
+    iters: int = 30,
+    device: Optional[str] = None,
+    log=print,
+) -> List[SweepRow]:
+    """The rows of the dense baseline and every setting (see the module docstring); writes
+    ``sweep.csv``, ``sweep.json`` and ``sweep.png`` to ``out_dir``."""
+    from ..config import setup_cfg
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    os.makedirs(out_dir, exist_ok=True)
+    cache_path = os.path.join(out_dir, "evaluations.jsonl")
+    cache = _read_cache(cache_path)
+    dense = Setting(DENSE, ["MODEL.TOKEN_REDUCTION.NAME", ""] + (["MODEL.WEIGHTS", dense_weights] if dense_weights else []))
+    rows: List[SweepRow] = []
+    timed: List[Dict[str, Any]] = []
+    for setting in [dense, *settings]:
+        cfg = setup_cfg(config_file, list(opts) + setting.overrides + ["OUTPUT_DIR", os.path.join(out_dir, setting.name)])
+        model = _build(cfg, device)
+        key = json.dumps([setting.name, setting.overrides, list(opts), cfg.MODEL.WEIGHTS])
+        if key not in cache:
+            log(f"[sweep] evaluating {setting.name} {' '.join(setting.overrides)}")
+            cache[key] = _evaluate(cfg, model, os.path.join(out_dir, setting.name))
+            _append_cache(cache_path, key, cache[key])
+        row = SweepRow(setting.name, setting.overrides, **{k: cache[key][k] for k in ("miou", "gflops", "live_tokens", "token_fraction")})
+        log(f"[sweep] timing {setting.name}")
+        timed = timed or _timed_inputs(cfg, 8)  # the same images for every setting
+        for name, value in _time(model, timed, (8, 1), dtype, warmup, iters).items():
+            setattr(row, name, value)
+        rows.append(row)
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    _compare(rows)
+    write_sweep(rows, out_dir, title=os.path.splitext(os.path.basename(config_file))[0])
+    return rows
+
+
+def _compare(rows: List[SweepRow]) -> None:
+    base = rows[0]
+    for row in rows:
+        ratio = row.timed_gflops / base.timed_gflops
+        for b in (8, 1):
+            t, t0 = getattr(row, f"ms_b{b}"), getattr(base, f"ms_b{b}")
+            setattr(row, f"speedup_b{b}", getattr(row, f"ips_b{b}") / getattr(base, f"ips_b{b}"))
+            setattr(row, f"share_b{b}", flop_time_share(t0, t, ratio) if row is not base else math.nan)
+
+
+def _read_cache(path: str) -> Dict[str, Dict[str, float]]:
+    cache: Dict[str, Dict[str, float]] = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    entry = json.loads(line)
+                    cache[entry["key"]] = entry["result"]
+    return cache
+
+
+def _append_cache(path: str, key: str, result: Dict[str, float]) -> None:
+    """One JSON line per finished evaluation, flushed to disk before the next starts."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"key": key, "result": result}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------- reports
+_COLUMNS = (
+    ("setting", "name", "{}"), ("mIoU", "miou", "{:.2f}"), ("GFLOPs", "gflops", "{:.4g}"),
+    ("tokens", "live_tokens", "{:.0f}"), ("img/s b8", "ips_b8", "{:.1f}"), ("img/s b1", "ips_b1", "{:.1f}"),
+    ("speed-up b8", "speedup_b8", "{:.2f}x"), ("speed-up b1", "speedup_b1", "{:.2f}x"),
+    ("FLOP->time b8", "share_b8", "{:.2f}"), ("FLOP->time b1", "share_b1", "{:.2f}"),
+)
+#: A setting that cuts GFLOPs by at least CUT must be SPEEDUP x faster at batch 8 and turn SHARE
+#: of its FLOP reduction into time there.
+TARGET = {"cut": 0.30, "speedup": 1.25, "share": 0.80}
+
+
+def _target(row: SweepRow, dense: SweepRow) -> str:
+    if row is dense or not row.gflops < (1 - TARGET["cut"]) * dense.gflops:
+        return "-"
+    return "met" if row.speedup_b8 >= TARGET["speedup"] and row.share_b8 >= TARGET["share"] else "missed"
+
+
+def format_sweep_table(rows: Sequence[SweepRow], dtype: str = "bf16") -> str:
+    """One line per row: mIoU, GFLOPs, mean live tokens, images/s at batch 8 and 1, speed-ups and
+    FLOP->time shares against the dense row (the first), and whether the row meets :data:`TARGET`."""
+    def fmt(row: SweepRow, attr: str, spec: str) -> str:
+        value = getattr(row, attr)
+        return "-" if isinstance(value, float) and math.isnan(value) else spec.format(value)
+
+    titles = [t for t, _, _ in _COLUMNS] + ["target"]
+    cells = [[fmt(r, attr, spec) for _, attr, spec in _COLUMNS] + [_target(r, rows[0])] for r in rows]
+    widths = [max(len(t), *(len(c[i]) for c in cells)) for i, t in enumerate(titles)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
+
+    return "\n".join([
+        f"images/s: model.network on the first validation images, batch 8 and batch 1, {dtype}; GFLOPs: mean per "
+        "image; tokens: mean live patch tokens per block; FLOP->time: (t_dense - t) / (t_dense - t_dense F/F_dense); "
+        f"target: a cut of >= {TARGET['cut']:.0%} GFLOPs is >= {TARGET['speedup']}x faster at batch 8 with "
+        f"FLOP->time >= {TARGET['share']}",
+        line(titles), *(line(c) for c in cells),
+    ])
+
+
+def load_sweep(out_dir: str) -> List[SweepRow]:
+    """The rows of a finished sweep (``out_dir/sweep.json``)."""
+    path = os.path.join(out_dir, "sweep.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no sweep results in {out_dir} (sweep.json)")
+    with open(path) as f:
+        return [SweepRow(**r) for r in json.load(f)]
+
+
+def write_sweep(rows: Sequence[SweepRow], out_dir: str, title: str = "") -> Dict[str, str]:
+    """``sweep.csv``, ``sweep.json`` and ``sweep.png`` (mIoU vs images/s at batch 8 and vs GFLOPs)."""
+    import csv
+
+    paths = {kind: os.path.join(out_dir, f"sweep.{kind}") for kind in ("csv", "json", "png")}
+    records = [asdict(r) for r in rows]
+    with open(paths["csv"] + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows([{**r, "overrides": " ".join(r["overrides"])} for r in records])
+    os.replace(paths["csv"] + ".tmp", paths["csv"])
+    with open(paths["json"] + ".tmp", "w") as f:
+        json.dump(records, f, indent=2, allow_nan=True)
+    os.replace(paths["json"] + ".tmp", paths["json"])
+    _plot(rows, paths["png"], title)
+    return paths
+
+
+def _plot(rows: Sequence[SweepRow], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, attr, label in ((axes[0], "ips_b8", "images/s (batch 8)"), (axes[1], "gflops", "GFLOPs per image")):
+        dense, others = rows[0], rows[1:]
+        ax.plot([getattr(r, attr) for r in others], [r.miou for r in others], "o-", label="settings")
+        ax.plot([getattr(dense, attr)], [dense.miou], "*", markersize=14, color="black", label=DENSE)
+        for r in rows:
+            ax.annotate(r.name, (getattr(r, attr), r.miou), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("mIoU")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)

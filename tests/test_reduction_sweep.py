@@ -1,0 +1,112 @@
+"""The token-reduction measurement tools: the trade-off sweep (dense baseline + settings in one
+process, cost records, timings, CSV/JSON/PNG, resuming) and the token-map pictures."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eco_m2f.config import setup_cfg
+from eco_m2f.evaluation import reduction_sweep as rs
+from eco_m2f.modeling import build_model
+from eco_m2f.visualization.token_maps import token_map_legend
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs/synthetic/paumer_tiny_cpu.yaml")
+OPTS = ["MODEL.VIT.IMG_SIZE", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "INPUT.SIZE_DIVISIBILITY", "64",
+        "DATALOADER.NUM_WORKERS", "0", "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_LAYERS", "[1, 2]"]
+
+
+@pytest.fixture(scope="module")
+def semantic_root(tmp_path_factory) -> Path:
+    from eco_m2f.data.datasets.synthetic_semantic import generate_synthetic_semantic_dataset
+
+    root = tmp_path_factory.mktemp("datasets")
+    generate_synthetic_semantic_dataset(root / "synthetic_sem_seg", num_train=0, num_val=8, height=64, width=64)
+    return root
+
+
+@pytest.fixture
+def weights(semantic_root, monkeypatch, tmp_path) -> str:
+    """A PAUMER checkpoint of the tiny CPU model (random weights), with the dataset in place."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(semantic_root))
+    torch.manual_seed(0)
+    model = build_model(setup_cfg(CONFIG, OPTS))
+    path = tmp_path / "paumer.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return str(path)
+
+
+def test_flop_time_share():
+    assert rs.flop_time_share(10.0, 6.0, 0.5) == pytest.approx(0.8)  # 4 of the 5 ms that FLOPs would save
+    assert rs.flop_time_share(10.0, 10.0, 0.5) == 0.0
+    assert math.isnan(rs.flop_time_share(10.0, 9.0, 1.0))
+    with pytest.raises(ValueError, match="distinct and not 'dense'"):
+        rs.parse_settings([["dense", "A", "1"]])
+    with pytest.raises(ValueError, match="NAME followed by KEY VALUE pairs"):
+        rs.parse_settings([["x", "A"]])
+
+
+def test_sweep_of_a_dense_baseline_and_settings(weights, tmp_path, monkeypatch):
+    settings = rs.parse_settings([["tau0", "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS", "[0.0]"],
+                                  ["tau0.5", "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS", "[0.5]"]])
+    out = tmp_path / "sweep"
+    opts = OPTS + ["MODEL.WEIGHTS", weights]
+    rows = rs.run_sweep(CONFIG, settings, str(out), opts, warmup=0, iters=1, device="cpu", log=lambda *_: None)
+    dense, tau0, half = rows
+    assert [r.name for r in rows] == ["dense", "tau0", "tau0.5"]
+    assert dense.live_tokens == tau0.live_tokens == 16 and dense.token_fraction == 1.0
+    assert tau0.gflops == pytest.approx(dense.gflops) and half.gflops < 0.8 * dense.gflops
+    assert half.live_tokens == pytest.approx((16 + 8 + 4 + 4) / 4)  # pausing half after layers 1 and 2 of 4
+    assert tau0.miou == pytest.approx(dense.miou, abs=0.05)  # the same weights, nothing paused
+    assert half.timed_gflops == pytest.approx(half.gflops) and dense.speedup_b8 == 1.0
+    assert all(r.ips_b8 > 0 and r.ips_b1 > 0 for r in rows)
+    expected = rs.flop_time_share(dense.ms_b8, half.ms_b8, half.timed_gflops / dense.timed_gflops)
+    assert half.share_b8 == pytest.approx(expected)
+    for name in ("sweep.csv", "sweep.json", "sweep.png"):
+        assert (out / name).stat().st_size > 0
+    assert [r.name for r in rs.load_sweep(str(out))] == ["dense", "tau0", "tau0.5"]
+    table = rs.format_sweep_table(rows)
+    assert "tau0.5" in table and "FLOP->time b8" in table
+    assert len((out / "evaluations.jsonl").read_text().splitlines()) == 3
+    # a rerun keeps the finished evaluations and times again
+    monkeypatch.setattr(rs, "_evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    again = rs.run_sweep(CONFIG, settings, str(out), opts, warmup=0, iters=1, device="cpu", log=lambda *_: None)
+    assert [(r.miou, r.gflops) for r in again] == [(r.miou, r.gflops) for r in rows]
+
+
+def test_the_sweep_refuses_weights_that_do_not_fit(weights, tmp_path):
+    torch.save({"model": {"backbone.bogus": torch.zeros(1), **torch.load(weights)["model"]}}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="holds keys this model does not have"):
+        rs.run_sweep(CONFIG, [], str(tmp_path / "s"), OPTS + ["MODEL.WEIGHTS", str(tmp_path / "bad.pth")],
+                     iters=0, device="cpu", log=lambda *_: None)
+
+
+def test_token_map_legend_colours_each_value_the_last_light():
+    legend = token_map_legend({1: "paused after layer 1", 2: "paused after layer 2", 4: "all 4 layers"}, [1, 4])
+    assert [v for v, _, _ in legend] == [1, 2, 4]
+    assert len({c for _, _, c in legend}) == 3 and legend[-1][2] == (235, 235, 235)
+    with pytest.raises(ValueError, match=r"values \[7\]"):
+        token_map_legend({1: "a"}, [1, 7])
+
+
+def test_token_map_pictures(weights, tmp_path):
+    pytest.importorskip("eco_m2f.visualization.label_grid")
+    from eco_m2f.checkpoint import load_weights
+    from eco_m2f.data import build_detection_test_loader
+    from eco_m2f.visualization.token_maps import write_token_maps
+
+    cfg = setup_cfg(CONFIG, OPTS)
+    model = build_model(cfg)
+    load_weights(model, weights)
+    inputs = next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))
+    paths = write_token_maps(model.eval(), inputs[:1], str(tmp_path / "maps"))
+    from PIL import Image
+
+    picture = np.asarray(Image.open(paths[0]))
+    assert picture.shape[1] > 2 * 64 and picture.shape[2] == 3
+    assert json.dumps(paths)
