@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Token-reduction experiments on one GPU: synthetic semantic data, a dense Segmenter ViT-S
+# (mask transformer) trained from scratch, each method fine-tuned from it, and the trade-off
+# sweep of each against the dense baseline (mIoU, GFLOPs, images/s at batch 8 and 1 in bf16,
+# speed-up, share of the FLOP reduction that became time), the tables printed last.
+#   data    the synthetic semantic dataset at SIZE x SIZE (NTRAIN / NVAL images, all CPU cores)
+#   dense   train the dense Segmenter ViT-S, ITERS iterations, at most TRAIN_SECONDS
+#           (skipped when DENSE_WEIGHTS names a trained one)
+#   paumer  fine-tune PAUMER from it (FT_ITERS, at most FT_SECONDS), pausing after PAUSE_LAYERS;
+#           then its sweep: dense, tau 0 (no pausing) and every tau of TAUS at each pause layer
+#   dovit   DoViT: fine-tuning and sweep (stage to be filled in, as paumer)
+#   maps    token-map pictures of the PAUMER model at tau 0.4 (needs eco_m2f.visualization)
+#   report  the tables of every sweep done so far
+#   all     data dense paumer dovit maps report
+# Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
+# Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
+# DENSE_WEIGHTS WORKERS. A stage that finished is not redone (a trained model is kept, the
+# sweep reuses finished evaluations); a training stopped by its time bound continues from its
+# last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is printed.
+# TINY=1: everything on the CPU with a tiny ViT and 64 x 64 images (a check of the script).
+set -euo pipefail
+stage=${1:?usage: $0 data|dense|paumer|dovit|maps|report|all [OUT_DIR]}
+out=$(mkdir -p "${2:-output/token_reduction_experiments}" && cd "${2:-output/token_reduction_experiments}" && pwd)
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+py=${PYTHON:-$(command -v python || command -v python3)}
+if [ "${TINY:-0}" = 1 ]; then
+  SIZE=${SIZE:-64}; NTRAIN=${NTRAIN:-24}; NVAL=${NVAL:-8}; ITERS=${ITERS:-12}; FT_ITERS=${FT_ITERS:-8}
+  PAUSE_LAYERS=${PAUSE_LAYERS:-"[1, 2]"}; WORKERS=${WORKERS:-0}; CKPT=${CKPT:-4}
+  dense_cfg=configs/synthetic/segmenter_tiny_cpu.yaml; paumer_cfg=configs/synthetic/paumer_tiny_cpu.yaml
+  LR=${LR:-0.001}; FT_LR=${FT_LR:-0.0005}; WARMUP=${WARMUP:-2}; BENCH=(--warmup 1 --iters 2)
+else
+  SIZE=${SIZE:-1024}; NTRAIN=${NTRAIN:-600}; NVAL=${NVAL:-64}; ITERS=${ITERS:-1500}; FT_ITERS=${FT_ITERS:-600}
+  PAUSE_LAYERS=${PAUSE_LAYERS:-"[3, 5, 7]"}; WORKERS=${WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))}; CKPT=${CKPT:-300}
+  dense_cfg=configs/synthetic/segmenter_vit_s_mask.yaml; paumer_cfg=configs/synthetic/paumer_vit_s_mask.yaml
+  LR=${LR:-0.0003}; FT_LR=${FT_LR:-0.0001}; WARMUP=${WARMUP:-100}; BENCH=(--warmup 10 --iters 30)
+fi
+TRAIN_SECONDS=${TRAIN_SECONDS:-220}; FT_SECONDS=${FT_SECONDS:-110}; TAUS=${TAUS:-"0.2 0.4 0.6"}
+export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-$out/datasets_${SIZE}}
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+cd "$here"
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+
+# Every run sees SIZE x SIZE images whole: training crops of that size from images rescaled by
+# 0.75-1.25, evaluation of the whole image (no sliding window). Colours carry no class here, so
+# the photometric augmentation is left out (it would only load the CPUs).
+common=(MODEL.VIT.IMG_SIZE "$SIZE" INPUT.CROP.SIZE "($SIZE, $SIZE)" INPUT.MIN_SIZE_TRAIN "($(( SIZE * 3 / 4 )), $(( SIZE * 5 / 4 )))"
+        INPUT.MAX_SIZE_TRAIN "$(( SIZE * 4 ))" INPUT.MIN_SIZE_TEST "$SIZE" INPUT.MAX_SIZE_TEST "$(( SIZE * 4 ))"
+        INPUT.SIZE_DIVISIBILITY "$SIZE" INPUT.COLOR_AUG_SSD False TEST.SLIDE.ENABLED False DATALOADER.NUM_WORKERS "$WORKERS")
+paumer=("${common[@]}" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_LAYERS "$PAUSE_LAYERS")
+
+# train SECONDS OUT_DIR ARGS...: train_net.py, stopped after SECONDS (0 = no bound); then
+# OUT_DIR/model_trained.pth is the final checkpoint, or the last periodic one if the bound hit.
+train() {
+  local seconds=$1 dir=$2; shift 2
+  if [ -f "$dir/model_trained.pth" ]; then stamp "kept $dir/model_trained.pth"; return; fi
+  if [ "$seconds" -gt 0 ]; then
+    timeout -s TERM "$seconds" "$py" train_net.py "$@" DATASETS.TEST "()" OUTPUT_DIR "$dir" \
+      || stamp "training stopped by the ${seconds} s bound"
+  else
+    "$py" train_net.py "$@" DATASETS.TEST "()" OUTPUT_DIR "$dir"
+  fi
+  local ckpt="$dir/model_final.pth"
+  [ -f "$ckpt" ] || ckpt=$(ls "$dir"/model_[0-9]*.pth 2>/dev/null | sort | tail -n 1)
+  [ -n "$ckpt" ] || { echo "no checkpoint in $dir" >&2; exit 1; }
+  cp "$ckpt" "$dir/model_trained.pth"
+  stamp "trained weights: $ckpt"
+}
+
+dense_weights() { echo "${DENSE_WEIGHTS:-$out/dense/model_trained.pth}"; }
+
+sweep_tables() {
+  for dir in "$out"/*_sweep; do
+    [ -f "$dir/sweep.json" ] || continue
+    echo "== $(basename "$dir"): $(cat "$dir/title.txt" 2>/dev/null)"
+    "$py" scripts/sweep_token_reduction.py --show "$dir"
+  done
+}
+
+case "$stage" in
+all)
+  for s in data dense paumer dovit maps report; do bash "$here/scripts/token_reduction_experiments.sh" "$s" "$out"; done
+  ;;
+data)
+  root="$DETECTRON2_DATASETS/synthetic_sem_seg"
+  if [ -f "$root/synthetic_sem_seg_info.json" ]; then stamp "kept the dataset in $root"; exit 0; fi
+  stamp "generating the synthetic semantic dataset: $NTRAIN + $NVAL images of ${SIZE}x${SIZE}"
+  "$py" datasets/prepare_synthetic_semantic.py --root "$root" --num-train "$NTRAIN" --num-val "$NVAL" \
+    --height "$SIZE" --width "$SIZE" --workers "$(nproc)"
+  ;;
+dense)
+  if [ -n "${DENSE_WEIGHTS:-}" ]; then stamp "dense Segmenter: $DENSE_WEIGHTS"; exit 0; fi
+  stamp "training the dense Segmenter from scratch: $ITERS iterations, at most $TRAIN_SECONDS s"
+  train "$TRAIN_SECONDS" "$out/dense" --config-file "$dense_cfg" "${common[@]}" SOLVER.MAX_ITER "$ITERS" \
+    SOLVER.BASE_LR "$LR" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+  ;;
+paumer)
+  stamp "fine-tuning PAUMER (pause layers $PAUSE_LAYERS) from $(dense_weights): $FT_ITERS iterations, at most $FT_SECONDS s"
+  train "$FT_SECONDS" "$out/paumer" --config-file "$paumer_cfg" "${paumer[@]}" MODEL.WEIGHTS "$(dense_weights)" \
+    SOLVER.MAX_ITER "$FT_ITERS" SOLVER.BASE_LR "$FT_LR" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+  settings=(--setting tau0 MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[0.0]")
+  for tau in $TAUS; do settings+=(--setting "tau$tau" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[$tau]"); done
+  stamp "PAUMER sweep: dense, ${settings[*]}"
+  mkdir -p "$out/paumer_sweep"
+  echo "PAUMER pausing after layers $PAUSE_LAYERS at the same tau each, ${SIZE}x${SIZE}" > "$out/paumer_sweep/title.txt"
+  "$py" scripts/sweep_token_reduction.py --config-file "$paumer_cfg" --weights "$out/paumer/model_trained.pth" \
+    --dense-weights "$(dense_weights)" "${settings[@]}" --output-dir "$out/paumer_sweep" "${BENCH[@]}" "${paumer[@]}"
+  stamp "done"
+  ;;
+dovit)
+  # DoViT: fine-tune from "$(dense_weights)" with train, then its sweep into "$out/dovit_sweep"
+  # (xi 0.95 / 0.98 / 0.99 as --setting), as the paumer stage does.
+  stamp "no DoViT stage yet"
+  ;;
+maps)
+  if ! "$py" -c "import eco_m2f.visualization.label_grid" 2>/dev/null; then
+    stamp "token maps skipped: this build has no eco_m2f.visualization.label_grid"; exit 0
+  fi
+  "$py" scripts/visualize_token_maps.py --config-file "$paumer_cfg" --weights "$out/paumer/model_trained.pth" \
+    --num-images 4 --output-dir "$out/paumer_maps" "${paumer[@]}" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[0.4]"
+  ;;
+report)
+  sweep_tables
+  ;;
+*)
+  echo "unknown stage '$stage' (data, dense, paumer, dovit, maps, report or all)" >&2; exit 2 ;;
+esac
