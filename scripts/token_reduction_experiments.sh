@@ -14,7 +14,7 @@
 #   all     data dense paumer dovit maps report
 # Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
-# DENSE_WEIGHTS WORKERS. A stage that finished is not redone (a trained model is kept, the
+# DENSE_WEIGHTS WORKERS, EXTRA (KEY VALUE ... for every run, e.g. "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"). A stage that finished is not redone (a trained model is kept, the
 # sweep reuses finished evaluations); a training stopped by its time bound continues from its
 # last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is printed.
 # TINY=1: everything on the CPU with a tiny ViT and 64 x 64 images (a check of the script).
@@ -47,6 +47,8 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 common=(MODEL.VIT.IMG_SIZE "$SIZE" INPUT.CROP.SIZE "($SIZE, $SIZE)" INPUT.MIN_SIZE_TRAIN "($(( SIZE * 3 / 4 )), $(( SIZE * 5 / 4 )))"
         INPUT.MAX_SIZE_TRAIN "$(( SIZE * 4 ))" INPUT.MIN_SIZE_TEST "$SIZE" INPUT.MAX_SIZE_TEST "$(( SIZE * 4 ))"
         INPUT.SIZE_DIVISIBILITY "$SIZE" INPUT.COLOR_AUG_SSD False TEST.SLIDE.ENABLED False DATALOADER.NUM_WORKERS "$WORKERS")
+read -r -a extra <<< "${EXTRA:-}"
+common+=("${extra[@]}")
 paumer=("${common[@]}" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_LAYERS "$PAUSE_LAYERS")
 
 # train SECONDS OUT_DIR ARGS...: train_net.py, stopped after SECONDS (0 = no bound); then

@@ -270,7 +270,7 @@ class Segmenter(SegmentationModel):
             self.token_reducer.on_train_iteration(iteration, max_iter)
 
     def forward(self, batched_inputs: List[Dict[str, Any]]) -> Any:
-        """Losses in training mode; ``[{"sem_seg": K x height x width}]`` in eval mode."""
+        """Losses in training mode; ``[{"sem_seg": K x height x width, "cost": record}]`` in eval mode."""
         if self.training:
             images = self.preprocess_image(batched_inputs)
             return self.losses(images.tensor, self.prepare_targets(batched_inputs, images.tensor.shape[-2:]))
