@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from .gate import _resolve_weights, format_step_c_report, run_step_c
+from .exits import check_exits
 from .records import load_records, read_meta
-from .targets import check_exits
+from .step_c import format_step_c_report, resolve_weights, run_step_c
 
 __all__ = [
     "CSV_FIELDS",
@@ -167,7 +167,7 @@ def run_sweep(
     exits = check_exits(cfg.MODEL.ECO.EXITS, name="MODEL.ECO.EXITS")
     meta = read_meta(derived)
     weights = str(meta.get("weights") or cfg.MODEL.WEIGHTS or "")
-    resolved = _resolve_weights(weights, derived)
+    resolved = resolve_weights(weights, derived)
     weights = str(resolved) if resolved is not None else weights
 
     rows: List[Dict[str, Any]] = []
