@@ -20,6 +20,7 @@ import numpy as np
 from ..checkpoint import load_state_dict_file, load_weights, save_checkpoint
 from ..utils.file_io import atomic_open, atomic_torch_save, atomic_write_text
 from .exits import check_exits
+from .meta_arch import eco_architecture_overrides
 from .gate_training import GateInput, GateResult, extract_features, features_for_records, train_gate
 from .records import feature_matrix, load_records, read_meta
 from .targets import format_histogram
@@ -174,7 +175,7 @@ def run_step_c(
         paths["gate"],
     )
 
-    eval_overrides = [
+    eval_overrides = eco_architecture_overrides(cfg) + [
         "MODEL.ECO.GATE.ENABLED", "True",
         "MODEL.ECO.GATE.K_USER", str(k_user),
         "MODEL.ECO.GATE.BETA", repr(float(beta)),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import key_maps
 from .base import Backbone, pad_to_multiple
+from .build import build_backbone
 from .resnet import ResNetBackbone, build_resnet_backbone, convert_frozen_batchnorm
 from .swin import D2SwinTransformer, SwinBackbone
 
@@ -15,6 +16,7 @@ __all__ = [
     "D2SwinTransformer",
     "ResNetBackbone",
     "SwinBackbone",
+    "build_backbone",
     "build_resnet_backbone",
     "convert_frozen_batchnorm",
     "key_maps",

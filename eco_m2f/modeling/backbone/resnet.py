@@ -217,7 +217,17 @@ def build_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNetBackbone:
     """Detectron2's registered ResNet builder, reading ``MODEL.RESNETS.*`` and ``MODEL.BACKBONE.*``."""
     r = cfg.MODEL.RESNETS
     if r.STEM_TYPE != "basic":
-        raise ValueError(f"MODEL.RESNETS.STEM_TYPE '{r.STEM_TYPE}' is not supported (only 'basic')")
+        raise ValueError(
+            f"MODEL.RESNETS.STEM_TYPE '{r.STEM_TYPE}' is not supported (only 'basic'; 'deeplab' is the default of "
+            "add_deeplab_config, which Mask2Former's configs override with 'basic')"
+        )
+    if list(r.RES5_MULTI_GRID) != [1, 1, 1]:
+        raise ValueError(
+            f"MODEL.RESNETS.RES5_MULTI_GRID {list(r.RES5_MULTI_GRID)} is not supported (only [1, 1, 1], as "
+            "Mask2Former's configs set it; [1, 2, 4] is add_deeplab_config's default)"
+        )
+    if r.RES4_DILATION != 1:
+        raise ValueError(f"MODEL.RESNETS.RES4_DILATION {r.RES4_DILATION} is not supported (only 1)")
     if r.STEM_OUT_CHANNELS != 64:
         raise ValueError(f"MODEL.RESNETS.STEM_OUT_CHANNELS must be 64 (timm's ResNet), got {r.STEM_OUT_CHANNELS}")
     expected_res2 = 256 if r.DEPTH >= 50 else 64

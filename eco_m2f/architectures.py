@@ -1,0 +1,45 @@
+"""Every meta-architecture the project ships, registered in one place, and ``build_model``.
+
+``eco_m2f.modeling`` holds the registries and the architectures that need nothing else
+(``MaskFormer``, and the ViT segmenters); ``eco_m2f.eco`` holds ``ECOMaskFormer``, built on
+MaskFormer. ``modeling`` must not import ``eco``, so neither can register the other: this module,
+which both may be imported beside, imports both. Architectures of other packages register
+themselves in ``META_ARCH_REGISTRY`` when imported and are built the same way.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .eco import meta_arch as _eco_meta_arch  # noqa: F401  (registers ECOMaskFormer)
+from .modeling import meta_arch as _meta_arch  # noqa: F401  (registers MaskFormer, ...)
+from .modeling.meta_arch.base import SegmentationModel
+from .modeling.registry import META_ARCH_REGISTRY
+from .utils.device import resolve_device
+
+__all__ = ["build_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(cfg: Any) -> SegmentationModel:
+    """Build ``MODEL.META_ARCHITECTURE`` and place it on ``MODEL.DEVICE``, as Detectron2 does.
+
+    Construction reads no file; parts stored in files of their own (an ECO-M2F gate) are loaded
+    by the model's ``load_extra_weights`` right after. ``MODEL.DEVICE`` "cuda" without CUDA
+    falls back to the CPU with a warning.
+    """
+    name = cfg.MODEL.META_ARCHITECTURE
+    try:
+        builder = META_ARCH_REGISTRY.get(name)
+    except KeyError as exc:
+        known = sorted(n for n, _ in META_ARCH_REGISTRY)
+        raise KeyError(f"MODEL.META_ARCHITECTURE '{name}' is not registered; known: {known}") from exc
+    model = builder(cfg)
+    if not isinstance(model, SegmentationModel):
+        raise TypeError(
+            f"MODEL.META_ARCHITECTURE '{name}' built a {type(model).__name__}, which does not derive from "
+            "eco_m2f.modeling.meta_arch.base.SegmentationModel (the contract every meta-architecture follows)"
+        )
+    model.load_extra_weights()
+    return model.to(resolve_device(cfg.MODEL.DEVICE))
