@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .config_node import CfgNode, ConfigKeyError
+from .deeplab import add_deeplab_config
 from .defaults import add_base_config
 from .eco import add_eco_config
 from .engine import add_engine_config
@@ -11,9 +12,14 @@ __all__ = ["CfgNode", "ConfigKeyError", "get_cfg", "setup_cfg"]
 
 
 def get_cfg() -> CfgNode:
-    """A fresh config holding Detectron2's, Mask2Former's and the project's keys."""
+    """A fresh config holding Detectron2's, Mask2Former's and the project's keys.
+
+    The order is Mask2Former's ``train_net.setup``: Detectron2's defaults, ``add_deeplab_config``,
+    ``add_maskformer2_config``; then the project's keys.
+    """
     cfg = CfgNode()
     add_base_config(cfg)
+    add_deeplab_config(cfg)
     add_maskformer2_config(cfg)
     add_eco_config(cfg)
     add_engine_config(cfg)

@@ -39,8 +39,6 @@ def add_base_config(cfg: CN) -> None:
     cfg.MODEL.RESNETS.RES5_DILATION = 1
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
     cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.STEM_TYPE = "basic"
-    cfg.MODEL.RESNETS.RES5_MULTI_GRID = [1, 1, 1]
     cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False, False, False, False]
     cfg.MODEL.RESNETS.DEFORM_MODULATED = False
     cfg.MODEL.RESNETS.DEFORM_NUM_GROUPS = 1
@@ -69,7 +67,6 @@ def add_base_config(cfg: CN) -> None:
     cfg.INPUT.CROP.ENABLED = False
     cfg.INPUT.CROP.TYPE = "relative_range"
     cfg.INPUT.CROP.SIZE = [0.9, 0.9]
-    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
 
     # ------------------------------------------------------------- datasets
     cfg.DATASETS = CN()
@@ -89,7 +86,9 @@ def add_base_config(cfg: CN) -> None:
 
     # --------------------------------------------------------------- solver
     cfg.SOLVER = CN()
-    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"
+    # WarmupMultiStepLR (Detectron2's default: the official COCO configs rely on it), WarmupPolyLR,
+    # WarmupCosineLR
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
     cfg.SOLVER.MAX_ITER = 40000
     cfg.SOLVER.BASE_LR = 0.0001
     cfg.SOLVER.BASE_LR_END = 0.0
