@@ -91,9 +91,11 @@ def main(argv=None) -> int:
     path = "full network" if cost is None else f"exit {args.exit}"
     scopes = ", ".join(f"{k} {v:.2f}" for k, v in report.gflops.items() if k != "total")
     print(f"GFLOPs (one {h}x{w} input, {path}): total {report.gflops['total']:.2f}" + (f", {scopes}" if scopes else ""))
-    print("counted operators (GFLOPs):")
+    children = list(report.by_child)
+    print("counted operators (GFLOPs): " + " ".join(f"{c:>14}" for c in ["total", *children]))
     for op, value in report.by_operator.items():
-        print(f"  {op:<32}{value:>10.3f}")
+        parts = [f"{report.by_child[c].get(op, 0.0):>14.3f}" for c in children]
+        print(f"  {op:<30}{value:>14.3f} " + " ".join(parts))
     print(f"ignored as Detectron2 does (calls): {_calls(report.ignored)}")
     print(f"no FLOP handle, counted as 0 (calls): {_calls(report.uncounted)}")
     if args.activations:

@@ -72,6 +72,8 @@ class FlopReport:
 
     gflops: Dict[str, float]  # "total" and one entry per model.flop_scopes() name
     by_operator: Dict[str, float]  # counted operator (fvcore's short name) -> GFLOPs
+    # child module of the model (backbone, sem_seg_head...) -> operator -> GFLOPs
+    by_child: Dict[str, Dict[str, float]] = field(default_factory=dict)
     uncounted: Dict[str, int] = field(default_factory=dict)  # operator without a handle -> calls
     ignored: Dict[str, int] = field(default_factory=dict)  # operator of Detectron2's ignore list -> calls
 
@@ -121,6 +123,7 @@ def flop_report(model: nn.Module, images: torch.Tensor, cost: Optional[Mapping[s
             total = analysis.total()
             by_module = analysis.by_module()
             by_operator = analysis.by_operator()
+            by_module_operator = analysis.by_module_and_operator()
             uncounted = dict(analysis.unsupported_ops())
     finally:
         model.train(was_training)
@@ -129,9 +132,14 @@ def flop_report(model: nn.Module, images: torch.Tensor, cost: Optional[Mapping[s
     gflops = {"total": total / batch / 1e9}
     for name, path in scopes.items():
         gflops[name] = by_module.get(f"model.{path}", 0) / batch / 1e9
+    by_child = {
+        name: {op: n / batch / 1e9 for op, n in by_module_operator.get(f"model.{name}", {}).items()}
+        for name, _ in model.named_children()
+    }
     return FlopReport(
         gflops=gflops,
         by_operator={op: n / batch / 1e9 for op, n in sorted(by_operator.items(), key=lambda kv: -kv[1])},
+        by_child={name: ops for name, ops in by_child.items() if ops},
         uncounted=uncounted,
         ignored=dict(ignored),
     )
