@@ -8,18 +8,15 @@ themselves in ``META_ARCH_REGISTRY`` when imported and are built the same way.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from .eco import meta_arch as _eco_meta_arch  # noqa: F401  (registers ECOMaskFormer)
 from .modeling import meta_arch as _meta_arch  # noqa: F401  (registers MaskFormer, ...)
 from .modeling.meta_arch.base import SegmentationModel
-from .modeling.registry import META_ARCH_REGISTRY
+from .modeling.registry import META_ARCH_REGISTRY, lookup
 from .utils.device import resolve_device
 
 __all__ = ["build_model"]
-
-logger = logging.getLogger(__name__)
 
 
 def build_model(cfg: Any) -> SegmentationModel:
@@ -30,12 +27,7 @@ def build_model(cfg: Any) -> SegmentationModel:
     falls back to the CPU with a warning.
     """
     name = cfg.MODEL.META_ARCHITECTURE
-    try:
-        builder = META_ARCH_REGISTRY.get(name)
-    except KeyError as exc:
-        known = sorted(n for n, _ in META_ARCH_REGISTRY)
-        raise KeyError(f"MODEL.META_ARCHITECTURE '{name}' is not registered; known: {known}") from exc
-    model = builder(cfg)
+    model = lookup(META_ARCH_REGISTRY, name, "MODEL.META_ARCHITECTURE")(cfg)
     if not isinstance(model, SegmentationModel):
         raise TypeError(
             f"MODEL.META_ARCHITECTURE '{name}' built a {type(model).__name__}, which does not derive from "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..registry import BACKBONE_REGISTRY, ShapeSpec
+from ..registry import BACKBONE_REGISTRY, ShapeSpec, lookup
 from . import resnet as _resnet  # noqa: F401  (registers build_resnet_backbone)
 from . import swin as _swin  # noqa: F401  (registers D2SwinTransformer)
 from .base import Backbone
@@ -15,10 +15,4 @@ def build_backbone(cfg, input_shape: Optional[ShapeSpec] = None) -> Backbone:
     """Build ``MODEL.BACKBONE.NAME`` (input channels from ``MODEL.PIXEL_MEAN`` unless given)."""
     if input_shape is None:
         input_shape = ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))
-    name = cfg.MODEL.BACKBONE.NAME
-    try:
-        builder = BACKBONE_REGISTRY.get(name)
-    except KeyError as exc:
-        known = sorted(n for n, _ in BACKBONE_REGISTRY)
-        raise KeyError(f"MODEL.BACKBONE.NAME '{name}' is not registered; known: {known}") from exc
-    return builder(cfg, input_shape)
+    return lookup(BACKBONE_REGISTRY, cfg.MODEL.BACKBONE.NAME, "MODEL.BACKBONE.NAME")(cfg, input_shape)

@@ -15,19 +15,11 @@ import torch.nn as nn
 from .. import pixel_decoder as _pixel_decoders  # noqa: F401  (registers the builtin pixel decoders)
 from .. import transformer_decoder as _transformer_decoders  # noqa: F401  (registers the builtin decoders)
 from ..pixel_decoder.msdeform_encoder import EncoderInputs
-from ..registry import PIXEL_DECODER_REGISTRY, SEM_SEG_HEADS_REGISTRY, TRANSFORMER_DECODER_REGISTRY, ShapeSpec
+from ..registry import PIXEL_DECODER_REGISTRY, SEM_SEG_HEADS_REGISTRY, TRANSFORMER_DECODER_REGISTRY, ShapeSpec, lookup
 
 __all__ = ["MaskFormerHead"]
 
 _TRANSFORMER_IN_FEATURES = ("multi_scale_pixel_decoder",)
-
-
-def _get(registry, name: str, key: str):
-    try:
-        return registry.get(name)
-    except KeyError as exc:
-        known = sorted(n for n, _ in registry)
-        raise KeyError(f"{key}='{name}' is not registered; known: {known}") from exc
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -51,9 +43,9 @@ class MaskFormerHead(nn.Module):
                 f"MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE='{self.transformer_in_feature}' is not supported; "
                 f"use one of {list(_TRANSFORMER_IN_FEATURES)}"
             )
-        pixel_decoder_cls = _get(PIXEL_DECODER_REGISTRY, head.PIXEL_DECODER_NAME, "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME")
+        pixel_decoder_cls = lookup(PIXEL_DECODER_REGISTRY, head.PIXEL_DECODER_NAME, "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME")
         self.pixel_decoder = pixel_decoder_cls(cfg, input_shape)
-        predictor_cls = _get(
+        predictor_cls = lookup(
             TRANSFORMER_DECODER_REGISTRY, mf.TRANSFORMER_DECODER_NAME, "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME"
         )
         # the decoder reads the pixel decoder's multi-scale maps, which have CONVS_DIM channels

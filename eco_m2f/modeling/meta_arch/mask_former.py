@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..backbone import build_backbone
 from ..criterion import apply_loss_weights, build_criterion
-from ..registry import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+from ..registry import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, lookup
 from .base import SegmentationModel
 from .image_list import ImageList
 
@@ -72,12 +72,7 @@ class MaskFormer(SegmentationModel):
             size_divisibility = getattr(backbone, "size_divisibility", 32)
         super().__init__(cfg, size_divisibility=size_divisibility, tasks=_tasks(cfg))
         self.backbone = backbone
-        head_name = cfg.MODEL.SEM_SEG_HEAD.NAME
-        try:
-            head_cls = SEM_SEG_HEADS_REGISTRY.get(head_name)
-        except KeyError as exc:
-            known = sorted(n for n, _ in SEM_SEG_HEADS_REGISTRY)
-            raise KeyError(f"MODEL.SEM_SEG_HEAD.NAME '{head_name}' is not registered; known: {known}") from exc
+        head_cls = lookup(SEM_SEG_HEADS_REGISTRY, cfg.MODEL.SEM_SEG_HEAD.NAME, "MODEL.SEM_SEG_HEAD.NAME")
         self.sem_seg_head = head_cls(cfg, self.backbone.output_shape())
         self.criterion = build_criterion(cfg)
         self.weight_dict: Dict[str, float] = dict(self.criterion.weight_dict)
