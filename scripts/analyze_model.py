@@ -28,17 +28,17 @@ from eco_m2f.evaluation.flops import activation_counts, flop_report  # noqa: E40
 
 
 def parameter_table(model: torch.nn.Module) -> str:
-    """Parameters in total, per child of the model and per child of those children."""
+    """Parameters in total, per child of the model, and per part of the heads made of several."""
     rows = [("total", sum(p.numel() for p in model.parameters()))]
     for name, child in model.named_children():
         n = sum(p.numel() for p in child.parameters())
         if not n:
             continue
         rows.append((name, n))
-        for sub, grandchild in child.named_children():
-            m = sum(p.numel() for p in grandchild.parameters())
-            if m and name != "backbone":
-                rows.append((f"{name}.{sub}", m))
+        parts = [(sub, sum(p.numel() for p in g.parameters())) for sub, g in child.named_children()]
+        parts = [(sub, m) for sub, m in parts if m]
+        if name != "backbone" and len(parts) > 1:
+            rows.extend((f"{name}.{sub}", m) for sub, m in parts)
     return "\n".join(f"  {name:<32}{n / 1e6:>10.3f} M" for name, n in rows)
 
 
