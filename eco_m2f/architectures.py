@@ -1,10 +1,11 @@
 """Every meta-architecture the project ships, registered in one place, and ``build_model``.
 
 ``eco_m2f.modeling`` holds the registries and the architectures that need nothing else
-(``MaskFormer``, and the ViT segmenters); ``eco_m2f.eco`` holds ``ECOMaskFormer``, built on
-MaskFormer. ``modeling`` must not import ``eco``, so neither can register the other: this module,
-which both may be imported beside, imports both. Architectures of other packages register
-themselves in ``META_ARCH_REGISTRY`` when imported and are built the same way.
+(``MaskFormer``); ``eco_m2f.eco`` holds ``ECOMaskFormer``, built on MaskFormer. ``modeling`` must
+not import ``eco``, so both are registered here: this module imports both, and ``modeling`` never
+imports it (``eco``'s step-B and step-C tools build their models through it).
+Architectures of other packages register themselves in ``META_ARCH_REGISTRY`` when imported and
+are built the same way.
 """
 from __future__ import annotations
 

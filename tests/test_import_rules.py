@@ -4,7 +4,7 @@
 * ``eco_m2f.eco`` imports nothing from ``engine``;
 * no import cycle between the package's modules;
 * ``ECOMaskFormer`` is registered without ``modeling`` importing ``eco``: by the one builder
-  module, ``eco_m2f.architectures``, which imports both (and is imported by neither).
+  module, ``eco_m2f.architectures``, which imports both and which nothing in ``modeling`` reaches.
 """
 from __future__ import annotations
 
