@@ -121,7 +121,7 @@ def derive_shard(
         raise ValueError("Step B needs panoptic predictions: set MODEL.MASK_FORMER.TEST.PANOPTIC_ON True")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # records hold PQ and mIoU only: no top-k instance masks at every exit
-    model = build_model(as_eco_config(cfg, MODEL__DEVICE=device, MODEL__MASK_FORMER__TEST__INSTANCE_ON=False))
+    model = build_model(as_eco_config(cfg, ["MODEL.DEVICE", device, "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "False"]))
     if weights:
         load_weights(model, weights)
     model.eval()

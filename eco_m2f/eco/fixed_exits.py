@@ -20,7 +20,7 @@ def evaluate_exits(cfg, weights: Optional[str], exits: Sequence[Optional[int]], 
     from ..evaluation.testing import do_test
     from .meta_arch import as_eco_config
 
-    cfg = as_eco_config(cfg, MODEL__DEVICE=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = as_eco_config(cfg, ["MODEL.DEVICE", device or ("cuda" if torch.cuda.is_available() else "cpu")])
     base_out = cfg.OUTPUT_DIR
     model = build_model(cfg)
     if weights:

@@ -14,7 +14,7 @@ exits into GFLOPs by counting :meth:`network` along them.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -22,8 +22,8 @@ from ..modeling.meta_arch.image_list import ImageList
 from ..modeling.meta_arch.mask_former import MaskFormer
 from ..modeling.registry import META_ARCH_REGISTRY
 from .exits import check_exits, exit_set
-from .gate import ExitGate, load_gate_checkpoint
 from . import stochastic_depth
+from .gate import ExitGate, load_gate_checkpoint
 
 __all__ = ["ECOMaskFormer", "as_eco_config", "eco_architecture_overrides"]
 
@@ -35,17 +35,11 @@ def eco_architecture_overrides(cfg: Any) -> List[str]:
     return ["MODEL.META_ARCHITECTURE", "ECOMaskFormer"] if cfg.MODEL.META_ARCHITECTURE == "MaskFormer" else []
 
 
-def as_eco_config(cfg: Any, **keys: Any) -> Any:
-    """A copy of ``cfg`` with :func:`eco_architecture_overrides`; ``keys`` (``MODEL__DEVICE="cpu"``) set more."""
+def as_eco_config(cfg: Any, opts: Sequence[str] = ()) -> Any:
+    """A frozen copy of ``cfg`` with :func:`eco_architecture_overrides` and the ``KEY VALUE`` ``opts``."""
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.merge_from_list(eco_architecture_overrides(cfg))
-    for dotted, value in keys.items():
-        *parents, leaf = dotted.split("__")
-        node = cfg
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    cfg.merge_from_list(eco_architecture_overrides(cfg) + list(opts))
     cfg.freeze()
     return cfg
 
