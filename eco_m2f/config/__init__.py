@@ -7,6 +7,8 @@ from .defaults import add_base_config
 from .eco import add_eco_config
 from .engine import add_engine_config
 from .mask_former import add_maskformer2_config
+from .policy import add_policy_config
+from .vit import add_vit_config
 
 __all__ = ["CfgNode", "ConfigKeyError", "get_cfg", "setup_cfg"]
 
@@ -23,6 +25,8 @@ def get_cfg() -> CfgNode:
     add_maskformer2_config(cfg)
     add_eco_config(cfg)
     add_engine_config(cfg)
+    add_vit_config(cfg)
+    add_policy_config(cfg)
     return cfg
 
 

@@ -11,7 +11,8 @@ from .config_node import CfgNode as CN
 
 
 def add_deeplab_config(cfg: CN) -> None:
-    # retry a crop until no class covers more than this fraction of it (also Mask2Former's key)
+    # Crops are re-drawn (up to 10 times) until no class covers this fraction of the labelled
+    # pixels: mmseg's cat_max_ratio (0.75 in Segmenter's recipes); 1.0 disables the check.
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # WarmupPolyLR: lr factor (1 - iter / MAX_ITER) ** POWER, plus CONSTANT_ENDING once it is smaller
     cfg.SOLVER.POLY_LR_POWER = 0.9

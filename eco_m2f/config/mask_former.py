@@ -11,15 +11,16 @@ from .config_node import CfgNode as CN
 
 def add_maskformer2_config(cfg: CN) -> None:
     # ----------------------------------------------------------------- data
-    # dataset mapper (eco_m2f.data.mappers: mask_former_semantic/panoptic/instance, coco_*_lsj)
+    # training mapper (registry DATASET_MAPPER): coco_panoptic_lsj, coco_instance_lsj, mask_former_panoptic,
+    # mask_former_semantic, mask_former_instance, or sem_seg (image + sem_seg only: plain-ViT segmenters)
     cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_semantic"
-    # SSD-style colour augmentation in the mask_former_* mappers
+    # photometric distortion (SSD's = mmseg's PhotoMetricDistortion): brightness +-32, contrast and
+    # saturation x[0.5, 1.5], hue +-18 of OpenCV's 180 (+-36 degrees), each with probability 1/2
     cfg.INPUT.COLOR_AUG_SSD = False
-    # retry a crop until no class covers more than this fraction of it (1.0: accept the first)
-    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
-    # pad images and targets in the mapper to a multiple of this (-1: no padding there)
+    # > 0: pad training images bottom/right to a multiple of this (image: grey / pixel mean, label: ignore)
     cfg.INPUT.SIZE_DIVISIBILITY = -1
-    # large-scale jitter (coco_*_lsj mappers): output size and scale range
+    # large-scale jitter (coco_*_lsj mappers): scale s ~ U(MIN_SCALE, MAX_SCALE) of IMAGE_SIZE;
+    # MIN_SCALE / MAX_SCALE are also the ratio range of MIN_SIZE_TRAIN_SAMPLING "ratio_range"
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0

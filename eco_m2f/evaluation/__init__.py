@@ -1,4 +1,4 @@
-"""Evaluators (PQ, mIoU, mask AP, Cityscapes, cost), the inference loop and FLOPs, with Detectron2's conventions.
+"""Evaluators (PQ, mIoU, mask AP, Cityscapes, the CTS policy, cost), the inference loop and FLOPs, with Detectron2's conventions.
 
 Submodules load on first use (``eco_m2f.evaluation.SemSegEvaluator`` imports
 ``.semantic``), so pycocotools / cityscapesscripts load only when needed. Label PNGs are read
@@ -34,6 +34,7 @@ _LAZY = {
     "CityscapesSemSegEvaluator": "cityscapes",
     "CityscapesInstanceEvaluator": "cityscapes",
     "CityscapesPanopticEvaluator": "cityscapes",
+    "PolicyEvaluator": "policy",
 }
 
 

@@ -12,6 +12,8 @@ a list with one dict per image holding the outputs of :attr:`tasks` at the origi
 * ``"sem_seg"``: C x H x W class scores;
 * ``"panoptic_seg"``: ``(id_map H x W int, segments_info list)`` (Detectron2's format);
 * ``"instances"``: ``{"pred_masks": N x H x W bool, "scores": N, "pred_classes": N}``;
+* ``"policy"``: rows x cols probabilities that each 32x32 superpatch of the network input holds
+  one class (the CTS policy network; the grid of the resized input, not of the original size);
 * ``"cost"`` (optional): the per-image cost record, a flat dict of numbers and lists of
   numbers, e.g. ``{}`` (a static model: "count my FLOPs"), ``{"exit": 3}`` (ECO-M2F) or
   ``{"tokens": 812, "gflops": 12.3}`` (token reduction). One generic efficiency evaluator
@@ -34,7 +36,7 @@ from .image_list import ImageList
 __all__ = ["SegmentationModel", "TASKS"]
 
 #: The output tasks a model can declare; evaluators are chosen from these and the dataset.
-TASKS: Tuple[str, ...] = ("sem_seg", "panoptic_seg", "instances")
+TASKS: Tuple[str, ...] = ("sem_seg", "panoptic_seg", "instances", "policy")
 
 
 class SegmentationModel(nn.Module):

@@ -1,0 +1,149 @@
+"""Where each image's live tokens sit in one packed ``(T, C)`` buffer.
+
+Image ``b`` owns rows ``start_b : start_b + length_b``: its prefix (cls) tokens first, then its
+live patch tokens; images follow each other in batch order with no padding between them. The
+lengths are host integers: a reduction decides them once (one host sync at most), and every
+block after it reuses the device index tensors built here from them, so no block ever waits
+for the GPU to learn a shape.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Hashable, Sequence, Tuple
+
+import torch
+
+__all__ = ["PackedLayout", "host_ints", "to_device", "true_indices"]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without a host sync: on CUDA the copy goes from
+    pinned memory with ``non_blocking=True``, so the CPU does not wait for queued kernels."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def host_ints(values: Sequence[int], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A device tensor of host integers (see :func:`to_device`)."""
+    return to_device(torch.tensor(list(values), dtype=dtype), device)
+
+
+def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the True entries of a 1-D bool ``mask``, in increasing order.
+
+    ``mask.nonzero()`` would make the CPU wait for the GPU to learn the result's size; the
+    caller here already knows ``count`` (the number of True entries), so positions are scattered
+    to their ranks instead and False entries go to one spare slot that is cut off.
+    """
+    n = mask.numel()
+    rank = torch.cumsum(mask, 0) - 1  # (n,) rank of each True entry
+    dest = torch.where(mask, rank, torch.full_like(rank, count))
+    out = torch.empty(count + 1, dtype=torch.long, device=mask.device)
+    out.scatter_(0, dest, torch.arange(n, device=mask.device))
+    return out[:count]
+
+
+class PackedLayout:
+    """Host lengths of a packed batch and the device index tensors derived from them (built on
+    first use, then cached: a layout lives from one reduction to the next)."""
+
+    def __init__(self, lengths: Sequence[int], num_prefix: int, device: torch.device) -> None:
+        self.lengths: Tuple[int, ...] = tuple(int(n) for n in lengths)
+        self.num_prefix = int(num_prefix)
+        self.device = torch.device(device)
+        if not self.lengths:
+            raise ValueError("a packed layout needs at least one image")
+        if min(self.lengths) < self.num_prefix:
+            raise ValueError(f"every image holds its {self.num_prefix} prefix tokens; got lengths {self.lengths}")
+        self.total = sum(self.lengths)
+        self.max_len = max(self.lengths)
+        self.min_len = min(self.lengths)
+        starts, acc = [], 0
+        for n in self.lengths:
+            starts.append(acc)
+            acc += n
+        self.starts: Tuple[int, ...] = tuple(starts)
+        self._cache: Dict[Hashable, Any] = {}
+
+    # ------------------------------------------------------------------ host facts
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def patch_counts(self) -> Tuple[int, ...]:
+        """Live patch tokens per image (the lengths without the prefix)."""
+        return tuple(n - self.num_prefix for n in self.lengths)
+
+    @property
+    def num_patches(self) -> int:
+        return self.total - self.batch_size * self.num_prefix
+
+    @property
+    def uniform(self) -> bool:
+        """True when every image holds the same number of tokens (the packed buffer is then a
+        plain ``B x L x C`` tensor, and attention needs neither padding nor a mask)."""
+        return self.min_len == self.max_len
+
+    def cached(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """``build()`` once per layout (e.g. an attention backend's block mask)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    # ------------------------------------------------------------------ device indices
+    def offsets(self, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """(B + 1,) row offsets of the images (cumulative lengths); int32 for flash kernels."""
+        return self.cached(("offsets", dtype), lambda: host_ints((0,) + tuple(s + n for s, n in zip(self.starts, self.lengths)), self.device, dtype))
+
+    def batch_index(self) -> torch.Tensor:
+        """(T,) the image of every packed row."""
+        return self.cached("batch_index", lambda: self._repeat_images(self.lengths))
+
+    def patch_batch_index(self) -> torch.Tensor:
+        """(Tp,) the image of every live patch token (rows of ``TokenSet.patches()``)."""
+        return self.cached("patch_batch_index", lambda: self._repeat_images(self.patch_counts))
+
+    def prefix_rows(self) -> torch.Tensor:
+        """(B * P,) packed rows of the prefix tokens, image-major."""
+        def build():
+            rows = torch.tensor(self.starts).view(-1, 1) + torch.arange(self.num_prefix).view(1, -1)  # (B, P)
+            return self._to_device(rows.view(-1))
+        return self.cached("prefix_rows", build)
+
+    def patch_rows(self) -> torch.Tensor:
+        """(Tp,) packed rows of the live patch tokens, in order."""
+        def build():
+            counts = torch.tensor(self.patch_counts)
+            shift = torch.repeat_interleave(torch.arange(1, self.batch_size + 1) * self.num_prefix, counts)
+            return self._to_device(torch.arange(self.num_patches) + shift)
+        return self.cached("patch_rows", build)
+
+    def pad_rows(self, with_prefix: bool) -> torch.Tensor:
+        """Row of every packed token (``with_prefix``) or every live patch token in the padded
+        ``(B * L_max)`` layout of :meth:`key_padding_mask`: image b, position j -> b * L_max + j."""
+        def build():
+            counts = torch.tensor(self.lengths if with_prefix else self.patch_counts)
+            width = int(counts.max())
+            starts = torch.cumsum(counts, 0) - counts
+            image = torch.repeat_interleave(torch.arange(self.batch_size), counts)
+            position = torch.arange(int(counts.sum())) - starts[image]
+            return self._to_device(image * width + position)
+        return self.cached(("pad_rows", with_prefix), build)
+
+    def pad_width(self, with_prefix: bool) -> int:
+        return self.max_len if with_prefix else max(self.patch_counts)
+
+    def key_padding_mask(self, with_prefix: bool) -> torch.Tensor:
+        """(B, L_max) bool, True where the padded layout holds a real token."""
+        def build():
+            counts = torch.tensor(self.lengths if with_prefix else self.patch_counts)
+            width = self.pad_width(with_prefix)
+            return self._to_device(torch.arange(width).view(1, -1) < counts.view(-1, 1))
+        return self.cached(("key_padding_mask", with_prefix), build)
+
+    def _repeat_images(self, counts: Sequence[int]) -> torch.Tensor:
+        return self._to_device(torch.repeat_interleave(torch.arange(self.batch_size), torch.tensor(counts)))
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return to_device(t, self.device)
