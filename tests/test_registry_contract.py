@@ -25,7 +25,7 @@ from tiny_configs import TINY_CONFIGS, tiny_config_args
 
 REPO = Path(__file__).resolve().parents[1]
 # the results task each model task is evaluated under (COCO naming, as Detectron2)
-RESULT_TASK = {"sem_seg": "sem_seg", "panoptic_seg": "panoptic_seg", "instances": "segm"}
+RESULT_TASK = {"sem_seg": "sem_seg", "panoptic_seg": "panoptic_seg", "instances": "segm", "policy": "policy"}
 
 
 def _script(name: str):

@@ -31,6 +31,8 @@ def build_evaluators(
       ``sem_seg``), PQ, mask AP if ``json_file``.
     * ``cityscapes_panoptic_seg``: cityscapesscripts panoptic / semantic / instance.
     * ``cityscapes_sem_seg``, ``cityscapes_instance``: the corresponding cityscapesscripts evaluator.
+    * task ``policy`` (the CTS policy network) on any dataset with semantic labels: the policy's
+      superpatch accuracy against targets made from those labels.
 
     ``output_dir`` None means ``OUTPUT_DIR/inference``. Raises ``NotImplementedError`` when
     nothing applies, naming the evaluator type and the tasks.
@@ -81,6 +83,11 @@ def build_evaluators(
         from .cityscapes import CityscapesInstanceEvaluator
 
         evaluators.append(CityscapesInstanceEvaluator(dataset_name))
+
+    if "policy" in tasks and (evaluator_type in ("sem_seg", "cityscapes_sem_seg") or metadata.get("sem_seg_root", None)):
+        from .policy import PolicyEvaluator
+
+        evaluators.append(PolicyEvaluator.from_config(cfg, dataset_name, output_dir))
 
     if not evaluators:
         raise NotImplementedError(

@@ -108,6 +108,7 @@ def do_test(cfg, model: nn.Module) -> Dict[str, Dict[str, Any]]:
     """
     from ..data import build_detection_test_loader
     from .build import build_evaluators
+    from ..visualization.evaluator import build_visualization_evaluator
     from .efficiency import EfficiencyEvaluator
     from .evaluator import DatasetEvaluators, inference_on_dataset
 
@@ -121,7 +122,9 @@ def do_test(cfg, model: nn.Module) -> Dict[str, Dict[str, Any]]:
         if out_dir and comm.is_main_process():
             os.makedirs(out_dir, exist_ok=True)
         loader = build_detection_test_loader(cfg, name)
-        evaluator = DatasetEvaluators(list(build_evaluators(cfg, name, out_dir, tasks)) + [EfficiencyEvaluator(net)])
+        evaluators = list(build_evaluators(cfg, name, out_dir, tasks)) + [EfficiencyEvaluator(net)]
+        pictures = build_visualization_evaluator(cfg, name, out_dir)  # TEST.VIS_NUM_IMAGES > 0
+        evaluator = DatasetEvaluators(evaluators + ([pictures] if pictures is not None else []))
         res = inference_on_dataset(model, loader, evaluator) or {}
         results[name] = dict(res)
         if comm.is_main_process():

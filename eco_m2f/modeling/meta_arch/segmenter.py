@@ -29,7 +29,7 @@ from ..backbone.vit import ViTBackbone, ViTFeatures
 from ..heads.vit_decode_head import ViTDecodeHead, resize_logits, tokens_to_map
 from ..registry import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
 from .base import SegmentationModel
-from .dense_inference import predict_sliding, predict_whole
+from .dense_inference import predict_sliding, predict_whole, window_boxes
 from .segmenter_keys import is_official_segmenter_state_dict, official_segmenter_to_ours
 
 __all__ = ["Segmenter", "build_vit_head"]
@@ -158,9 +158,17 @@ class Segmenter(SegmentationModel):
             raise ValueError(f"{type(head).__name__} needs the dense token grid; scatter the live tokens back first")
         return head(tokens_to_map(tokens, features.grid))  # B x C x h x w
 
-    def network(self, images: torch.Tensor, cost: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
+    def network(self, images: torch.Tensor, cost: Optional[Mapping[str, Any]] = None) -> Any:
         """Class scores B x K x H x W of a normalised batch padded to the patch size (logits,
-        or SegViT's class x mask probabilities for ``ATMHead``), at the input's size."""
+        or SegViT's class x mask probabilities for ``ATMHead``), at the input's size.
+
+        Given the cost record of an eval output whose inference took several passes (sliding
+        windows, test-time scales and flips: ``"passes"`` > 1), it runs those passes on the
+        batch instead, so that the FLOP counter counts what inference spent on the image (the
+        windows are laid out on the image padded to the patch size).
+        """
+        if cost is not None and int(cost.get("passes", 1)) > 1:
+            return [scores for variant in self._test_variants_of(list(images)) for scores in self.predict(variant)]
         features = self.encode(images)
         outputs = self.run_head(self.sem_seg_head, features)
         return self.sem_seg_head.semantic_logits(outputs, features.grid, images.shape[-2:])
@@ -224,20 +232,38 @@ class Segmenter(SegmentationModel):
             return image
         return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
+    def _test_variants_of(self, images: List[torch.Tensor]) -> List[List[torch.Tensor]]:
+        """The images as each test pass sees them: rescaled to every TEST.AUG size, flipped."""
+        variants = []
+        for short_edge, flip in self.test_variants:
+            variant = [self._rescaled(im, short_edge) for im in images]
+            variants.append([im.flip(-1) for im in variant] if flip else variant)
+        return variants
+
+    def _passes(self, image: torch.Tensor) -> int:
+        """Network passes of inference on one normalised C x h x w image (windows x test variants)."""
+        from ...data.augmentations import shortest_edge_output_shape
+
+        passes = 0
+        for short_edge, _ in self.test_variants:
+            h, w = image.shape[-2:]
+            if short_edge is not None:
+                h, w = shortest_edge_output_shape(h, w, short_edge, self.test_max_size)
+            passes += len(window_boxes(h, w, self.slide_crop, self.slide_stride)) if self.slide else 1
+        return passes
+
     @torch.no_grad()
-    def inference(self, batched_inputs: List[Dict[str, Any]]) -> List[Dict[str, torch.Tensor]]:
+    def inference(self, batched_inputs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Class probabilities at each image's original size, averaged over the test variants
-        (logits are averaged over overlapping windows, resized, then turned into probabilities)."""
+        (logits are averaged over overlapping windows, resized, then turned into probabilities),
+        and each image's cost record (``"passes"``: network passes spent on it)."""
         images = [
             (x["image"].to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std
             for x in batched_inputs
         ]
         out_sizes = [(int(x.get("height", im.shape[-2])), int(x.get("width", im.shape[-1]))) for x, im in zip(batched_inputs, images)]
         totals: List[Optional[torch.Tensor]] = [None] * len(images)
-        for short_edge, flip in self.test_variants:
-            variant = [self._rescaled(im, short_edge) for im in images]
-            if flip:
-                variant = [im.flip(-1) for im in variant]
+        for (short_edge, flip), variant in zip(self.test_variants, self._test_variants_of(images)):
             for i, scores in enumerate(self.predict(variant)):
                 if flip:
                     scores = scores.flip(-1)
@@ -245,7 +271,10 @@ class Segmenter(SegmentationModel):
                 if self.sem_seg_head.scores_are_logits:
                     scores = scores.softmax(dim=0)
                 totals[i] = scores if totals[i] is None else totals[i] + scores
-        return [{"sem_seg": t / len(self.test_variants)} for t in totals]
+        return [
+            {"sem_seg": t / len(self.test_variants), "cost": {"passes": self._passes(im)}}
+            for t, im in zip(totals, images)
+        ]
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_layout_map(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
