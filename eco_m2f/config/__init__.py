@@ -6,6 +6,7 @@ from .defaults import add_base_config
 from .eco import add_eco_config
 from .engine import add_engine_config
 from .mask_former import add_maskformer2_config
+from .visualization import add_visualization_config
 
 __all__ = ["CfgNode", "ConfigKeyError", "get_cfg", "setup_cfg"]
 
@@ -17,6 +18,7 @@ def get_cfg() -> CfgNode:
     add_maskformer2_config(cfg)
     add_eco_config(cfg)
     add_engine_config(cfg)
+    add_visualization_config(cfg)
     return cfg
 
 
