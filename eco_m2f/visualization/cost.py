@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Hashable, Mapping, Optional
 
+import torch
 import torch.nn as nn
 
 __all__ = ["EncoderGflops", "cost_notes", "cost_record", "count_encoder_gflops", "padded_size"]
@@ -68,7 +69,6 @@ def padded_size(height: int, width: int, divisibility: int) -> tuple[int, int]:
 def count_encoder_gflops(model: nn.Module, padded_hw: tuple[int, int], exit_layer: Optional[int]) -> float:
     """GFLOPs of the pixel-decoder encoder for one input of ``padded_hw`` leaving at ``exit_layer``."""
     from ..evaluation.flops import count_network_flops
-    import torch
 
     device = next(model.parameters()).device
     images = torch.zeros((1, 3, int(padded_hw[0]), int(padded_hw[1])), device=device)
