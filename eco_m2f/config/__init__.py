@@ -9,6 +9,7 @@ from .engine import add_engine_config
 from .mask_former import add_maskformer2_config
 from .policy import add_policy_config
 from .vit import add_vit_config
+from .visualization import add_visualization_config
 
 __all__ = ["CfgNode", "ConfigKeyError", "get_cfg", "setup_cfg"]
 
@@ -27,6 +28,7 @@ def get_cfg() -> CfgNode:
     add_engine_config(cfg)
     add_vit_config(cfg)
     add_policy_config(cfg)
+    add_visualization_config(cfg)
     return cfg
 
 
