@@ -60,7 +60,7 @@ class Segmenter(SegmentationModel):
     """ViT + decode head for semantic segmentation; see the module docstring."""
 
     def __init__(self, cfg: Any) -> None:
-        from .. import build_backbone
+        from ..backbone.build import build_backbone
 
         backbone = build_backbone(cfg)
         if not isinstance(backbone, ViTBackbone):

@@ -37,7 +37,7 @@ class TokenSharingPolicy(SegmentationModel):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg, size_divisibility=SUPERPATCH_SIZE, tasks=("policy",))
-        from .. import build_backbone
+        from ..backbone.build import build_backbone
 
         self.backbone = build_backbone(cfg)
         self.in_feature = str(cfg.MODEL.POLICY.IN_FEATURE)
