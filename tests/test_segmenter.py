@@ -153,9 +153,8 @@ def test_bad_settings_and_labels_are_clear_errors():
 
 
 def test_every_shipped_vit_config_loads():
-    files = sorted((REPO / "configs").glob("*/semantic-segmentation/**/*.yaml")) + sorted(
-        (REPO / "configs/synthetic").glob("segmenter_*.yaml")
-    )
+    files = sorted(f for f in (REPO / "configs").glob("*/semantic-segmentation/**/*.yaml") if "cts_policy" not in f.parts)
+    files += sorted((REPO / "configs/synthetic").glob("segmenter_*.yaml"))
     assert len(files) >= 15
     for f in files:
         cfg = setup_cfg(str(f))

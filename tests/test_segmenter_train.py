@@ -17,7 +17,7 @@ CONFIG = REPO / "configs/synthetic/segmenter_tiny_cpu.yaml"
 ITERS = 16
 SMALL = [
     "DATASETS.TRAIN", "('synthetic_panoptic_train',)", "DATASETS.TEST", "()",
-    "INPUT.DATASET_MAPPER_NAME", "mask_former_semantic",
+    "INPUT.DATASET_MAPPER_NAME", "mask_former_semantic", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "8",  # the panoptic set's classes
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TRAIN_SAMPLING", "choice", "INPUT.MAX_SIZE_TRAIN", "64",
     "INPUT.CROP.ENABLED", "False", "INPUT.SIZE_DIVISIBILITY", "-1",
     "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "MODEL.VIT.IMG_SIZE", "64",
