@@ -145,7 +145,8 @@ def test_bad_settings_and_labels_are_clear_errors():
     with pytest.raises(ValueError, match="MODEL.TOKEN_REDUCTION.NAME 'paumer'"):
         _model("MODEL.TOKEN_REDUCTION.NAME", "paumer")
     with pytest.raises(TypeError, match="needs a ViT backbone"):
-        _model("MODEL.BACKBONE.NAME", "build_resnet_backbone")
+        _model("MODEL.BACKBONE.NAME", "build_resnet_backbone", "MODEL.RESNETS.STEM_TYPE", "basic",
+               "MODEL.RESNETS.RES5_MULTI_GRID", "[1, 1, 1]")
     model = _model().train()
     bad = dict(_input(32, 32), sem_seg=torch.full((32, 32), 7), file_name="a.png")
     with pytest.raises(ValueError, match=r"a.png: sem_seg holds labels \[7\] outside 0..3"):

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 SEMANTIC_OPTS = [
     "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0",
     "DATASETS.TRAIN", "('synthetic_panoptic_train',)", "DATASETS.TEST", "('synthetic_panoptic_val',)",
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "8",  # the panoptic set's classes
     "INPUT.DATASET_MAPPER_NAME", "mask_former_semantic", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
 ]
 
