@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from eco_m2f.checkpoint import load_weights
     from eco_m2f.config import setup_cfg
     from eco_m2f.data import build_detection_test_loader
-    from eco_m2f.modeling import build_model
+    from eco_m2f.architectures import build_model
     from eco_m2f.visualization.token_maps import write_token_maps
 
     cfg = setup_cfg(args.config_file, args.opts)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from eco_m2f.checkpoint import load_weights
 from eco_m2f.config import get_cfg
-from eco_m2f.modeling import build_backbone, build_model
+from eco_m2f.architectures import build_model
+from eco_m2f.modeling import build_backbone
 from eco_m2f.modeling.backbone.efficientnet import (
     IMAGENET_PIXEL_MEAN,
     IMAGENET_PIXEL_STD,

@@ -15,7 +15,7 @@ from test_token_reduction_framework import _fvcore_gflops  # noqa: E402
 from token_reducers import K, SETR, TINY, images, tiny_segmenter  # noqa: E402
 from eco_m2f.checkpoint import load_weights  # noqa: E402
 from eco_m2f.config import setup_cfg  # noqa: E402
-from eco_m2f.modeling import build_model  # noqa: E402
+from eco_m2f.architectures import build_model  # noqa: E402
 from eco_m2f.modeling.token_reduction import ReductionState, TokenSet  # noqa: E402
 from eco_m2f.modeling.token_reduction.methods.paumer import kept_counts, token_entropy  # noqa: E402
 

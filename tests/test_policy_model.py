@@ -34,7 +34,7 @@ def _random_batch(sizes, seed: int = 0) -> list[dict]:
 
 
 def test_eval_output_covers_each_images_grid_and_scores_are_the_logits_softmax() -> None:
-    from eco_m2f.modeling import build_model
+    from eco_m2f.architectures import build_model
 
     model = build_model(_policy_cfg()).eval()
     assert model.tasks == frozenset({"policy"})
@@ -53,7 +53,7 @@ def test_eval_output_covers_each_images_grid_and_scores_are_the_logits_softmax()
 
 def test_superpatch_logits_convert_the_callers_normalisation() -> None:
     """A ViT normalises with 127.5 / 127.5: the policy converts that batch to its own 127 / 128."""
-    from eco_m2f.modeling import build_model
+    from eco_m2f.architectures import build_model
 
     model = build_model(_policy_cfg()).eval()
     raw = torch.stack([b["image"] for b in _random_batch([(64, 64)] * 2)]).float()
@@ -155,7 +155,7 @@ def test_train_net_trains_the_policy(trained, tiny_datasets) -> None:
     from eco_m2f.checkpoint import load_weights
     from eco_m2f.data import build_detection_test_loader
     from eco_m2f.evaluation import inference_on_dataset
-    from eco_m2f.modeling import build_model
+    from eco_m2f.architectures import build_model
 
     cfg = setup_cfg(str(trained / "config.yaml"))
     model = build_model(cfg)
@@ -168,7 +168,7 @@ def test_train_net_trains_the_policy(trained, tiny_datasets) -> None:
 
 def test_frozen_policy_inside_another_model(trained) -> None:
     from eco_m2f.checkpoint import load_weights
-    from eco_m2f.modeling import build_model
+    from eco_m2f.architectures import build_model
     from eco_m2f.modeling.policy import build_frozen_policy
 
     parent_cfg = get_cfg()

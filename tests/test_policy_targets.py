@@ -75,7 +75,7 @@ def test_batched_and_dtype_checks() -> None:
 def test_model_targets_leave_batch_padding_out_of_the_loss(tmp_path) -> None:
     """Two images of different sizes in one batch: cells outside an image get no target."""
     from eco_m2f.config import get_cfg
-    from eco_m2f.modeling import build_model
+    from eco_m2f.architectures import build_model
 
     cfg = get_cfg()
     cfg.merge_from_list(["MODEL.META_ARCHITECTURE", "TokenSharingPolicy",

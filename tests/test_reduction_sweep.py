@@ -12,7 +12,7 @@ import torch
 
 from eco_m2f.config import setup_cfg
 from eco_m2f.evaluation import reduction_sweep as rs
-from eco_m2f.modeling import build_model
+from eco_m2f.architectures import build_model
 from eco_m2f.visualization.token_maps import token_map_legend
 
 REPO = Path(__file__).resolve().parents[1]

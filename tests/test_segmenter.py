@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from eco_m2f.config import setup_cfg
-from eco_m2f.modeling import build_model
+from eco_m2f.architectures import build_model
 from eco_m2f.modeling.meta_arch.base import SegmentationModel
 from eco_m2f.modeling.meta_arch.dense_inference import predict_sliding, predict_whole, window_boxes
 
@@ -145,7 +145,8 @@ def test_bad_settings_and_labels_are_clear_errors():
     with pytest.raises(KeyError, match="MODEL.TOKEN_REDUCTION.NAME 'paumer' is not a registered token-reduction method"):
         _model("MODEL.TOKEN_REDUCTION.NAME", "paumer")
     with pytest.raises(TypeError, match="needs a ViT backbone"):
-        _model("MODEL.BACKBONE.NAME", "build_resnet_backbone")
+        _model("MODEL.BACKBONE.NAME", "build_resnet_backbone", "MODEL.RESNETS.STEM_TYPE", "basic",
+               "MODEL.RESNETS.RES5_MULTI_GRID", "[1, 1, 1]")
     model = _model().train()
     bad = dict(_input(32, 32), sem_seg=torch.full((32, 32), 7), file_name="a.png")
     with pytest.raises(ValueError, match=r"a.png: sem_seg holds labels \[7\] outside 0..3"):

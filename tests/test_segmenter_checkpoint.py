@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from eco_m2f.checkpoint import CheckpointMismatchError, load_weights, save_checkpoint
 from eco_m2f.config import setup_cfg
-from eco_m2f.modeling import build_model
+from eco_m2f.architectures import build_model
 from eco_m2f.modeling.meta_arch.segmenter_keys import ours_to_official_segmenter
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from token_reducers import LINEAR, SETR, TINY, images, per_image_counts, tiny_segmenter  # noqa: E402
 from eco_m2f.config import setup_cfg  # noqa: E402
-from eco_m2f.modeling import build_model  # noqa: E402
+from eco_m2f.architectures import build_model  # noqa: E402
 from eco_m2f.modeling.token_reduction import SDPA_FLOP_HANDLES, TokenSet  # noqa: E402
 from eco_m2f.modeling.token_reduction.cost import merge_cost_records  # noqa: E402
 from eco_m2f.modeling.token_reduction.token_targets import cell_class_counts, live_token_cross_entropy  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from eco_m2f.config import setup_cfg
-from eco_m2f.modeling import build_model
+from eco_m2f.architectures import build_model
 from eco_m2f.modeling.heads.atm_loss import ATMLoss, present_classes
 from eco_m2f.modeling.registry import SEM_SEG_HEADS_REGISTRY, ShapeSpec
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from eco_m2f.config import setup_cfg
-from eco_m2f.modeling import build_model
+from eco_m2f.architectures import build_model
 from eco_m2f.solver import build_lr_scheduler, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]

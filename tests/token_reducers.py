@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from eco_m2f.config import setup_cfg
-from eco_m2f.modeling import build_model
+from eco_m2f.architectures import build_model
 from eco_m2f.modeling.token_reduction import TOKEN_REDUCTION_REGISTRY, TokenReducer, TokenSet
 from eco_m2f.modeling.token_reduction.flops import token_wise_flops
 

@@ -46,7 +46,8 @@ from typing import Any, Callable, Mapping, Union
 import torch
 import torch.nn as nn
 
-from .io import CheckpointError, CheckpointFile, read_checkpoint, split_layout, to_tensor, unwrap_model
+from ..utils.modules import unwrap_model
+from .io import CheckpointError, CheckpointFile, read_checkpoint, split_layout, to_tensor
 
 __all__ = ["LoadReport", "CheckpointMismatchError", "load_weights", "KeyMap"]
 

@@ -43,8 +43,6 @@ def add_base_config(cfg: CN) -> None:
     cfg.MODEL.RESNETS.RES5_DILATION = 1
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
     cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.STEM_TYPE = "basic"
-    cfg.MODEL.RESNETS.RES5_MULTI_GRID = [1, 1, 1]
     cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False, False, False, False]
     cfg.MODEL.RESNETS.DEFORM_MODULATED = False
     cfg.MODEL.RESNETS.DEFORM_NUM_GROUPS = 1
@@ -80,9 +78,6 @@ def add_base_config(cfg: CN) -> None:
     # With "absolute", the sem_seg mapper also pads every training image up to SIZE (mmseg's Pad).
     cfg.INPUT.CROP.TYPE = "relative_range"
     cfg.INPUT.CROP.SIZE = [0.9, 0.9]
-    # Crops are re-drawn (up to 10 times) until no class covers this fraction of the labelled
-    # pixels: mmseg's cat_max_ratio (0.75 in Segmenter's recipes); 1.0 disables the check.
-    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
 
     # ------------------------------------------------------------- datasets
     cfg.DATASETS = CN()
@@ -102,7 +97,9 @@ def add_base_config(cfg: CN) -> None:
 
     # --------------------------------------------------------------- solver
     cfg.SOLVER = CN()
-    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"
+    # WarmupMultiStepLR (Detectron2's default: the official COCO configs rely on it), WarmupPolyLR,
+    # WarmupCosineLR
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
     cfg.SOLVER.MAX_ITER = 40000
     cfg.SOLVER.BASE_LR = 0.0001
     # Final learning rate of WarmupCosineLR and WarmupPolyLR (Segmenter's poly "min_lr").

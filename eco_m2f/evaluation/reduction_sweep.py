@@ -107,7 +107,7 @@ def _build(cfg, device: str):
     """The model of ``cfg`` on ``device`` in eval mode, from ``MODEL.WEIGHTS`` (a model without a
     token reducer ignores a checkpoint's ``token_reducer.*`` keys; anything else must match)."""
     from ..checkpoint import load_weights
-    from ..modeling import build_model
+    from ..architectures import build_model
 
     model = build_model(cfg)
     if not cfg.MODEL.WEIGHTS:

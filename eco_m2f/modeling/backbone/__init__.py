@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import key_maps
 from .base import Backbone, pad_to_multiple
+from .build import build_backbone
 from .efficientnet import EfficientNetBackbone, build_efficientnet_backbone
 from .resnet import ResNetBackbone, build_resnet_backbone, convert_frozen_batchnorm
 from .swin import D2SwinTransformer, SwinBackbone
@@ -18,6 +19,7 @@ __all__ = [
     "EfficientNetBackbone",
     "ResNetBackbone",
     "SwinBackbone",
+    "build_backbone",
     "ViTBackbone",
     "ViTFeatures",
     "build_efficientnet_backbone",

@@ -68,7 +68,7 @@ class Segmenter(SegmentationModel):
     """ViT + decode head for semantic segmentation; see the module docstring."""
 
     def __init__(self, cfg: Any) -> None:
-        from .. import build_backbone
+        from ..backbone.build import build_backbone
 
         backbone = build_backbone(cfg)
         if not isinstance(backbone, ViTBackbone):
@@ -300,9 +300,10 @@ class Segmenter(SegmentationModel):
         return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
     @torch.no_grad()
-    def inference(self, batched_inputs: List[Dict[str, Any]]) -> List[Dict[str, torch.Tensor]]:
+    def inference(self, batched_inputs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Class probabilities at each image's original size, averaged over the test variants
-        (logits are averaged over overlapping windows, resized, then turned into probabilities)."""
+        (logits are averaged over overlapping windows, resized, then turned into probabilities),
+        and each image's cost record (``"passes"``: network passes spent on it)."""
         images = [
             (x["image"].to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std
             for x in batched_inputs

@@ -37,7 +37,7 @@ class TokenSharingPolicy(SegmentationModel):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg, size_divisibility=SUPERPATCH_SIZE, tasks=("policy",))
-        from .. import build_backbone
+        from ..backbone.build import build_backbone
 
         self.backbone = build_backbone(cfg)
         self.in_feature = str(cfg.MODEL.POLICY.IN_FEATURE)
@@ -119,7 +119,8 @@ class TokenSharingPolicy(SegmentationModel):
         return targets
 
     def forward(self, batched_inputs: List[Dict[str, Any]]):
-        """Training: ``{"loss_policy": CE}``; eval: per image ``{"policy": P(uniform) rows x cols}``."""
+        """Training: ``{"loss_policy": CE}``; eval: per image ``{"policy": P(uniform) rows x cols}``
+        and an empty cost record (one pass over the padded image)."""
         images = self.preprocess_image(batched_inputs)
         logits = self.network(images.tensor)  # B x 2 x H/32 x W/32
         if self.training:
@@ -129,5 +130,5 @@ class TokenSharingPolicy(SegmentationModel):
         results = []
         for score, (h, w) in zip(scores, images.image_sizes):
             rows, cols = superpatch_grid(h, w)
-            results.append({"policy": score[:rows, :cols]})
+            results.append({"policy": score[:rows, :cols], "cost": {}})
         return results

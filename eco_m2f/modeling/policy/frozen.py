@@ -23,7 +23,7 @@ def load_frozen_policy(config_file: str, weights: str, opts: Sequence[str] = ())
     """The :class:`TokenSharingPolicy` of ``config_file`` (+ ``KEY VALUE`` opts) with ``weights``, frozen."""
     from ...checkpoint import load_weights
     from ...config import setup_cfg
-    from .. import build_model
+    from ..meta_arch.token_sharing_policy import TokenSharingPolicy
 
     cfg = setup_cfg(config_file, ["MODEL.BACKBONE.PRETRAINED", "False", *opts])
     if cfg.MODEL.META_ARCHITECTURE != "TokenSharingPolicy":
@@ -31,7 +31,7 @@ def load_frozen_policy(config_file: str, weights: str, opts: Sequence[str] = ())
             f"{config_file}: MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}; a policy config "
             "has 'TokenSharingPolicy'"
         )
-    model = build_model(cfg)
+    model = TokenSharingPolicy(cfg)  # on the CPU: the parent model is placed on its device as a whole
     load_weights(model, weights)
     return model.freeze()
 
