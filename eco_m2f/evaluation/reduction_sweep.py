@@ -25,7 +25,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .evaluator import DatasetEvaluator
 
 __all__ = [
     "DENSE", "Setting", "SweepRow", "flop_time_share", "format_sweep_table", "load_sweep", "parse_settings", "run_sweep",
@@ -82,25 +81,8 @@ def flop_time_share(t_dense: float, t: float, flop_ratio: float) -> float:
     return (t_dense - t) / saved if saved > 0 else math.nan
 
 
-class _CostMeans(DatasetEvaluator):
-    """Means of the per-image cost records of the outputs (the fields the sweep reports)."""
-
-    FIELDS = ("gflops", "live_tokens", "token_fraction")
-
-    def reset(self) -> None:
-        self._records: List[Dict[str, Any]] = []
-
-    def process(self, inputs: List[Dict[str, Any]], outputs: List[Dict[str, Any]]) -> None:
-        self._records += [out["cost"] for out in outputs if "cost" in out]
-
-    def evaluate(self) -> Dict[str, Any]:
-        from ..utils import comm
-
-        records = [r for part in comm.all_gather(self._records) for r in part]
-        missing = [f for f in self.FIELDS if not records or any(f not in r for r in records)]
-        if missing:
-            raise ValueError(f"the model's outputs hold no cost records with {missing}: the sweep needs them")
-        return {"cost": {f: sum(float(r[f]) for r in records) / len(records) for f in self.FIELDS}}
+#: the means of the cost task (EfficiencyEvaluator) the sweep reports: GFLOPs, live tokens, token fraction
+COST_FIELDS = ("gflops", "live_tokens_mean", "token_fraction_mean")
 
 
 def _build(cfg, device: str):
@@ -122,14 +104,19 @@ def _build(cfg, device: str):
 def _evaluate(cfg, model, out_dir: str) -> Dict[str, float]:
     from ..data import build_detection_test_loader
     from .build import build_evaluators
+    from .efficiency import EfficiencyEvaluator
     from .evaluator import DatasetEvaluators, inference_on_dataset
 
     name = cfg.DATASETS.TEST[0]
-    evaluators = DatasetEvaluators(list(build_evaluators(cfg, name, out_dir)) + [_CostMeans()])
+    evaluators = DatasetEvaluators(list(build_evaluators(cfg, name, out_dir, model.tasks)) + [EfficiencyEvaluator(model)])
     results = inference_on_dataset(model, build_detection_test_loader(cfg, name), evaluators)
     if "sem_seg" not in results:
         raise ValueError(f"{name} gave no semantic results (mIoU); the sweep needs a semantic dataset")
-    return {"miou": float(results["sem_seg"]["mIoU"]), **results["cost"]}
+    cost = results.get("cost", {})
+    missing = [f for f in COST_FIELDS if f not in cost]
+    if missing:
+        raise ValueError(f"the model's cost records lack {missing} (the cost task has {sorted(cost)}): the sweep needs them")
+    return {"miou": float(results["sem_seg"]["mIoU"]), **{f.replace("_mean", ""): float(cost[f]) for f in COST_FIELDS}}
 
 
 def _timed_inputs(cfg, count: int) -> List[Dict[str, Any]]:

@@ -35,7 +35,8 @@ from ..heads.vit_decode_head import ViTDecodeHead, resize_logits, tokens_to_map
 from ..registry import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
 from ..token_reduction.cost import cost_records, dense_cost_records, merge_cost_records
 from ..token_reduction.encoder_loop import ReducedPass, ReductionLoop, grid_outputs
-from ..token_reduction.plugin import TokenMap, TokenReducer, build_token_reducer
+from ..token_reduction.build import build_token_reducer
+from ..token_reduction.plugin import TokenMap, TokenReducer
 from .base import SegmentationModel
 from .dense_inference import predict_sliding, predict_whole
 from .segmenter_keys import is_official_segmenter_state_dict, official_segmenter_to_ours

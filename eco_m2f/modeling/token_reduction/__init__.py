@@ -15,7 +15,8 @@ from .blocks import check_block, run_block, run_blocks
 from .flops import SDPA_FLOP_HANDLES, BlockCost, block_cost, blocks_flops
 from .graphs import GraphedBlocks
 from .packing import PackedLayout
-from .plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenMap, TokenReducer, build_token_reducer
+from .build import build_token_reducer
+from .plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenMap, TokenReducer
 from .token_set import FINAL_KINDS, FinalStore, TokenSet, mean_per_group
 
 __all__ = [

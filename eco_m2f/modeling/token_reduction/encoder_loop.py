@@ -18,7 +18,7 @@ import torch.utils.checkpoint as tcp
 from .attention import ATTENTION_IMPLS
 from .blocks import check_block, run_block, run_blocks
 from .graphs import GraphedBlocks
-from .plugin import ReductionState, TokenMap, TokenReducer
+from .plugin import ReductionState, TokenMap, TokenReducer, overlay_final_logits
 from .token_set import TokenSet
 
 if TYPE_CHECKING:
@@ -180,30 +180,4 @@ def grid_outputs(outputs: Dict[str, Any], head: "ViTDecodeHead", tokens: TokenSe
             out[key] = tokens.to_dense(tokens.unpad(out[key]), final=None)
     if isinstance(out.get("aux_outputs"), list):
         out["aux_outputs"] = [grid_outputs(level, head, tokens) for level in out["aux_outputs"]]
-    return out
-
-
-def overlay_final_logits(outputs: Dict[str, Any], tokens: TokenSet) -> Dict[str, Any]:
-    """Dense head outputs with the finalised logits of ``tokens`` over their cells: on the
-    per-token class logits ``"pred_tokens"`` (B x G x K), or on ``"pred_maps"`` (B x K x H' x W',
-    each cell covering an s x s block of it)."""
-    if "logits" not in tokens.finals:
-        return outputs
-    cells = tokens.final_cells("logits")  # B x G
-    out = dict(outputs)
-    if "pred_tokens" in out:
-        out["pred_tokens"] = tokens.overlay_final(out["pred_tokens"], "logits")
-        return out
-    if "pred_maps" not in out:
-        raise ValueError("finalised logits need per-token class logits ('pred_tokens') or class maps ('pred_maps')")
-    maps = out["pred_maps"]
-    (b, k, hh, ww), (h, w) = maps.shape, tokens.grid
-    if hh % h or ww % w:
-        raise ValueError(f"class maps of {hh} x {ww} do not cover the {h} x {w} grid in whole blocks")
-    final = tokens.overlay_final(maps.new_zeros(b, h * w, k), "logits").transpose(1, 2).reshape(b, k, h, w)
-    mask = cells.view(b, 1, h, w)
-    up = (hh // h, ww // w)
-    final = final.repeat_interleave(up[0], dim=2).repeat_interleave(up[1], dim=3)  # B x K x H' x W'
-    mask = mask.repeat_interleave(up[0], dim=2).repeat_interleave(up[1], dim=3)
-    out["pred_maps"] = torch.where(mask, final, maps)
     return out

@@ -42,7 +42,7 @@ __all__ = [
     "ReductionState",
     "TokenMap",
     "TokenReducer",
-    "build_token_reducer",
+    "overlay_final_logits",
 ]
 
 TOKEN_REDUCTION_REGISTRY = Registry("TOKEN_REDUCTION")
@@ -164,8 +164,6 @@ class TokenReducer(nn.Module):
     def overlay(self, outputs: Dict[str, Any], tokens: TokenSet, state: ReductionState) -> Dict[str, Any]:
         """The decode head's dense outputs with every finalised cell's logits put over them
         (the cells whose token left with ``save_logits``); unchanged when none did."""
-        from .encoder_loop import overlay_final_logits
-
         return overlay_final_logits(outputs, tokens)
 
     # ------------------------------------------------------------------ description
@@ -186,26 +184,27 @@ class TokenReducer(nn.Module):
         """Forwarded from the Segmenter before every training step (schedules)."""
 
 
-def build_token_reducer(cfg: Any, backbone: "ViTBackbone", head: "ViTDecodeHead") -> TokenReducer:
-    """The registered method ``MODEL.TOKEN_REDUCTION.NAME`` (a clear error for unknown names)."""
-    from . import methods  # noqa: F401  (registers the built-in methods)
-
-    name = str(cfg.MODEL.TOKEN_REDUCTION.NAME)
-    try:
-        cls = TOKEN_REDUCTION_REGISTRY.get(name)
-    except KeyError as exc:
-        known = sorted(n for n, _ in TOKEN_REDUCTION_REGISTRY)
-        raise KeyError(f"MODEL.TOKEN_REDUCTION.NAME '{name}' is not a registered token-reduction method; known: {known}") from exc
-    reducer = cls(cfg, backbone, head)
-    if not isinstance(reducer, TokenReducer):
-        raise TypeError(f"MODEL.TOKEN_REDUCTION.NAME '{name}' built a {type(reducer).__name__}, not a TokenReducer")
-    if reducer.output_kind not in OUTPUT_KINDS:
-        raise ValueError(f"{type(reducer).__name__}.output_kind {reducer.output_kind!r} is not one of {OUTPUT_KINDS}")
-    layers = tuple(reducer.decision_layers)
-    if list(layers) != sorted(set(layers)) or any(not 0 <= i < backbone.depth for i in layers):
-        raise ValueError(
-            f"{type(reducer).__name__}.decision_layers {list(layers)} must be distinct ascending block indices "
-            f"within the {backbone.depth} blocks"
-        )
-    reducer.check_head(head)
-    return reducer
+def overlay_final_logits(outputs: Dict[str, Any], tokens: TokenSet) -> Dict[str, Any]:
+    """Dense head outputs with the finalised logits of ``tokens`` over their cells: on the
+    per-token class logits ``"pred_tokens"`` (B x G x K), or on ``"pred_maps"`` (B x K x H' x W',
+    each cell covering an s x s block of it)."""
+    if "logits" not in tokens.finals:
+        return outputs
+    cells = tokens.final_cells("logits")  # B x G
+    out = dict(outputs)
+    if "pred_tokens" in out:
+        out["pred_tokens"] = tokens.overlay_final(out["pred_tokens"], "logits")
+        return out
+    if "pred_maps" not in out:
+        raise ValueError("finalised logits need per-token class logits ('pred_tokens') or class maps ('pred_maps')")
+    maps = out["pred_maps"]
+    (b, k, hh, ww), (h, w) = maps.shape, tokens.grid
+    if hh % h or ww % w:
+        raise ValueError(f"class maps of {hh} x {ww} do not cover the {h} x {w} grid in whole blocks")
+    final = tokens.overlay_final(maps.new_zeros(b, h * w, k), "logits").transpose(1, 2).reshape(b, k, h, w)
+    mask = cells.view(b, 1, h, w)
+    up = (hh // h, ww // w)
+    final = final.repeat_interleave(up[0], dim=2).repeat_interleave(up[1], dim=3)  # B x K x H' x W'
+    mask = mask.repeat_interleave(up[0], dim=2).repeat_interleave(up[1], dim=3)
+    out["pred_maps"] = torch.where(mask, final, maps)
+    return out
