@@ -17,7 +17,6 @@ from eco_m2f.modeling.token_reduction import (  # noqa: E402
     FusedBlocks,
     GraphedBlocks,
     InferenceOptions,
-    StaticLayout,
     TokenSet,
     fusable,
     packed_attention,
@@ -117,19 +116,6 @@ def test_inference_options_default_and_overrides(monkeypatch):
     for bad, match in [(dict(attention="padded"), "must be one of"), (dict(row_bucket=0), "row_bucket"), (dict(len_bucket=-1), "len_bucket")]:
         with pytest.raises(ValueError, match=match):
             InferenceOptions(**bad)
-
-
-def test_static_layout_marks_the_rows_past_the_last_image():
-    offsets = torch.tensor([0, 3, 7], dtype=torch.int32)
-    layout = StaticLayout(offsets, max_len=8, rows=10, tail=5)  # rows 5..9 may be padding
-    layout.refresh()
-    assert layout.padding_rows.tolist() == [False, False, True, True, True]
-    offsets.copy_(torch.tensor([0, 4, 9], dtype=torch.int32))  # a replay with other lengths
-    layout.refresh()
-    assert layout.padding_rows.tolist() == [False, False, False, False, True]
-    assert StaticLayout(offsets, 8, rows=10).padding_rows is None
-    with pytest.raises(ValueError, match="int32"):
-        layout.offsets(torch.long)
 
 
 def test_ragged_attention_on_equal_lengths_equals_the_dense_kernel():

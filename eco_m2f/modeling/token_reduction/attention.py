@@ -18,7 +18,9 @@ the tokens of its own image only. They differ in how the ragged batch meets the 
   prefers. Its ragged offsets assume token-packed ``q, k, v`` (row stride ``H * D``), so views of
   a fused qkv projection are copied unless they come packed (:func:`~.blocks.run_block` projects
   them packed for this backend); layouts whose longest image holds at most 128 tokens go to
-  ``flash``, as ``varlen_attn`` does (CUDA, fp16/bf16, no attention dropout);
+  ``flash``, as ``varlen_attn`` does. Its tiles read rows past an image's end (weighted by
+  zero), so every row of the buffer must hold finite values: rows that belong to no image
+  (padding) must not be left as uninitialised memory (CUDA, fp16/bf16, no attention dropout);
 * ``flex``: FlexAttention on the whole packed sequence with a per-image block mask, built once
   per layout and compiled on CUDA (no attention dropout; forward only on CPU).
 
@@ -154,14 +156,8 @@ def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayo
     cu = layout.offsets(torch.int32)
     out = torch.ops.aten._cudnn_attention_forward(
         _token_packed(q), _token_packed(k), _token_packed(v), None, cu, cu, layout.max_len, layout.max_len, False, 0.0, False, False, scale=scale
-    )[0]  # (T, H, D)
-    padding = getattr(layout, "padding_rows", None)
-    if padding is not None:
-        # rows past the last image are left unwritten; cuDNN's tiles read them (weighted by 0)
-        # as keys of the last image in the next block, so they must hold finite values
-        tail = padding.numel()
-        out[-tail:].masked_fill_(padding.view(tail, 1, 1), 0.0)
-    return out
+    )
+    return out[0]  # (T, H, D)
 
 
 @functools.lru_cache(maxsize=None)

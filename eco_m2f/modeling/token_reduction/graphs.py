@@ -4,8 +4,9 @@ Eager PyTorch issues some 18 kernels per ViT block from Python. Once tokens are 
 finishes them faster than the CPU issues them, and the time saved stops following the FLOPs
 saved. A CUDA graph replays the whole run of blocks with one launch. One graph serves every
 batch whose packed rows fit its bucket: the image offsets live in a device buffer that the
-ragged attention kernel reads at run time; rows past the last image are padding that no image
-attends to and every other layer treats row by row; the longest sequence only sizes the
+ragged attention kernel reads at run time; the rows past the last image form one more image of
+padding, attended within itself like the others (so that every row of every layer holds finite
+values, which cuDNN's kernel needs) and cut off at the end; the longest sequence only sizes the
 kernel's grid, so it is rounded up as well. A batch whose images all hold the same number of
 tokens replays a graph of the dense attention at its exact shape instead. Graphs are captured
 on first use of a bucket and kept (least recently used first out). How rows and lengths are
@@ -36,7 +37,7 @@ __all__ = ["GraphedBlocks"]
 class _Captured:
     graph: torch.cuda.CUDAGraph
     rows_in: torch.Tensor  # (rows, C) static input
-    offsets: torch.Tensor  # (B + 1,) int32 static offsets
+    offsets: torch.Tensor  # (B + 2,) int32 static offsets; the last image is padding (ragged graphs)
     rows_out: torch.Tensor  # (rows, C) static output
 
 
@@ -102,17 +103,20 @@ class GraphedBlocks:
         if uniform:
             rows, longest = layout.total, layout.max_len
         else:
-            rows = -(-layout.total // opts.row_bucket) * opts.row_bucket
+            # at least one padding row, so that the padding image is never empty
+            rows = (layout.total // opts.row_bucket + 1) * opts.row_bucket
             if opts.len_bucket == 0:
                 longest = max(layout.max_len, tokens.num_prefix + tokens.num_cells)
             else:
                 longest = -(-layout.max_len // opts.len_bucket) * opts.len_bucket
+            longest = max(longest, opts.row_bucket)  # the padding image fits the grid too
         return (x.device, x.dtype, x.shape[1], layout.batch_size, rows, longest, uniform, cast)
 
     @staticmethod
     def _load(captured: _Captured, tokens: TokenSet) -> None:
-        captured.rows_in[: tokens.layout.total].copy_(tokens.x)
-        captured.offsets.copy_(tokens.layout.offsets(torch.int32))
+        layout = tokens.layout
+        captured.rows_in[: layout.total].copy_(tokens.x)
+        captured.offsets[: layout.batch_size + 1].copy_(layout.offsets(torch.int32))
 
     def _capture(self, key: Tuple, tokens: TokenSet) -> _Captured:
         device, dtype, channels, batch, rows, longest, uniform, cast = key
@@ -123,16 +127,14 @@ class GraphedBlocks:
             self._pool = torch.cuda.graph_pool_handle()
         # normal (not inference-mode) buffers, so that later calls may write them in any mode
         with torch.inference_mode(False), torch.no_grad():
-            rows_in = torch.zeros(rows, channels, device=device, dtype=dtype)
-            offsets = torch.zeros(batch + 1, device=device, dtype=torch.int32)
+            rows_in = torch.zeros(rows, channels, device=device, dtype=dtype)  # padding rows start finite
+            offsets = torch.full((batch + 1 + (not uniform),), rows, device=device, dtype=torch.int32)
             captured = _Captured(torch.cuda.CUDAGraph(), rows_in, offsets, rows_in)
             self._load(captured, tokens)
-            tail = 0 if uniform else min(opts.row_bucket - 1, rows)
-            layout = StaticLayout(offsets, longest, uniform, rows, tail)
+            layout = StaticLayout(offsets, longest, uniform)
 
             def forward() -> torch.Tensor:
                 with torch.autocast("cuda", dtype=cast or torch.bfloat16, enabled=cast is not None, cache_enabled=False):
-                    layout.refresh()
                     if self._fused is not None:
                         return self._fused(rows_in, layout, opts.attention)
                     x = rows_in

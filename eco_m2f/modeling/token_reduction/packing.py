@@ -8,7 +8,7 @@ for the GPU to learn a shape.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Sequence, Tuple
 
 import torch
 
@@ -150,28 +150,19 @@ class PackedLayout:
 
 
 class StaticLayout:
-    """The part of a :class:`PackedLayout` that attention reads, held in device buffers, so that a
+    """The part of a :class:`PackedLayout` that attention reads, held in a device buffer, so that a
     captured CUDA graph can be replayed for other lengths.
 
     Ragged (``uniform`` False): ``offsets`` (B + 1,) int32 may be rewritten between replays and
-    ``max_len`` bounds the lengths (it only sizes the kernel's grid); of the ``rows`` packed rows
-    the last ``tail`` may lie past the last image, and :meth:`refresh` (recorded into the graph)
-    sets ``padding_rows`` (tail,) bool to mark which do. Uniform: B images of ``max_len`` rows.
+    ``max_len`` bounds the lengths (it only sizes the kernel's grid). Uniform: B images of
+    ``max_len`` rows, attended by the dense kernel.
     """
 
-    def __init__(self, offsets: torch.Tensor, max_len: int, uniform: bool = False, rows: int = 0, tail: int = 0) -> None:
+    def __init__(self, offsets: torch.Tensor, max_len: int, uniform: bool = False) -> None:
         self._offsets = offsets
         self.max_len = int(max_len)
         self.uniform = uniform
         self.batch_size = offsets.numel() - 1
-        self.total = rows
-        self._tail_ids = torch.arange(rows - tail, rows, device=offsets.device, dtype=torch.int32) if tail else None
-        self.padding_rows: Optional[torch.Tensor] = None
-
-    def refresh(self) -> None:
-        """Recompute ``padding_rows`` from the current offsets."""
-        if self._tail_ids is not None:
-            self.padding_rows = self._tail_ids >= self._offsets[-1]
 
     def offsets(self, dtype: torch.dtype = torch.int32) -> torch.Tensor:
         if dtype != torch.int32:
