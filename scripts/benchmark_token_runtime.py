@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,14 @@ RECOMMENDABLE_ROW_BUCKET = 16  # exact-row graphs recapture for every new total:
 
 def say(*parts) -> None:
     print(*parts, flush=True)
+
+
+class _Stopped(Exception):
+    """SIGTERM (e.g. from ``timeout``): stop timing, print what is finished."""
+
+
+def _stop(signum, frame) -> None:
+    raise _Stopped()
 
 
 def _capture_dense(blocks, tokens: torch.Tensor):
@@ -195,6 +204,21 @@ def main(argv=None) -> int:
     runners = {name: tr.GraphedBlocks(blocks, opts) for name, opts in configs.items()} if cuda else {}
 
     say(f"{'pattern':<15}{'run':<7}{'configuration':<40}{'t ms':>9}{'IQR':>7}{'rel err':>9}{'F/F_d':>7}{'share':>7}{'ok':>4}{'ok*':>4}  notes")
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        _patterns(args, chosen, patterns, results, blocks, tokens, scores, full, dense_graph, dense_compiled, runners, eager_impls, timed, dump, cuda)
+        _removal_timings(results, full, scores, patterns, n, timed)
+    except _Stopped:
+        say("\nstopped by SIGTERM: the summary covers the patterns finished so far")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _summary(results, chosen)
+    dump()
+    return 0
+
+
+def _patterns(args, chosen, patterns, results, blocks, tokens, scores, full, dense_graph, dense_compiled, runners, eager_impls, timed, dump, cuda) -> None:
+    """Every pattern: dense baselines, eager runs, graph runs, end to end; results per pattern."""
+    n = args.tokens
     for pattern in chosen:
         keep = keep_counts(patterns[pattern], n)
         with torch.inference_mode():
@@ -263,11 +287,6 @@ def main(argv=None) -> int:
         for runner in runners.values():
             runner.reset()  # free this pattern's graphs
         dump()
-
-    _removal_timings(results, full, scores, patterns, n, timed)
-    _summary(results, chosen)
-    dump()
-    return 0
 
 
 def _correct_rows(entry) -> List[dict]:

@@ -166,3 +166,18 @@ def test_graph_options_replay_equal_eager(changes):
             out, ref = graphed(ts), run_blocks(blocks, ts, "flash")
             assert out.history == ref.history
             assert torch.isfinite(out.x).all() and (out.x.float() - ref.x.float()).abs().max().item() <= 5e-2, keep
+
+
+@pytest.mark.gpu
+def test_single_images_with_tokens_removed_share_row_buckets():
+    """Batch 1 is always of equal lengths; once tokens are removed its length changes per image,
+    so it takes row buckets rather than one exact-shape graph per length."""
+    blocks = tiny_blocks(depth=2, dim=128, heads=2).cuda().to(torch.bfloat16).eval()
+    graphed = GraphedBlocks(blocks, attention="flash", row_bucket=64)
+    tokens = torch.randn(1, 1 + 300, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for keep in (300, 200, 170, 180, 300):
+            ts = TokenSet.from_dense(tokens, (15, 20)).keep_topk(torch.rand(300, device="cuda"), [keep])
+            out, ref = graphed(ts), run_blocks(blocks, ts, "flash")
+            assert (out.x.float() - ref.x.float()).abs().max().item() <= 5e-2, keep
+    assert len(graphed) == 3  # the whole image (exact), 201 rows -> 256, 171 and 181 rows -> 192

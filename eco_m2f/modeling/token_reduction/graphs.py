@@ -7,8 +7,9 @@ batch whose packed rows fit its bucket: the image offsets live in a device buffe
 ragged attention kernel reads at run time; the rows past the last image form one more image of
 padding, attended within itself like the others (so that every row of every layer holds finite
 values, which cuDNN's kernel needs) and cut off at the end; the longest sequence only sizes the
-kernel's grid, so it is rounded up as well. A batch whose images all hold the same number of
-tokens replays a graph of the dense attention at its exact shape instead. Graphs are captured
+kernel's grid, so it is rounded up as well. A batch of several images that all hold the same
+number of tokens (or one image holding all of them) replays a graph of the dense attention at
+its exact shape instead. Graphs are captured
 on first use of a bucket and kept (least recently used first out). How rows and lengths are
 bucketed, which attention runs and whether the token-wise work is compiled are
 :class:`~.options.InferenceOptions`; the default is :data:`~.options.DEFAULT_INFERENCE`.
@@ -99,7 +100,10 @@ class GraphedBlocks:
     def _key(self, tokens: TokenSet) -> Tuple:
         layout, x, opts = tokens.layout, tokens.x, self.options
         cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        uniform = layout.uniform and opts.dense_when_uniform
+        # a single image with tokens removed is "uniform" at a new length nearly every call: it
+        # takes a row bucket instead of an exact-shape graph per length
+        whole = layout.max_len == tokens.num_prefix + tokens.num_cells
+        uniform = layout.uniform and opts.dense_when_uniform and (layout.batch_size > 1 or whole)
         if uniform:
             rows, longest = layout.total, layout.max_len
         else:

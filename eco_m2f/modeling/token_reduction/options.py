@@ -29,9 +29,11 @@ class InferenceOptions:
         len_bucket: the longest image is rounded up to a multiple of this (1: exact); 0 uses the
             full sequence length (prefix + grid cells) for every batch, so the longest image no
             longer splits graphs. It only sizes the attention kernel's grid.
-        dense_when_uniform: batches whose images all hold the same number of tokens replay a
-            graph of the dense ``scaled_dot_product_attention`` (the kernel timm's own blocks
-            run) at their exact shape, instead of ragged attention in a row bucket.
+        dense_when_uniform: batches of several images that all hold the same number of tokens,
+            and a single image holding all its tokens, replay a graph of the dense
+            ``scaled_dot_product_attention`` (the kernel timm's own blocks run) at their exact
+            shape, instead of ragged attention in a row bucket. (A single image with tokens
+            removed keeps the bucket: its length changes from image to image.)
         compile: run the token-wise work between attentions (projection, residuals, norms, MLP)
             through one function compiled with ``torch.compile`` and shared by every block
             (:mod:`.fused`).
