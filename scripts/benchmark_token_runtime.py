@@ -30,10 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eco_m2f.evaluation.throughput import DTYPES, time_back_to_back  # noqa: E402
+from eco_m2f.evaluation.throughput import time_back_to_back  # noqa: E402
 from eco_m2f.evaluation.token_runtime import (  # noqa: E402
     CRITERION,
     GRAPH_CONFIGS,
+    add_stack_arguments,
     build_stack,
     dense_forward,
     flop_ratio,
@@ -42,16 +43,14 @@ from eco_m2f.evaluation.token_runtime import (  # noqa: E402
     needed_time,
     per_image_reference,
     relative_error,
+    say,
+    stack_settings,
     time_share,
 )
 from eco_m2f.modeling import token_reduction as tr  # noqa: E402
 
 TOLERANCE = 5e-2  # relative error of an image (bf16) above which a run counts as wrong
 RECOMMENDABLE_ROW_BUCKET = 16  # exact-row graphs recapture for every new total: not a default
-
-
-def say(*parts) -> None:
-    print(*parts, flush=True)
 
 
 class _Stopped(Exception):
@@ -118,30 +117,15 @@ def _uniform_key(opts: tr.InferenceOptions):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=1024, help="patch tokens per image (+1 cls)")
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
+    add_stack_arguments(p, budget=0.25)
     p.add_argument("--eager", nargs="+", default=None, help="eager attention implementations (default: flash cudnn varlen padded on CUDA; padded jagged flex on CPU)")
     p.add_argument("--configs", nargs="+", default=None, help=f"graph configurations (default: all of {list(GRAPH_CONFIGS)})")
     p.add_argument("--no-compile", action="store_true", help="leave out the compiled configurations and baseline")
     p.add_argument("--patterns", nargs="+", default=None, help="subset of the named keep patterns")
-    p.add_argument("--budget", type=float, default=0.3, help="seconds of timed calls per figure")
-    p.add_argument("--json", default=None, help="write every figure here (rewritten after each pattern)")
-    p.add_argument("--tiny", action="store_true", help="2 blocks of dim 64 on 64 tokens, short timings: checks the script")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the child of _start_probe
     args = p.parse_args(argv)
-    if args.tiny:
-        args.depth, args.dim, args.heads, args.tokens, args.budget = 2, 64, 4, 64, 0.02
-    device = torch.device(args.device)
+    device, dtype = stack_settings(p, args)
     cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        p.error("CUDA is not available here; use --device cpu (with --tiny for a quick check)")
-    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
-    dtype = DTYPES[args.dtype]
     patterns = keep_patterns(args.batch)
     chosen = args.patterns or list(patterns)
     unknown = [name for name in chosen if name not in patterns]

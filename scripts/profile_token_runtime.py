@@ -26,15 +26,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eco_m2f.evaluation.throughput import DTYPES  # noqa: E402
 from eco_m2f.evaluation.token_runtime import (  # noqa: E402
     GRAPH_CONFIGS,
+    add_stack_arguments,
     attention_alone,
     build_stack,
     dense_forward,
     keep_counts,
     keep_patterns,
     kernel_breakdown,
+    say,
+    stack_settings,
     token_wise_alone,
 )
 from eco_m2f.modeling import token_reduction as tr  # noqa: E402
@@ -42,30 +44,12 @@ from eco_m2f.modeling import token_reduction as tr  # noqa: E402
 GRAPHS_PROFILED = ("before", "flash-64", "cudnn-64")
 
 
-def say(*parts) -> None:
-    print(*parts, flush=True)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=1024, help="patch tokens per image (+1 cls)")
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--budget", type=float, default=0.08, help="seconds of timed replays per figure")
-    p.add_argument("--json", default=None)
-    p.add_argument("--tiny", action="store_true", help="2 blocks of dim 64 on 64 tokens: checks the script")
+    add_stack_arguments(p, budget=0.08)
     args = p.parse_args(argv)
-    if args.tiny:
-        args.depth, args.dim, args.heads, args.tokens, args.budget = 2, 64, 4, 64, 0.01
-    device = torch.device(args.device)
+    device, dtype = stack_settings(p, args)
     cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        p.error("CUDA is not available here; use --device cpu (with --tiny for a quick check)")
-    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     n, b, heads = args.tokens, args.batch, args.heads
     head_dim = args.dim // heads
     blocks = build_stack(args.depth, args.dim, heads, device, dtype)

@@ -17,11 +17,11 @@ from eco_m2f.modeling.token_reduction import (  # noqa: E402
     FusedBlocks,
     GraphedBlocks,
     InferenceOptions,
+    StaticLayout,
     TokenSet,
     fusable,
     packed_attention,
     project_qkv,
-    ragged_attention,
     resolve_attention,
     run_blocks,
 )
@@ -118,13 +118,18 @@ def test_inference_options_default_and_overrides(monkeypatch):
             InferenceOptions(**bad)
 
 
-def test_ragged_attention_on_equal_lengths_equals_the_dense_kernel():
+def test_static_layouts_take_the_ragged_kernel_at_equal_lengths():
     ts = TokenSet.from_dense(_tokens(), GRID)
     q, k, v = torch.randn(3, ts.layout.total, 3, 16).unbind(0)
+    static = StaticLayout(ts.layout.offsets(torch.int32), ts.layout.max_len)
+    uniform = StaticLayout(ts.layout.offsets(torch.int32), ts.layout.max_len, uniform=True)
     with torch.no_grad():
-        dense = packed_attention(q, k, v, ts.layout, "padded")
-        for impl in ("padded", "jagged"):
-            assert (ragged_attention(q, k, v, ts.layout, impl) - dense).abs().max().item() <= 1e-5
+        dense = packed_attention(q, k, v, ts.layout, "flash")  # equal lengths: the dense kernel on CPU too
+        assert torch.equal(packed_attention(q, k, v, uniform, "flash"), dense)
+        with pytest.raises(ValueError, match="'flash' needs CUDA"):  # no shortcut: the ragged kernel itself
+            packed_attention(q, k, v, static, "flash")
+    with pytest.raises(ValueError, match="int32"):
+        static.offsets(torch.long)
     with pytest.raises(ValueError, match="'cudnn' needs CUDA"):
         resolve_attention("cudnn", "cpu", torch.float32)
 

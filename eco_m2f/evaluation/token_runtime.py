@@ -10,21 +10,23 @@ alone, kernel tables).
 """
 from __future__ import annotations
 
+import argparse
 import re
 from collections import defaultdict
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eco_m2f.evaluation.throughput import CallTime, time_back_to_back, time_graph
-from eco_m2f.modeling.token_reduction import InferenceOptions, StaticLayout, TokenSet, blocks_flops, project_qkv, ragged_attention
+from eco_m2f.evaluation.throughput import DTYPES, CallTime, time_back_to_back, time_graph
+from eco_m2f.modeling.token_reduction import InferenceOptions, StaticLayout, TokenSet, blocks_flops, packed_attention, project_qkv
 from eco_m2f.modeling.token_reduction.packing import host_ints
 
 __all__ = [
     "CRITERION",
     "GRAPH_CONFIGS",
+    "add_stack_arguments",
     "attention_alone",
     "build_stack",
     "dense_forward",
@@ -36,6 +38,8 @@ __all__ = [
     "needed_time",
     "per_image_reference",
     "relative_error",
+    "say",
+    "stack_settings",
     "time_share",
     "token_wise_alone",
 ]
@@ -59,6 +63,36 @@ GRAPH_CONFIGS: Dict[str, InferenceOptions] = {
     "flash-64-compiled": InferenceOptions(attention="flash", row_bucket=64, compile=True),
     "cudnn-64-compiled": InferenceOptions(attention="cudnn", row_bucket=64, compile=True),
 }
+
+
+def say(*parts) -> None:
+    """Print at once (a run cut short by a time limit still leaves its lines)."""
+    print(*parts, flush=True)
+
+
+def add_stack_arguments(parser: argparse.ArgumentParser, budget: float) -> None:
+    """The options of the runtime scripts: device, dtype, the stack's sizes, timing budget."""
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=1024, help="patch tokens per image (+1 cls)")
+    parser.add_argument("--depth", type=int, default=12)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--budget", type=float, default=budget, help="seconds of timed calls per figure")
+    parser.add_argument("--json", default=None, help="write every figure here (rewritten as the run goes)")
+    parser.add_argument("--tiny", action="store_true", help="2 blocks of dim 64 on 64 tokens, short timings: checks the script")
+
+
+def stack_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Tuple[torch.device, torch.dtype]:
+    """Apply ``--tiny``, check the device, resolve the dtype (bf16 on CUDA, fp32 on CPU)."""
+    if args.tiny:
+        args.depth, args.dim, args.heads, args.tokens, args.budget = 2, 64, 4, 64, min(args.budget, 0.02)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("CUDA is not available here; use --device cpu (with --tiny for a quick check)")
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    return device, DTYPES[args.dtype]
 
 
 def keep_patterns(batch: int) -> Dict[str, List[float]]:
@@ -243,12 +277,12 @@ def attention_alone(lengths: Sequence[int], heads: int, head_dim: int, full_len:
             cases[f"dense SDPA forced {name.lower()}"] = dense(getattr(SDPBackend, name))
     for label, max_len in (("exact", longest), ("len/128", -(-longest // 128) * 128), ("full", full_len)):
         layout = StaticLayout(offsets, max_len)
-        cases[f"flash varlen, max {label} ({max_len})"] = lambda layout=layout: ragged_attention(q, k, v, layout, "flash", 0.0, scale)
-        cases[f"cudnn ragged, packed qkv, max {label} ({max_len})"] = lambda layout=layout: ragged_attention(*packed, layout, "cudnn", 0.0, scale)
+        cases[f"flash varlen, max {label} ({max_len})"] = lambda layout=layout: packed_attention(q, k, v, layout, "flash", 0.0, scale)
+        cases[f"cudnn ragged, packed qkv, max {label} ({max_len})"] = lambda layout=layout: packed_attention(*packed, layout, "cudnn", 0.0, scale)
     exact = StaticLayout(offsets, longest)
     cases["cudnn ragged, strided qkv views as given"] = lambda: torch.ops.aten._cudnn_attention_forward(
         q, k, v, None, offsets, offsets, longest, longest, False, 0.0, False, False, scale=scale)[0]
-    cases["varlen_attn (torch.nn.attention.varlen)"] = lambda: ragged_attention(q, k, v, exact, "varlen", 0.0, scale)
+    cases["varlen_attn (torch.nn.attention.varlen)"] = lambda: packed_attention(q, k, v, exact, "varlen", 0.0, scale)
     flops = 4 * heads * head_dim * sum(n * n for n in lengths)
     rows = []
     with torch.inference_mode():

@@ -8,7 +8,7 @@ or logits; :func:`run_blocks` runs timm ViT blocks on it paying only for live to
 token-wise work through one compiled function;
 :func:`blocks_flops` turns the set's per-block lengths into per-image FLOPs.
 """
-from .attention import ATTENTION_IMPLS, DEFAULT_CUDA_ATTENTION, packed_attention, ragged_attention, resolve_attention
+from .attention import ATTENTION_IMPLS, DEFAULT_CUDA_ATTENTION, packed_attention, resolve_attention
 from .blocks import check_block, project_qkv, run_block, run_blocks
 from .flops import SDPA_FLOP_HANDLES, BlockCost, block_cost, blocks_flops
 from .fused import FusedBlocks, fusable
@@ -38,7 +38,6 @@ __all__ = [
     "mean_per_group",
     "packed_attention",
     "project_qkv",
-    "ragged_attention",
     "resolve_attention",
     "run_block",
     "run_blocks",

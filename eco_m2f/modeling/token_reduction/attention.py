@@ -48,7 +48,6 @@ __all__ = [
     "PACKED_QKV_IMPLS",
     "attention_unavailable",
     "packed_attention",
-    "ragged_attention",
     "resolve_attention",
 ]
 
@@ -253,26 +252,11 @@ def packed_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v within each image: packed (T, H, D) in, (T, H, D) out. A layout
-    of equal lengths runs the dense kernel on a view; others go to :func:`ragged_attention`."""
+    of equal lengths runs the dense kernel on a view; others go through backend ``impl`` (a
+    :class:`~.packing.StaticLayout` with ``uniform`` False takes ``impl`` at any lengths)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if layout.uniform:
         return _dense(q, k, v, layout, dropout_p, scale)
-    return ragged_attention(q, k, v, layout, impl, dropout_p, scale)
-
-
-def ragged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: PackedLayout,
-    impl: str = "auto",
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """:func:`packed_attention` through backend ``impl`` even when all lengths are equal (for
-    comparing the ragged kernels with the dense one)."""
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
     name = resolve_attention(impl, q.device.type, q.dtype, dropout_p > 0)
     return _BACKENDS[name](q, k, v, layout, dropout_p, scale)
