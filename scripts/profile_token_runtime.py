@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         full = tr.TokenSet.from_dense(tokens, (1, n))
         reduced = full.keep_topk(scores, keep_counts(patterns["mixed 25-100%"], n))
-    runs = {"dense eager timm": lambda: dense_forward(blocks, tokens), "mixed 25-100% eager flash": lambda: tr.run_blocks(blocks, reduced, "auto")}
+    runs = {"dense eager timm": lambda: dense_forward(blocks, tokens), "mixed 25-100% eager auto": lambda: tr.run_blocks(blocks, reduced, "auto")}
     if cuda:
         for name in GRAPHS_PROFILED:
             runner = tr.GraphedBlocks(blocks, GRAPH_CONFIGS[name])

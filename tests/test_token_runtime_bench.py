@@ -75,3 +75,27 @@ def test_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
     assert [r["label"] for r in mixed["rows"]] == ["padded"] and mixed["rows"][0]["err"] <= 1e-5
     assert set(mixed["baselines"]) == {"eager timm", "eager timm (again)"}
     assert set(results["summary"]) == {"all 50%", "mixed 25-100%"}
+
+
+def test_summary_picks_the_bucketed_configuration_that_passes_most_patterns(capsys):
+    spec = importlib.util.spec_from_file_location("benchmark_token_runtime", REPO / "scripts" / "benchmark_token_runtime.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    base = {"eager timm": {"t": 4.0}, "eager timm (again)": {"t": 4.0}, "graphed timm": {"t": 3.9}}
+
+    def graph(name, t, err=1e-3, **extra):
+        return {"kind": "graph", "label": f"{name}: x", "t": t, "err": err, **extra}
+
+    results = {"patterns": {
+        # bound against the fastest dense baseline (3.9): 3.9 - 0.9 * 3.9 * 0.5 = 2.145
+        "mixed": {"flop_ratio": 0.5, "baselines": base, "rows": [
+            graph("before", 2.5), graph("cudnn-64", 2.1), graph("cudnn-exact", 2.0), graph("flash-64", 1.0, err=0.5)]},
+        "all 100%": {"flop_ratio": 1.0, "baselines": base, "rows": [
+            graph("before", 4.2), graph("cudnn-64", 3.8), graph("cudnn-exact", 3.8, same_as="cudnn-64: x"), graph("flash-64", 3.8)]},
+    }}
+    script._summary(results, ["mixed", "all 100%"])
+    out = capsys.readouterr().out
+    assert results["summary"]["mixed"]["best"] == "cudnn-exact: x"  # fastest correct run (flash-64 is wrong there)
+    assert results["summary"]["mixed"]["ok_vs_best_dense"] and results["summary"]["mixed"]["best_dense"] == "graphed timm"
+    assert results["recommended"]["config"] == "cudnn-64"  # exact rows pass too, but are no default
+    assert 'InferenceOptions(attention="cudnn", row_bucket=64' in out
