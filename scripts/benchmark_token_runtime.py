@@ -53,8 +53,11 @@ TOLERANCE = 5e-2  # relative error of an image (bf16) above which a run counts a
 RECOMMENDABLE_ROW_BUCKET = 16  # exact-row graphs recapture for every new total: not a default
 
 
+COMPILE_LIMIT_S = 75  # a compilation that takes longer is abandoned (the compiled runs are left out)
+
+
 class _Stopped(Exception):
-    """SIGTERM (e.g. from ``timeout``): stop timing, print what is finished."""
+    """SIGTERM (e.g. from ``timeout``) or SIGALRM: stop, keep what is finished."""
 
 
 def _stop(signum, frame) -> None:
@@ -161,13 +164,19 @@ def main(argv=None) -> int:
         dense_graph = _capture_dense(blocks, tokens) if cuda else None
     dense_compiled = tr.GraphedBlocks(blocks, tr.InferenceOptions(compile=True)) if cuda and not args.no_compile else None
     if dense_compiled is not None:
+        signal.signal(signal.SIGALRM, _stop)
+        signal.alarm(COMPILE_LIMIT_S)
         try:
             with torch.inference_mode():
                 dense_compiled(full)
             say(f"compiled the token-wise block function (shared by every block and row count): first warm-up {dense_compiled.stats['first_warmup_s']:.1f} s")
-        except Exception as exc:  # the compiled runs then fail alike and say why
-            say(f"compiled dense graph failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+        except (Exception, _Stopped) as exc:
+            why = f"over {COMPILE_LIMIT_S} s" if isinstance(exc, _Stopped) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            say(f"leaving out the compiled runs: compiling the dense graph failed ({why})")
             dense_compiled = None
+            configs = {name: opts for name, opts in configs.items() if not opts.compile}
+        finally:
+            signal.alarm(0)
     reason = _probe_result(probe) if probe is not None else ""
     if reason:
         say(f"leaving out every cuDNN run: {reason}")
