@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Time forward passes of a config's network (and optionally transformers' Mask2Former).
+"""Time forward passes of a config's network (``model.network``) and optionally transformers' Mask2Former.
 
     python scripts/benchmark.py --config-file CONFIG [--size H W] [--batch-sizes 1 8]
         [--dtypes fp32 bf16] [--compare-hf] [--exit K] [--variant NAME KEY VALUE ...]
@@ -7,7 +7,8 @@
 
 ``--variant`` (repeatable) also times our model with extra config overrides, e.g.
 ``--variant "bf16 pixel decoder" MODEL.SEM_SEG_HEAD.PIXEL_DECODER_FP32 False``;
-``--stages`` adds the GPU time of backbone, pixel decoder and transformer decoder per pass;
+``--stages`` adds the GPU time of the model's ``benchmark_stages()`` (MaskFormer: backbone, pixel
+decoder, transformer decoder) per pass; ``--exit K`` times an ECO-M2F network at exit K;
 ``--profile N`` prints the N kernels with the most GPU time (torch.profiler) per setting.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eco_m2f.architectures import build_model  # noqa: E402
 from eco_m2f.config import setup_cfg  # noqa: E402
 from eco_m2f.evaluation.throughput import (  # noqa: E402
     Timing,
@@ -28,13 +30,10 @@ from eco_m2f.evaluation.throughput import (  # noqa: E402
     format_timings,
     hf_forward,
     hf_stages,
-    network_forward,
-    network_stages,
     profile_kernels,
     stage_times,
     time_forward,
 )
-from eco_m2f.modeling import build_model  # noqa: E402
 
 HF_NAME = "transformers Mask2Former"
 
@@ -65,14 +64,22 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for both models
         torch.backends.cudnn.allow_tf32 = False
+    cost = None if args.exit is None else {"exit": args.exit}
+
+    def network(model):
+        """``model.network`` on a batch, along ``cost``; its stages for --stages."""
+        if cost is not None and model.cost_signature(cost) == model.cost_signature({}):
+            p.error(f"{type(model).__name__}'s network does not depend on an exit (ECOMaskFormer's does)")
+        return (lambda images: model.network(images, cost)), model.benchmark_stages()
+
     ours = build_model(cfg).to(device).eval()
     name_ours = f"eco_m2f ({cfg.MODEL.BACKBONE.NAME})" if args.exit is None else f"eco_m2f exit {args.exit}"
-    models = [(name_ours, network_forward(ours, args.exit), network_stages(ours))]
+    models = [(name_ours, *network(ours))]
     for name, *opts in args.variant:
         if not opts or len(opts) % 2:
             p.error(f"--variant '{name}' needs KEY VALUE pairs after its name, got {opts}")
         variant = build_model(setup_cfg(args.config_file, list(args.opts) + opts)).to(device).eval()
-        models.append((f"eco_m2f {name}", network_forward(variant, args.exit), network_stages(variant)))
+        models.append((f"eco_m2f {name}", *network(variant)))
     if args.compare_hf:
         hf = build_hf_mask2former(cfg).to(device).eval()
         models.append((HF_NAME, hf_forward(hf), hf_stages(hf)))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eco_m2f.eco.gate import format_step_c_report, run_step_c  # noqa: E402
+from eco_m2f.eco.step_c import format_step_c_report, run_step_c  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

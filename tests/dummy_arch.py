@@ -20,19 +20,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eco_m2f.modeling.meta_arch.base import SegmentationModel  # noqa: E402
 from eco_m2f.modeling.registry import META_ARCH_REGISTRY  # noqa: E402
 
 # Seconds to sleep per training step (lets the kill/resume test stop a run mid-way).
 STEP_SLEEP_ENV = "ECO_M2F_TEST_STEP_SLEEP"
 
 
-class DummySegmenter(nn.Module):
+class DummySegmenter(SegmentationModel):
     """backbone (conv + GroupNorm) -> 1x1 classifier; training returns {"loss_ce"}, eval sem_seg."""
 
     find_unused_parameters = False
 
     def __init__(self, cfg) -> None:
-        super().__init__()
+        super().__init__(cfg, size_divisibility=0, tasks={"sem_seg"})
         num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU())
         self.extra = nn.Conv2d(8, 8, 1)  # used by the "skip" variant only on some steps
@@ -41,10 +42,6 @@ class DummySegmenter(nn.Module):
         self.ignore_value = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         self.sleep = float(os.environ.get(STEP_SLEEP_ENV, "0") or 0)
         self._calls = 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.predictor.weight.device
 
     def _use_extra(self) -> bool:
         return True
@@ -112,6 +109,7 @@ def test_config_opts(output_dir: str) -> List[str]:
         "MODEL.META_ARCHITECTURE", "DummySegmenter",
         "MODEL.DEVICE", "cpu",
         "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "2",
+        "SOLVER.LR_SCHEDULER_NAME", "WarmupPolyLR",
         "DATASETS.TEST", "()",
         "SOLVER.IMS_PER_BATCH", "4",
         "SOLVER.BASE_LR", "0.05",

@@ -48,6 +48,8 @@ def _cfg_coco_r50():
     cfg.MODEL.RESNETS.DEPTH = 50
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    cfg.MODEL.RESNETS.STEM_TYPE = "basic"  # as the official configs set them
+    cfg.MODEL.RESNETS.RES5_MULTI_GRID = [1, 1, 1]
     return cfg
 
 

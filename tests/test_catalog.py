@@ -115,6 +115,9 @@ def test_class_lists():
         ("cityscapes_fine_instance_seg_val", "leftImg8bit", "prepare_cityscapes.py"),
         ("ade20k_sem_seg_val", "images/validation", "prepare_ade20k_sem_seg.py"),
         ("ade20k_panoptic_train", "ade20k_panoptic_train.json", "prepare_ade20k_panoptic.py"),
+        ("coco_2017_train_stuff_10k_sem_seg", "coco/coco_stuff_10k/images_detectron2/train",
+         "prepare_coco_stuff_10k_sem_seg.py"),
+        ("pascal_context_59_sem_seg_val", "VOCdevkit/VOC2010/JPEGImages", "prepare_pascal_context_59.py"),
     ],
 )
 def test_missing_dataset_names_path_and_command(name, path_part, command, tmp_path, monkeypatch):

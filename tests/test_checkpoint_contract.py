@@ -15,7 +15,7 @@ import torch
 
 from eco_m2f.checkpoint import CheckpointMismatchError, load_weights
 from eco_m2f.config import setup_cfg
-from eco_m2f.modeling import build_model
+from eco_m2f.architectures import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eco_m2f.evaluation.panoptic import id2rgb
+from eco_m2f.evaluation.pq import id2rgb
 
 H, W = 64, 128
 CITY = "testcity"
@@ -164,7 +164,7 @@ def test_gt_as_prediction_scores_100_on_all_three_tasks(cityscapes_root, tmp_pat
     cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
     cfg.OUTPUT_DIR = "out"  # relative on purpose: the Cityscapes scripts change directory
     monkeypatch.chdir(tmp_path)
-    evaluators = build_evaluators(cfg, name)
+    evaluators = build_evaluators(cfg, name, None, {"panoptic_seg", "sem_seg", "instances"})
     assert sorted(type(e).__name__ for e in evaluators) == sorted(
         [CityscapesPanopticEvaluator.__name__, CityscapesSemSegEvaluator.__name__, CityscapesInstanceEvaluator.__name__]
     )

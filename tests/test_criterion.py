@@ -259,6 +259,8 @@ def test_build_criterion_from_config():
     cfg = get_cfg()
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 19
     cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.2
+    mf = cfg.MODEL.MASK_FORMER  # the official Mask2Former configs' values
+    mf.CLASS_WEIGHT, mf.MASK_WEIGHT, mf.DICE_WEIGHT, mf.DEC_LAYERS = 2.0, 5.0, 5.0, 10
     crit = build_criterion(cfg)
     assert crit.num_classes == 19 and crit.empty_weight.shape == (20,)
     assert crit.empty_weight[-1].item() == pytest.approx(0.2)

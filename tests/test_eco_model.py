@@ -10,7 +10,7 @@ import torch
 from eco_m2f.config import setup_cfg
 from eco_m2f.eco import stochastic_depth
 from eco_m2f.eco.stochastic_depth import alpha_weights
-from eco_m2f.modeling import build_model
+from eco_m2f.architectures import build_model
 
 from conftest import TINY_OPTS
 
@@ -35,7 +35,7 @@ def _batch(n: int = 3, size: int = 64, seed: int = 0):
 
 def _model(extra=()):
     torch.manual_seed(0)
-    return build_model(setup_cfg(TINY, TINY_OPTS + list(extra)))
+    return build_model(setup_cfg(TINY, TINY_OPTS + ["MODEL.META_ARCHITECTURE", "ECOMaskFormer"] + list(extra)))
 
 
 def test_every_exit_gives_outputs_of_the_right_shape():
@@ -51,7 +51,7 @@ def test_every_exit_gives_outputs_of_the_right_shape():
         results = model(batch, exit_layer=k)
         assert results[0]["sem_seg"].shape == (8, 64, 64)
         assert results[0]["panoptic_seg"][0].shape == (64, 64)
-        assert results[0]["eco_exit"] == k
+        assert results[0]["cost"]["exit"] == k
 
 
 def test_weighted_stochastic_depth_loss_equals_hand_computed_sum(monkeypatch):
@@ -102,7 +102,7 @@ def test_gate_forced_to_exit_k_equals_fixed_exit_k(k):
     gated = model(batch)
     fixed = model(batch, exit_layer=k)
     for g, f in zip(gated, fixed):
-        assert g["eco_exit"] == k
+        assert g["cost"]["exit"] == k
         torch.testing.assert_close(g["sem_seg"], f["sem_seg"], atol=1e-5, rtol=1e-5)
         assert torch.equal(g["panoptic_seg"][0], f["panoptic_seg"][0])
         assert g["panoptic_seg"][1] == f["panoptic_seg"][1]
@@ -117,7 +117,7 @@ def test_gated_batch_with_mixed_exits_matches_per_image_fixed_exits():
     gated = model(batch)
     for i, x in enumerate(batch):
         single = model([x], exit_layer=int(chosen[i]))[0]
-        assert gated[i]["eco_exit"] == int(chosen[i])
+        assert gated[i]["cost"]["exit"] == int(chosen[i])
         torch.testing.assert_close(gated[i]["sem_seg"], single["sem_seg"], atol=1e-4, rtol=1e-4)
 
 

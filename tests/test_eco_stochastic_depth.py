@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eco_m2f.eco.stochastic_depth import alpha_weights, combine_exit_losses, sample_depths, validate_exits
+from eco_m2f.eco.exits import exit_set as validate_exits
+from eco_m2f.eco.stochastic_depth import alpha_weights, combine_exit_losses, sample_depths
 
 
 def test_linear_alpha_is_proportional_to_k_and_sums_to_one():

@@ -90,7 +90,7 @@ def test_distributed_env_from_flags(monkeypatch):
 
 
 def test_precision_and_accelerator_selection():
-    from eco_m2f.engine.trainer import select_accelerator, select_precision
+    from eco_m2f.engine.devices import select_accelerator, select_precision
 
     cfg = get_cfg()
     assert select_precision(cfg, "gpu") == "32-true"
@@ -321,7 +321,7 @@ def test_eval_only_needs_weights(tmp_path):
 
 
 def test_results_table_format():
-    from eco_m2f.engine.evaluate import format_results_table
+    from eco_m2f.evaluation.testing import format_results_table
 
     text = format_results_table("ds", {"sem_seg": {"mIoU": 12.3456, "fwIoU": 50.0, "IoU-road": 3.0, "ACC-road": 4.0},
                                        "panoptic_seg": {"PQ": 1.0}})

@@ -16,17 +16,12 @@ import torch
 
 from eco_m2f.checkpoint import load_state_dict_file, save_checkpoint
 from eco_m2f.config import setup_cfg
-from eco_m2f.eco.gate import (
-    extract_features,
-    features_for_records,
-    run_step_c,
-    split_indices,
-    train_gate,
-)
+from eco_m2f.eco.gate import ExitGate, load_gate_checkpoint
+from eco_m2f.eco.gate_training import extract_features, features_for_records, split_indices, train_gate
 from eco_m2f.eco.gate_losses import GATE_LOSSES, get_gate_loss, hard_ce, soft_ce, soft_mse, u_ce
 from eco_m2f.eco.records import RecordWriter, write_meta
+from eco_m2f.eco.step_c import run_step_c
 from eco_m2f.eco.sweep import parse_results_json, run_sweep, subprocess_evaluate_fn
-from eco_m2f.modeling.gating import ExitGate, load_gate_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "synthetic" / "maskformer2_tiny_cpu.yaml")
@@ -326,9 +321,9 @@ def test_sweep_with_fake_evaluation(tmp_path):
         cfg = setup_cfg(CONFIG, overrides)
         if cfg.MODEL.ECO.GATE.ENABLED:
             assert cfg.MODEL.WEIGHTS.endswith("model_gated.pth") and cfg.TEST.ECO.EXIT == 0
-            return {"PQ": 50.0 - 100 * cfg.MODEL.ECO.GATE.BETA, "enc_gflops": 20.0, "total_gflops": 80.0}
+            return {"PQ": 50.0 - 100 * cfg.MODEL.ECO.GATE.BETA, "gflops_encoder": 20.0, "gflops": 80.0}
         k = cfg.TEST.ECO.EXIT
-        return {"PQ": 40.0 + k, "enc_gflops": 5.0 * k, "total_gflops": 60.0 + 5.0 * k}
+        return {"PQ": 40.0 + k, "gflops_encoder": 5.0 * k, "gflops": 60.0 + 5.0 * k}
 
     res = run_sweep(CONFIG, derived, [0.001, 0.01], evaluate, opts=["MODEL.ECO.GATE.EPOCHS", "2"],
                     output_dir=tmp_path / "sweep", log=lambda s: None)
@@ -351,11 +346,11 @@ def test_sweep_with_fake_evaluation(tmp_path):
 def test_results_json_parsing_and_subprocess_evaluate(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"panoptic_seg": {"PQ": 41.5, "SQ": 70.0},
-                                "eco": {"enc_gflops": 12.5, "total_gflops": 90.0, "exit_histogram": {"2": 3}}}))
-    assert parse_results_json(path) == {"PQ": 41.5, "enc_gflops": 12.5, "total_gflops": 90.0,
+                                "cost": {"gflops_encoder": 12.5, "gflops": 90.0, "exit_histogram": {"2": 3}}}))
+    assert parse_results_json(path) == {"PQ": 41.5, "gflops_encoder": 12.5, "gflops": 90.0,
                                         "exit_histogram": {"2": 3}}
     path.write_text(json.dumps({"panoptic_seg": {"PQ": 41.5}}))
-    with pytest.raises(KeyError, match="eco.enc_gflops"):
+    with pytest.raises(KeyError, match="cost.gflops_encoder"):
         parse_results_json(path)
 
     # A stand-in for `python train_net.py --eval-only ...` that writes results.json where evaluation would.
@@ -368,10 +363,10 @@ def test_results_json_parsing_and_subprocess_evaluate(tmp_path):
         "out = args[args.index('OUTPUT_DIR') + 1]\n"
         "d = os.path.join(out, 'inference', 'synthetic_panoptic_val'); os.makedirs(d, exist_ok=True)\n"
         "k = int(args[args.index('TEST.ECO.EXIT') + 1])\n"
-        "json.dump({'panoptic_seg': {'PQ': 30.0 + k}, 'eco': {'enc_gflops': k, 'total_gflops': 50 + k}},"
+        "json.dump({'panoptic_seg': {'PQ': 30.0 + k}, 'cost': {'gflops_encoder': k, 'gflops': 50 + k}},"
         " open(os.path.join(d, 'results.json'), 'w'))\n"
     )
     fake.chmod(0o755)
     evaluate = subprocess_evaluate_fn(CONFIG, REPO, python=str(fake))
     res = evaluate(["TEST.ECO.EXIT", "3", "OUTPUT_DIR", str(tmp_path / "ev")])
-    assert res["PQ"] == 33.0 and res["enc_gflops"] == 3.0 and res["total_gflops"] == 53.0
+    assert res["PQ"] == 33.0 and res["gflops_encoder"] == 3.0 and res["gflops"] == 53.0

@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eco_m2f.evaluation.panoptic import (
-    PanopticFormatError,
-    PQStat,
-    id2rgb,
-    pq_compute,
-    pq_compute_per_image,
-    pq_single_image,
-    read_panoptic_png,
-    rgb2id,
-)
+from eco_m2f.evaluation.pq import PanopticFormatError, PQStat, id2rgb, pq_single_image, read_panoptic_png, rgb2id
+from eco_m2f.evaluation.pq_compute import pq_compute, pq_compute_per_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -388,7 +380,7 @@ def test_missing_prediction_for_an_image_is_an_error(tmp_path):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "eco_m2f.evaluation.panoptic", *args],
+        [sys.executable, "-m", "eco_m2f.evaluation.pq_compute", *args],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -502,7 +494,7 @@ def test_coco_panoptic_evaluator_label_divisor_format_and_subset(tmp_path):
     import torch
 
     from eco_m2f.evaluation import COCOPanopticEvaluator
-    from eco_m2f.evaluation.panoptic import panoptic_categories, pq_for_model_output
+    from eco_m2f.evaluation.pq import panoptic_categories, pq_for_model_output
     from eco_m2f.data.catalog import MetadataCatalog
 
     gt = np.zeros((10, 10), np.int64)
@@ -553,7 +545,8 @@ def test_build_evaluators_follows_evaluator_type_and_test_flags(tmp_path):
         cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = panoptic
         cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = semantic
         cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = instance
-        return [type(e).__name__ for e in build_evaluators(cfg, dataset, tmp_path / "out")]
+        tasks = [t for t, on in (("panoptic_seg", panoptic), ("sem_seg", semantic), ("instances", instance)) if on]
+        return [type(e).__name__ for e in build_evaluators(cfg, dataset, tmp_path / "out", tasks)]
 
     assert kinds(True, True, True) == ["COCOPanopticEvaluator", "COCOEvaluator", "SemSegEvaluator"]
     assert kinds(True, False, False) == ["COCOPanopticEvaluator"]

@@ -44,6 +44,7 @@ def _cfg(**solver):
     cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.01
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"  # Mask2Former's ADE20K/Cityscapes schedule
     for k, v in solver.items():
         setattr(cfg.SOLVER, k, v)
     return cfg

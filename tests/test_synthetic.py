@@ -15,7 +15,7 @@ from PIL import Image
 
 from eco_m2f.data import DatasetCatalog, MetadataCatalog
 from eco_m2f.data.datasets import synthetic
-from eco_m2f.data.datasets.cityscapes import call_cityscapesscripts, import_cityscapes_evaluation
+from eco_m2f.data.cityscapes_scripts import call_cityscapesscripts, import_cityscapes_evaluation
 from eco_m2f.data.datasets.coco_panoptic import panoptic_to_semantic
 from eco_m2f.data.io import read_png_ids
 

@@ -38,6 +38,6 @@ def test_tiny_config_loss_falls_and_eval_runs(tiny_datasets, tmp_path):
     assert last < 0.9 * first, f"loss did not fall: first {first:.2f}, last {last:.2f}"
     assert (out / "model_final.pth").is_file()
     results = json.loads((out / "inference" / "synthetic_panoptic_val" / "results.json").read_text())
-    assert {"panoptic_seg", "sem_seg", "segm", "eco"} <= set(results)
-    assert results["eco"]["exit_histogram"] == {"6": 4}  # full depth for the 4 val images
-    assert results["eco"]["enc_gflops"] > 0
+    assert {"panoptic_seg", "sem_seg", "segm", "cost"} <= set(results)
+    assert results["cost"]["num_images"] == 4  # the 4 val images, each counted at full depth
+    assert results["cost"]["gflops_encoder"] > 0

@@ -24,7 +24,6 @@ import collections
 import io
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +31,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..utils.file_io import atomic_open
+from ..utils.modules import unwrap_model
 
 __all__ = [
     "CheckpointError",
@@ -308,13 +310,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- writing
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel/DataParallel wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
 def save_checkpoint(path: str | os.PathLike, model: nn.Module | Mapping[str, torch.Tensor], **extra: Any) -> Path:
     """Write ``{"model": state_dict, **extra}`` to ``path`` (.pth) atomically.
 
@@ -331,16 +326,6 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module | Mapping[str, tor
     else:
         state = dict(model)
     state = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"model": state, **extra}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    with atomic_open(target, "wb") as f:
+        torch.save({"model": state, **extra}, f)
     return target

@@ -5,7 +5,9 @@ How keys are matched (in this order):
 1. ``key_map`` (argument): a ``{old: new}`` dict, or a callable taking the whole state dict and
    returning the renamed one (whole-dict, because some formats can only be told apart from
    the set of keys, e.g. Swin's downsample placement).
-2. The model's own map, found automatically:
+2. The model's own map, found automatically. First, if the model defines
+   ``model.checkpoint_layout_map(state_dict) -> state_dict``, a whole-model release layout is
+   renamed to the model's own (Segmenter: the official ``encoder.*`` / ``decoder.*``); then
 
    * ``model.checkpoint_key_map(state_dict) -> state_dict`` if the model defines it (full keys);
    * otherwise, if the model has a ``backbone`` attribute that defines ``checkpoint_key_map``
@@ -44,7 +46,8 @@ from typing import Any, Callable, Mapping, Union
 import torch
 import torch.nn as nn
 
-from .io import CheckpointError, CheckpointFile, read_checkpoint, split_layout, to_tensor, unwrap_model
+from ..utils.modules import unwrap_model
+from .io import CheckpointError, CheckpointFile, read_checkpoint, split_layout, to_tensor
 
 __all__ = ["LoadReport", "CheckpointMismatchError", "load_weights", "KeyMap"]
 
@@ -211,6 +214,10 @@ def load_weights(
     model_sd = model.state_dict()
     top_level = {_first(k) for k in model_sd}
     sd = _strip_wrapper_prefix(sd, top_level)
+
+    layout_map = getattr(model, "checkpoint_layout_map", None)
+    if callable(layout_map):
+        sd = dict(layout_map(sd))
 
     backbone_only = False
     exempt: set[str] = set()

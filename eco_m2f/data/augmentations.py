@@ -16,12 +16,16 @@ Recipes (``build_*_augmentation``):
 * multi-scale (``mask_former_*``): shortest-edge resize (``MIN_SIZE_TRAIN`` / ``MAX_SIZE_TRAIN`` /
   ``MIN_SIZE_TRAIN_SAMPLING``), optional crop with a single-category area limit (``INPUT.CROP.*``), optional
   SSD photometric distortion (``COLOR_AUG_SSD``), flip;
+* semantic (``sem_seg``, the mmseg/Segmenter pipeline): the same resize, where the sampling ``"ratio_range"``
+  is mmseg's ``Resize(img_scale=(MAX_SIZE_TRAIN, MIN_SIZE_TRAIN), ratio_range=(MIN_SCALE, MAX_SCALE))``, crop
+  with the category limit (mmseg's ``cat_max_ratio``), flip, photometric distortion, then padding to the crop
+  size (image: the pixel mean, i.e. mmseg's 0 after normalisation; label: ignore);
 * test: shortest edge to ``MIN_SIZE_TEST`` capped by ``MAX_SIZE_TEST``.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import torch
 import torchvision.transforms.v2 as v2
@@ -32,20 +36,26 @@ __all__ = [
     "SemSegMask",
     "ResizeShortestEdge",
     "ResizeScale",
+    "RandomRatioResize",
     "FixedSizeCrop",
     "RandomCropCategoryAreaConstraint",
     "ColorAugSSD",
     "PadToDivisible",
+    "PadToSize",
     "shortest_edge_output_shape",
     "crop_size_for",
     "build_flip_augmentation",
     "build_lsj_augmentation",
+    "build_resize_augmentation",
     "build_multiscale_augmentation",
+    "build_semantic_augmentation",
     "build_test_augmentation",
 ]
 
 IMAGE_PAD_VALUE = 128  # Detectron2 pads images with 128 (mid-grey) in FixedSizeCrop and size-divisibility padding
 CROP_TYPES = ("relative", "relative_range", "absolute", "absolute_range")
+SIZE_SAMPLING = ("choice", "range", "ratio_range")  # INPUT.MIN_SIZE_TRAIN_SAMPLING
+PadValue = Union[float, Sequence[float]]  # one value, or one per image channel
 
 
 class SemSegMask(tv_tensors.Mask):
@@ -73,7 +83,7 @@ def _randint(low: int, high: int) -> int:
     return int(torch.randint(low, high, ()).item())
 
 
-def _pad_fill(inpt: Any, image_pad_value: float, seg_pad_value: int) -> float:
+def _pad_fill(inpt: Any, image_pad_value: "PadValue", seg_pad_value: int) -> "PadValue":
     if isinstance(inpt, SemSegMask):
         return seg_pad_value
     if isinstance(inpt, tv_tensors.Mask):
@@ -166,6 +176,31 @@ class ResizeScale(v2.Transform):
         return _resize(inpt, params["size"])
 
 
+class RandomRatioResize(v2.Transform):
+    """mmseg's ``Resize(img_scale=(long, short), ratio_range=(lo, hi), keep_ratio=True)``: draw r ~ U(lo, hi),
+    then scale the image, keeping its aspect, by the largest factor that fits its short side into
+    ``int(short * r)`` and its long side into ``int(long * r)``."""
+
+    def __init__(self, short_edge: int, long_edge: int, min_ratio: float, max_ratio: float):
+        super().__init__()
+        if not 0 < min_ratio <= max_ratio:
+            raise ValueError(f"need 0 < MIN_SCALE <= MAX_SCALE for 'ratio_range' sampling, got {min_ratio}, {max_ratio}")
+        if short_edge <= 0 or long_edge <= 0:
+            raise ValueError("'ratio_range' sampling needs MIN_SIZE_TRAIN (one value) and MAX_SIZE_TRAIN > 0, "
+                             f"got {short_edge} and {long_edge}")
+        self.short_edge, self.long_edge = int(short_edge), int(long_edge)
+        self.min_ratio, self.max_ratio = float(min_ratio), float(max_ratio)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = _image_size(flat_inputs)
+        r = _uniform(self.min_ratio, self.max_ratio)
+        short, long = int(self.short_edge * r), int(self.long_edge * r)
+        return {"size": list(shortest_edge_output_shape(h, w, short, long))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return _resize(inpt, params["size"])
+
+
 class FixedSizeCrop(v2.Transform):
     """Random crop to at most ``crop_size``, then pad bottom/right up to exactly ``crop_size`` (if ``pad``).
 
@@ -242,9 +277,10 @@ class RandomCropCategoryAreaConstraint(v2.Transform):
 
 
 class ColorAugSSD(v2.Transform):
-    """SSD's photometric distortion on the image only: each step with probability 1/2, additive brightness
-    (+-32), multiplicative contrast and HSV saturation ([0.5, 1.5]), hue shift (+-18 of OpenCV's 180),
-    with contrast either first or last. Expects RGB uint8 images."""
+    """SSD's photometric distortion on the image only (Detectron2's ColorAugSSDTransform, mmseg's
+    PhotoMetricDistortion): each step with probability 1/2, additive brightness (+-32), multiplicative contrast
+    and HSV saturation ([0.5, 1.5]), hue shift (+-18 of OpenCV's 180), with contrast either first or last.
+    Expects RGB uint8 images."""
 
     _transformed_types = (tv_tensors.Image,)
 
@@ -305,7 +341,7 @@ def _scale_hsv_saturation(img: torch.Tensor, alpha: float) -> torch.Tensor:
 class PadToDivisible(v2.Transform):
     """Pad bottom/right so H and W are multiples of ``size_divisibility`` (INPUT.SIZE_DIVISIBILITY > 0)."""
 
-    def __init__(self, size_divisibility: int, image_pad_value: float = IMAGE_PAD_VALUE, seg_pad_value: int = 255):
+    def __init__(self, size_divisibility: int, image_pad_value: PadValue = IMAGE_PAD_VALUE, seg_pad_value: int = 255):
         super().__init__()
         self.size_divisibility = int(size_divisibility)
         self.image_pad_value = image_pad_value
@@ -315,6 +351,25 @@ class PadToDivisible(v2.Transform):
         h, w = _image_size(flat_inputs)
         d = self.size_divisibility
         return {"pad": [0, 0, math.ceil(w / d) * d - w, math.ceil(h / d) * d - h]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not any(params["pad"]):
+            return inpt
+        return F.pad(inpt, params["pad"], fill=_pad_fill(inpt, self.image_pad_value, self.seg_pad_value))
+
+
+class PadToSize(v2.Transform):
+    """Pad bottom/right up to ``size`` (H, W) (mmseg's ``Pad(size=crop_size)``); larger sides are left as they are."""
+
+    def __init__(self, size: Sequence[int], image_pad_value: PadValue = IMAGE_PAD_VALUE, seg_pad_value: int = 255):
+        super().__init__()
+        self.size = (int(size[0]), int(size[1]))
+        self.image_pad_value = image_pad_value
+        self.seg_pad_value = int(seg_pad_value)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = _image_size(flat_inputs)
+        return {"pad": [0, 0, max(0, self.size[1] - w), max(0, self.size[0] - h)]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not any(params["pad"]):
@@ -344,17 +399,51 @@ def build_lsj_augmentation(cfg, seg_pad_value: int = 255) -> v2.Compose:
     ])
 
 
+def build_resize_augmentation(cfg) -> v2.Transform:
+    """Training resize by ``INPUT.MIN_SIZE_TRAIN_SAMPLING``: Detectron2's "choice" / "range" of short sides
+    (``MIN_SIZE_TRAIN``, long side capped by ``MAX_SIZE_TRAIN``), or mmseg's "ratio_range": base scale
+    (``MIN_SIZE_TRAIN`` short, ``MAX_SIZE_TRAIN`` long) times r ~ U(``MIN_SCALE``, ``MAX_SCALE``)."""
+    sampling = cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+    if sampling not in SIZE_SAMPLING:
+        raise ValueError(f"INPUT.MIN_SIZE_TRAIN_SAMPLING must be one of {SIZE_SAMPLING}, got {sampling!r}")
+    if sampling != "ratio_range":
+        return ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, sampling)
+    sizes = cfg.INPUT.MIN_SIZE_TRAIN
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    if len(sizes) != 1:
+        raise ValueError(f"INPUT.MIN_SIZE_TRAIN_SAMPLING 'ratio_range' needs one INPUT.MIN_SIZE_TRAIN (the base short "
+                         f"side), got {sizes}")
+    return RandomRatioResize(sizes[0], cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE)
+
+
+def _build_category_crop(cfg, ignore_label: int) -> RandomCropCategoryAreaConstraint:
+    return RandomCropCategoryAreaConstraint(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE,
+                                            cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ignore_label)
+
+
 def build_multiscale_augmentation(cfg, ignore_label: int = 255) -> v2.Compose:
     """Multi-scale resize + crop + colour + flip of the Cityscapes/ADE20K recipes (``mask_former_*``)."""
-    augs: list[v2.Transform] = [
-        ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)
-    ]
+    augs: list[v2.Transform] = [build_resize_augmentation(cfg)]
     if cfg.INPUT.CROP.ENABLED:
-        augs.append(RandomCropCategoryAreaConstraint(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE,
-                                                     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ignore_label))
+        augs.append(_build_category_crop(cfg, ignore_label))
     if cfg.INPUT.COLOR_AUG_SSD:
         augs.append(ColorAugSSD())
     augs.extend(build_flip_augmentation(cfg))
+    return v2.Compose(augs)
+
+
+def build_semantic_augmentation(cfg, ignore_label: int = 255, image_pad_value: PadValue = IMAGE_PAD_VALUE) -> v2.Compose:
+    """The mmseg/Segmenter training pipeline (``sem_seg`` mapper): resize, crop with the single-category limit,
+    flip, photometric distortion, and, for an "absolute" ``INPUT.CROP.TYPE``, padding up to ``INPUT.CROP.SIZE``
+    (image with ``image_pad_value``, label with ``ignore_label``), so every training image has the crop size."""
+    augs: list[v2.Transform] = [build_resize_augmentation(cfg)]
+    if cfg.INPUT.CROP.ENABLED:
+        augs.append(_build_category_crop(cfg, ignore_label))
+    augs.extend(build_flip_augmentation(cfg))
+    if cfg.INPUT.COLOR_AUG_SSD:
+        augs.append(ColorAugSSD())
+    if cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute":
+        augs.append(PadToSize(cfg.INPUT.CROP.SIZE, image_pad_value, ignore_label))
     return v2.Compose(augs)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..utils import comm
 from .mappers import build_mapper, build_test_mapper
 from .samplers import (
     AspectRatioGroupedBatches,
@@ -149,12 +150,6 @@ def worker_init_fn(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def _rank_world() -> tuple[int, int]:
-    from eco_m2f.utils import comm
-
-    return comm.get_rank(), comm.get_world_size()
-
-
 # ------------------------------------------------------------------------------------------------------ loaders
 class TrainLoader:
     """Infinite iterable of training batches (lists of mapped dicts), optionally grouped by aspect ratio."""
@@ -189,7 +184,7 @@ def build_detection_train_loader(
     workers: ``DATALOADER.NUM_WORKERS`` (0 maps in this process); order and augmentation seeded with ``SEED``
     (a shared random seed when SEED < 0). ``rank``/``world_size`` default to the process group's.
     """
-    d_rank, d_world = _rank_world()
+    d_rank, d_world = comm.get_rank(), comm.get_world_size()
     rank = d_rank if rank is None else int(rank)
     world_size = d_world if world_size is None else int(world_size)
     total = int(cfg.SOLVER.IMS_PER_BATCH if total_batch_size is None else total_batch_size)
@@ -238,7 +233,7 @@ def build_detection_test_loader(cfg, dataset_name: str | Sequence[str], mapper: 
                                 batch_size: int = 1, *, num_workers: int | None = None,
                                 rank: int | None = None, world_size: int | None = None) -> DataLoader:
     """Ordered loader over ``dataset_name`` for inference: each image once across ranks, lists of dicts."""
-    d_rank, d_world = _rank_world()
+    d_rank, d_world = comm.get_rank(), comm.get_world_size()
     rank = d_rank if rank is None else int(rank)
     world_size = d_world if world_size is None else int(world_size)
     dicts = get_detection_dataset_dicts(dataset_name, filter_empty=False)

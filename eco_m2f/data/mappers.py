@@ -13,12 +13,18 @@ Training mappers, by ``INPUT.DATASET_MAPPER_NAME`` (registry ``DATASET_MAPPER``)
   -> masks for things and stuff; ``sem_seg`` from the segments (crowd regions keep their class there, as in the
   semantic PNGs converted from panoptic annotations). LSJ or multi-scale augmentation.
 * ``mask_former_semantic``: semantic PNG -> ``sem_seg``; one mask per class present.
+* ``sem_seg`` (:class:`SemSegDatasetMapper`): the lean semantic mapper of the plain-ViT segmenters: ``"image"`` and
+  ``"sem_seg"`` only (no ``"instances"``), with the mmseg/Segmenter pipeline (``build_semantic_augmentation``).
 * ``coco_instance_lsj`` / ``mask_former_instance``: things only, from ``annotations`` (polygons / RLE, as
   Detectron2's instance datasets) or, when absent, from the panoptic segments whose ``isthing`` is true;
   ``sem_seg`` then holds thing classes only.
 
+Semantic PNGs are checked: a label outside ``[0, len(stuff_classes))`` other than the ignore label is an error
+naming the file and the bad values.
+
 ``InferenceDatasetMapper`` (``build_test_mapper``) resizes the shortest edge to ``MIN_SIZE_TEST`` (capped by
-``MAX_SIZE_TEST``), never flips, and keeps the other keys of the dataset dict for the evaluators.
+``MAX_SIZE_TEST``; 0 keeps the original size), never flips, never pads (sliding-window and whole-image inference
+pad inside the model), and keeps the other keys of the dataset dict for the evaluators.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from .augmentations import (
     SemSegMask,
     build_lsj_augmentation,
     build_multiscale_augmentation,
+    build_semantic_augmentation,
     build_test_augmentation,
 )
 from .io import read_image, read_png_ids
@@ -48,6 +55,7 @@ __all__ = [
     "build_test_mapper",
     "PanopticDatasetMapper",
     "SemanticDatasetMapper",
+    "SemSegDatasetMapper",
     "InstanceDatasetMapper",
     "InferenceDatasetMapper",
 ]
@@ -67,6 +75,18 @@ def _metadata(cfg) -> Any:
     from .catalog import MetadataCatalog
 
     return MetadataCatalog.get(names[0])
+
+
+def _image_format(cfg) -> str:
+    """``INPUT.FORMAT``, upper-cased and checked."""
+    fmt = str(cfg.INPUT.FORMAT).upper()
+    if fmt not in _IMAGE_FORMATS:
+        raise ValueError(f"INPUT.FORMAT must be one of {_IMAGE_FORMATS}, got {cfg.INPUT.FORMAT!r}")
+    return fmt
+
+
+def _ignore_label(meta: Any) -> int:
+    return int(meta.get("ignore_label", 255)) if meta is not None else 255
 
 
 def _require(dataset_dict: dict, key: str) -> Any:
@@ -97,6 +117,37 @@ def _load_label_map(path: str, image: torch.Tensor, what: str) -> torch.Tensor:
     if label.ndim != 2 or tuple(label.shape) != tuple(image.shape[-2:]):
         raise ValueError(f"{what} {path} has shape {tuple(label.shape)}, its image is {tuple(image.shape[-2:])}")
     return label
+
+
+def _num_classes(meta: Any) -> int | None:
+    """Number of semantic classes of a dataset (``len(stuff_classes)``), None when its metadata does not say."""
+    classes = meta.get("stuff_classes", None) if meta is not None else None
+    return len(classes) if classes else None
+
+
+def _check_sem_seg_labels(sem: torch.Tensor, num_classes: int | None, ignore_label: int, path: str) -> None:
+    """Every label must be a class id in [0, num_classes) or the ignore label; the error lists the bad values."""
+    if num_classes is None:
+        return
+    bad = ((sem < 0) | (sem >= num_classes)) & (sem != ignore_label)
+    if bad.any():
+        values = torch.unique(sem[bad]).tolist()
+        shown = ", ".join(str(v) for v in values[:20]) + (", ..." if len(values) > 20 else "")
+        raise ValueError(
+            f"semantic PNG {path} holds labels outside the dataset's {num_classes} classes (0..{num_classes - 1}) "
+            f"and the ignore label {ignore_label}: {shown} ({int(bad.sum())} pixels)"
+        )
+
+
+def _image_pad_value(cfg) -> list[float]:
+    """``MODEL.PIXEL_MEAN`` in RGB order, rounded to the uint8 grid: padding with it gives ~0 after the model's
+    normalisation, as mmseg pads normalised images with 0."""
+    mean = [float(v) for v in cfg.MODEL.PIXEL_MEAN]
+    if len(mean) != 3:
+        raise ValueError(f"MODEL.PIXEL_MEAN must have 3 values, got {cfg.MODEL.PIXEL_MEAN}")
+    if _image_format(cfg) == "BGR":
+        mean = mean[::-1]
+    return [float(min(255, max(0, round(v)))) for v in mean]
 
 
 def _compact_segment_map(pan_ids: torch.Tensor, segment_ids: Sequence[int], file_name: str) -> torch.Tensor:
@@ -172,13 +223,11 @@ class _MapperBase:
 
     def __init__(self, cfg, is_train: bool = True, augmentations: Sequence[Callable] | Callable | None = None,
                  lsj: bool = False):
-        fmt = str(cfg.INPUT.FORMAT).upper()
-        if fmt not in _IMAGE_FORMATS:
-            raise ValueError(f"INPUT.FORMAT must be one of {_IMAGE_FORMATS}, got {cfg.INPUT.FORMAT!r}")
         self.is_train = is_train
-        self.image_format = fmt
+        self.image_format = _image_format(cfg)
         meta = _metadata(cfg)
-        self.ignore_label = int(meta.get("ignore_label", 255)) if meta is not None else 255
+        self.ignore_label = _ignore_label(meta)
+        self.num_classes = _num_classes(meta)
         thing_map = meta.get("thing_dataset_id_to_contiguous_id", None) if meta is not None else None
         self.thing_contiguous_ids = set(thing_map.values()) if thing_map else None
         if augmentations is None:
@@ -267,7 +316,9 @@ class SemanticDatasetMapper(_MapperBase):
     def __call__(self, dataset_dict: dict) -> dict:
         image = _load_image(dataset_dict)
         orig_hw = tuple(image.shape[-2:])
-        sem = _load_label_map(_require(dataset_dict, "sem_seg_file_name"), image, "semantic PNG")
+        sem_file = _require(dataset_dict, "sem_seg_file_name")
+        sem = _load_label_map(sem_file, image, "semantic PNG")
+        _check_sem_seg_labels(sem, self.num_classes, self.ignore_label, sem_file)
         sample = self._augment({"image": tv_tensors.Image(image), "sem_seg": SemSegMask(sem)})
         sem_aug = sample["sem_seg"].as_subclass(torch.Tensor)
         classes = torch.unique(sem_aug)
@@ -308,14 +359,53 @@ class InstanceDatasetMapper(_MapperBase):
         return self._output(dataset_dict, (h, w), sample["image"], instances, sample["sem_seg"])
 
 
+class SemSegDatasetMapper:
+    """Lean semantic training input: ``"image"`` (uint8 3 x H x W) and ``"sem_seg"`` (int64 H x W, ignore label where
+    unlabelled and where padded), plus ``"height"``/``"width"`` (original size), ``"file_name"``, ``"image_id"``.
+
+    Augmentation: :func:`build_semantic_augmentation` (mmseg/Segmenter); images are padded with the pixel mean.
+    Normalisation stays in the model (``MODEL.PIXEL_MEAN`` / ``PIXEL_STD``).
+    """
+
+    def __init__(self, cfg, is_train: bool = True, augmentations: Callable | None = None):
+        self.is_train = is_train
+        self.image_format = _image_format(cfg)
+        meta = _metadata(cfg)
+        self.ignore_label = _ignore_label(meta)
+        self.num_classes = _num_classes(meta)
+        pad_value = _image_pad_value(cfg)
+        self.augmentations = (augmentations if augmentations is not None
+                              else build_semantic_augmentation(cfg, self.ignore_label, pad_value))
+        size_div = int(cfg.INPUT.SIZE_DIVISIBILITY)
+        self.pad = PadToDivisible(size_div, pad_value, self.ignore_label) if size_div > 0 else None
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        image = _load_image(dataset_dict)
+        h0, w0 = image.shape[-2:]
+        sem_file = _require(dataset_dict, "sem_seg_file_name")
+        sem = _load_label_map(sem_file, image, "semantic PNG")
+        _check_sem_seg_labels(sem, self.num_classes, self.ignore_label, sem_file)
+        sample = self.augmentations({"image": tv_tensors.Image(image), "sem_seg": SemSegMask(sem)})
+        if self.pad is not None:
+            sample = self.pad(sample)
+        image = sample["image"].as_subclass(torch.Tensor)
+        if self.image_format == "BGR":
+            image = image.flip(0)
+        return {
+            "file_name": dataset_dict.get("file_name"),
+            "image_id": dataset_dict.get("image_id"),
+            "height": int(dataset_dict.get("height", h0)),
+            "width": int(dataset_dict.get("width", w0)),
+            "image": image.contiguous(),
+            "sem_seg": sample["sem_seg"].as_subclass(torch.Tensor).to(torch.int64).contiguous(),
+        }
+
+
 class InferenceDatasetMapper:
     """Inference input: image resized by its shortest edge, original height/width, other dict keys kept."""
 
     def __init__(self, cfg, augmentations: Callable | None = None):
-        fmt = str(cfg.INPUT.FORMAT).upper()
-        if fmt not in _IMAGE_FORMATS:
-            raise ValueError(f"INPUT.FORMAT must be one of {_IMAGE_FORMATS}, got {cfg.INPUT.FORMAT!r}")
-        self.image_format = fmt
+        self.image_format = _image_format(cfg)
         self.augmentations = augmentations if augmentations is not None else build_test_augmentation(cfg)
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -354,6 +444,12 @@ def mask_former_panoptic(cfg, is_train: bool = True):
 def mask_former_semantic(cfg, is_train: bool = True):
     """Semantic with multi-scale resize + crop (Cityscapes, ADE20K)."""
     return SemanticDatasetMapper(cfg, is_train) if is_train else InferenceDatasetMapper(cfg)
+
+
+@DATASET_MAPPER.register()
+def sem_seg(cfg, is_train: bool = True):
+    """Lean semantic (image + sem_seg) with the mmseg/Segmenter pipeline (plain-ViT segmenters)."""
+    return SemSegDatasetMapper(cfg, is_train) if is_train else InferenceDatasetMapper(cfg)
 
 
 @DATASET_MAPPER.register()

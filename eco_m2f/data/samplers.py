@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ..utils import comm
+
 __all__ = [
     "TrainingSampler",
     "InferenceSampler",
@@ -28,17 +30,9 @@ __all__ = [
 ]
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    from eco_m2f.utils import comm
-
-    return comm.get_rank(), comm.get_world_size()
-
-
 def shared_random_seed() -> int:
     """A random seed that every process agrees on (rank 0's draw), for SEED < 0."""
     seed = int(np.random.SeedSequence().generate_state(1)[0] & 0x7FFFFFFF)
-    from eco_m2f.utils import comm
-
     return int(comm.all_gather(seed)[0])
 
 
@@ -56,7 +50,7 @@ class TrainingSampler(Sampler[int]):
         if not isinstance(size, int) or size <= 0:
             raise ValueError(f"TrainingSampler needs a positive dataset size, got {size!r}")
         if rank is None or world_size is None:
-            d_rank, d_world = _dist_rank_world()
+            d_rank, d_world = comm.get_rank(), comm.get_world_size()
             rank = d_rank if rank is None else rank
             world_size = d_world if world_size is None else world_size
         if not 0 <= rank < world_size:
@@ -111,7 +105,7 @@ class InferenceSampler(Sampler[int]):
         if size < 0:
             raise ValueError(f"InferenceSampler needs a non-negative size, got {size}")
         if rank is None or world_size is None:
-            d_rank, d_world = _dist_rank_world()
+            d_rank, d_world = comm.get_rank(), comm.get_world_size()
             rank = d_rank if rank is None else rank
             world_size = d_world if world_size is None else world_size
         shard, left = divmod(size, world_size)

@@ -5,7 +5,7 @@ decoder branches off at every exit, and the image's PQ (SQ, RQ, things/stuff PQ,
 exit is recorded with the gate input z(s1). Records are appended atomically, one per image, so
 a killed run resumes without redoing finished images; images are sharded across processes.
 
-Per-image PQ uses the dataset PQ's matching restricted to the image (eco_m2f.evaluation.panoptic);
+Per-image PQ uses the dataset PQ's matching restricted to the image (eco_m2f.evaluation.pq);
 a category set with no segments on either side scores 1 (nothing to find, nothing falsely found).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 def _semantic_gt(dataset_dict: Dict[str, Any], ignore_label: int) -> Optional[np.ndarray]:
     """H x W contiguous class ids: the semantic PNG, or the panoptic PNG's segments."""
-    from ..evaluation.panoptic import read_panoptic_png
+    from ..evaluation.pq import read_panoptic_png
     from ..evaluation.semantic import load_sem_seg_png
 
     if dataset_dict.get("sem_seg_file_name"):
@@ -47,7 +47,7 @@ def image_record(
     feature: Optional[torch.Tensor] = None,
 ) -> Dict[str, Any]:
     """One derived record: the image's qualities at each exit (PQ etc. in [0, 1])."""
-    from ..evaluation.panoptic import pq_for_model_output
+    from ..evaluation.pq import pq_for_model_output
     from ..evaluation.semantic import confusion_matrix, sem_seg_metrics
 
     exits = sorted(outputs_per_exit)
@@ -101,8 +101,9 @@ def derive_shard(
     from ..data.build import MapDataset, SerializedList, get_detection_dataset_dicts, trivial_batch_collator
     from ..data.catalog import MetadataCatalog
     from ..data.mappers import build_test_mapper
-    from ..evaluation.panoptic import panoptic_categories
-    from ..modeling import build_model
+    from ..architectures import build_model
+    from ..evaluation.pq import panoptic_categories
+    from .meta_arch import as_eco_config
     from .records import RecordWriter
 
     names = list(cfg.DATASETS.TRAIN)
@@ -116,14 +117,14 @@ def derive_shard(
         writer.close()
         return 0
 
+    if not cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON:
+        raise ValueError("Step B needs panoptic predictions: set MODEL.MASK_FORMER.TEST.PANOPTIC_ON True")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg)
+    # records hold PQ and mIoU only: no top-k instance masks at every exit
+    model = build_model(as_eco_config(cfg, ["MODEL.DEVICE", device, "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "False"]))
     if weights:
         load_weights(model, weights)
-    model.to(device).eval()
-    if not model.panoptic_on:
-        raise ValueError("Step B needs panoptic predictions: set MODEL.MASK_FORMER.TEST.PANOPTIC_ON True")
-    model.instance_on = False  # records hold PQ and mIoU only: skip the top-k instance masks at every exit
+    model.eval()
     exits = list(model.eco_exits)
     meta = MetadataCatalog.get(names[0])
     categories = panoptic_categories(meta)
@@ -142,7 +143,7 @@ def derive_shard(
     written = 0
     with writer:
         for batch in loader:
-            results, z = model.forward_all_exits(batch, exits)
+            results, z = model.predict_at_exits(batch, exits)
             for i, x in enumerate(batch):
                 per_exit = {k: results[k][i] for k in exits}
                 rec = image_record(by_id[x["image_id"]], per_exit, categories, model.num_classes, ignore_label, z[i])

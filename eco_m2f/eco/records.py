@@ -28,7 +28,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, 
 
 import numpy as np
 
-from .targets import best_exits, check_exits, exit_histogram, format_histogram
+from ..utils.file_io import atomic_write_text
+from .exits import check_exits
+from .targets import best_exits, exit_histogram, format_histogram
 
 __all__ = [
     "META_FILE",
@@ -72,15 +74,6 @@ def shard_paths(out_dir: str | os.PathLike) -> List[Path]:
     return sorted(p for p in rec_dir.iterdir() if p.is_file() and _SHARD_RE.match(p.name))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_meta(out_dir: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
     """Write meta.json atomically (rank 0 of step B). Expected keys: config_file, weights, dataset,
     exits, feature_dim, pq_scale (a note such as "per-image PQ in [0, 1]")."""
@@ -89,7 +82,7 @@ def write_meta(out_dir: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
     if "exits" in meta:
         check_exits(meta["exits"], name=f"{out / META_FILE}: exits")
     path = out / META_FILE
-    _atomic_write_text(path, json.dumps(dict(meta), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(dict(meta), indent=2, sort_keys=True) + "\n")
     return path
 
 

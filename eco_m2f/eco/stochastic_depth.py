@@ -6,25 +6,11 @@ with alpha strictly increasing in k so that later exits are held to a stricter s
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Union
+from typing import Dict, Sequence, Union
 
 import torch
 
 AlphaSpec = Union[str, Sequence[float]]
-
-
-def validate_exits(exits: Sequence[int], num_layers: int) -> List[int]:
-    """Sorted unique exits, each in 1..num_layers; a clear error otherwise."""
-    values = sorted({int(k) for k in exits})
-    if not values:
-        raise ValueError("MODEL.ECO.EXITS is empty; give at least one encoder exit")
-    bad = [k for k in values if k < 1 or k > num_layers]
-    if bad:
-        raise ValueError(
-            f"MODEL.ECO.EXITS {list(exits)} has exits {bad} outside 1..{num_layers} "
-            f"(MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = {num_layers})"
-        )
-    return values
 
 
 def alpha_weights(exits: Sequence[int], spec: AlphaSpec = "linear") -> Dict[int, float]:

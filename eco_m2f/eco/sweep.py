@@ -2,8 +2,8 @@
 
 For each beta: step C (gate only; the derived records are reused) then an evaluation of the gated
 model; plus one evaluation per fixed exit l_k. The points go to a CSV and to a PNG of PQ against
-encoder GFLOPs. Evaluation is injected as ``evaluate_fn(cfg_overrides) -> {"PQ", "enc_gflops",
-"total_gflops", ...}`` where the overrides apply to the step-B config; the default runs
+encoder GFLOPs. Evaluation is injected as ``evaluate_fn(cfg_overrides) -> {"PQ", "gflops_encoder",
+"gflops", ...}`` where the overrides apply to the step-B config; the default runs
 ``train_net.py --eval-only`` in a subprocess and reads ``OUTPUT_DIR/inference/<dataset>/results.json``.
 """
 from __future__ import annotations
@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from .gate import _resolve_weights, format_step_c_report, run_step_c
+from .exits import check_exits
+from .meta_arch import eco_architecture_overrides
 from .records import load_records, read_meta
-from .targets import check_exits
+from .step_c import format_step_c_report, resolve_weights, run_step_c
 
 __all__ = [
     "CSV_FIELDS",
@@ -46,21 +47,21 @@ def results_json_path(output_dir: str | os.PathLike, dataset: str) -> Path:
 
 
 def parse_results_json(path: str | os.PathLike) -> Dict[str, Any]:
-    """{"PQ", "enc_gflops", "total_gflops", "exit_histogram"} from an evaluation's results.json
-    ({"panoptic_seg": {"PQ": ...}, "eco": {"enc_gflops", "total_gflops", "exit_histogram"}})."""
+    """{"PQ", "gflops_encoder", "gflops", "exit_histogram"} from an evaluation's results.json
+    ({"panoptic_seg": {"PQ": ...}, "cost": {"gflops_encoder", "gflops", "exit_histogram"}})."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"evaluation results {path} not found")
     data = json.loads(path.read_text(encoding="utf-8"))
     try:
         pq = float(data["panoptic_seg"]["PQ"])
-        eco = data["eco"]
-        enc, total = float(eco["enc_gflops"]), float(eco["total_gflops"])
+        cost = data["cost"]
+        enc, total = float(cost["gflops_encoder"]), float(cost["gflops"])
     except (KeyError, TypeError) as exc:
         raise KeyError(
-            f"{path} lacks {exc}: expected panoptic_seg.PQ and eco.enc_gflops / eco.total_gflops"
+            f"{path} lacks {exc}: expected panoptic_seg.PQ and cost.gflops_encoder / cost.gflops"
         ) from None
-    return {"PQ": pq, "enc_gflops": enc, "total_gflops": total, "exit_histogram": eco.get("exit_histogram")}
+    return {"PQ": pq, "gflops_encoder": enc, "gflops": total, "exit_histogram": cost.get("exit_histogram")}
 
 
 def subprocess_evaluate_fn(
@@ -90,10 +91,11 @@ def subprocess_evaluate_fn(
     return evaluate
 
 
-def fixed_exit_overrides(k: int, weights: str, output_dir: str | os.PathLike) -> List[str]:
-    """Overrides evaluating the step-A model with every image at exit k (gate off)."""
-    return ["MODEL.ECO.GATE.ENABLED", "False", "TEST.ECO.EXIT", str(int(k)), "MODEL.WEIGHTS", str(weights),
-            "OUTPUT_DIR", str(output_dir)]
+def fixed_exit_overrides(cfg: Any, k: int, weights: str, output_dir: str | os.PathLike) -> List[str]:
+    """Overrides of ``cfg`` evaluating the step-A model with every image at exit k (gate off)."""
+    return eco_architecture_overrides(cfg) + [
+        "MODEL.ECO.GATE.ENABLED", "False", "TEST.ECO.EXIT", str(int(k)), "MODEL.WEIGHTS", str(weights),
+        "OUTPUT_DIR", str(output_dir)]
 
 
 # --------------------------------------------------------------------------------------------- sweep
@@ -167,18 +169,18 @@ def run_sweep(
     exits = check_exits(cfg.MODEL.ECO.EXITS, name="MODEL.ECO.EXITS")
     meta = read_meta(derived)
     weights = str(meta.get("weights") or cfg.MODEL.WEIGHTS or "")
-    resolved = _resolve_weights(weights, derived)
+    resolved = resolve_weights(weights, derived)
     weights = str(resolved) if resolved is not None else weights
 
     rows: List[Dict[str, Any]] = []
     details: List[Dict[str, Any]] = []
     if fixed_exits:
         for k in exits:
-            res = dict(evaluate_fn(list(opts) + fixed_exit_overrides(k, weights, (out / f"fixed_l{k}").resolve())))
+            res = dict(evaluate_fn(list(opts) + fixed_exit_overrides(cfg, k, weights, (out / f"fixed_l{k}").resolve())))
             rows.append({"kind": "fixed", "exit_or_beta": k, "PQ": float(res["PQ"]),
-                         "encoder_gflops": float(res["enc_gflops"]), "total_gflops": float(res["total_gflops"])})
+                         "encoder_gflops": float(res["gflops_encoder"]), "total_gflops": float(res["gflops"])})
             details.append({**rows[-1], "result": res})
-            log(f"fixed exit l_{k}: PQ {res['PQ']:.2f}, encoder GFLOPs {res['enc_gflops']:.2f}")
+            log(f"fixed exit l_{k}: PQ {res['PQ']:.2f}, encoder GFLOPs {res['gflops_encoder']:.2f}")
     records = load_records(derived)  # read once, shared by every beta
     for beta in betas:
         step_c = run_step_c(config_file, derived, float(beta), k_user=k_user, opts=opts, device=device,
@@ -186,11 +188,11 @@ def run_sweep(
         log(format_step_c_report(step_c))
         res = dict(evaluate_fn(list(opts) + step_c.eval_overrides))
         rows.append({"kind": "gated", "exit_or_beta": float(beta), "PQ": float(res["PQ"]),
-                     "encoder_gflops": float(res["enc_gflops"]), "total_gflops": float(res["total_gflops"])})
+                     "encoder_gflops": float(res["gflops_encoder"]), "total_gflops": float(res["gflops"])})
         details.append({**rows[-1], "result": res, "gate_dir": str(step_c.output_dir),
                         "step_c_seconds": step_c.timings["total_seconds"],
                         "heldout_accuracy": step_c.result.metrics["heldout"].get("accuracy")})
-        log(f"gated beta={float(beta):g}: PQ {res['PQ']:.2f}, encoder GFLOPs {res['enc_gflops']:.2f}")
+        log(f"gated beta={float(beta):g}: PQ {res['PQ']:.2f}, encoder GFLOPs {res['gflops_encoder']:.2f}")
 
     paths = {
         "csv": write_csv(rows, out / "sweep.csv"),

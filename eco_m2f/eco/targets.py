@@ -12,10 +12,10 @@ from typing import Dict, Iterable, List, Mapping, Sequence
 
 import numpy as np
 
+from .exits import allowed_exits, check_exits
+
 __all__ = [
     "TIE_TOLERANCE",
-    "allowed_exits",
-    "check_exits",
     "utility",
     "targets",
     "target_exits",
@@ -28,27 +28,6 @@ __all__ = [
 # and beta * k is exact in decimal but not in binary, so q_a - beta*a and q_b - beta*b can differ
 # by a rounding error when they are mathematically equal.
 TIE_TOLERANCE = 1e-9
-
-
-def check_exits(exits: Iterable[int], name: str = "exits") -> List[int]:
-    """The exits as a list of ints, required strictly increasing (index order == depth order)."""
-    out = [int(k) for k in exits]
-    if not out:
-        raise ValueError(f"{name} is empty; expected encoder layers such as [2, 3, 4, 5, 6]")
-    if any(k < 1 for k in out) or any(b <= a for a, b in zip(out, out[1:])):
-        raise ValueError(f"{name} must be positive and strictly increasing; got {out}")
-    return out
-
-
-def allowed_exits(exits: Sequence[int], k_user: int) -> List[int]:
-    """Exits a user with a budget of ``k_user`` encoder layers may take: [k in exits if k <= k_user]."""
-    exits = check_exits(exits)
-    allowed = [k for k in exits if k <= int(k_user)]
-    if not allowed:
-        raise ValueError(
-            f"No exit is allowed: K_USER={k_user} is below the smallest exit of EXITS={exits}"
-        )
-    return allowed
 
 
 def utility(q: np.ndarray, exits: Sequence[int], beta: float) -> np.ndarray:

@@ -30,7 +30,7 @@ def __getattr__(name: str):
 
         return getattr(trainer, name)
     if name == "do_test":
-        from .evaluate import do_test
+        from ..evaluation.testing import do_test
 
         return do_test
     raise AttributeError(f"module 'eco_m2f.engine' has no attribute '{name}'")

@@ -16,6 +16,8 @@ import sys
 from typing import Any, Callable, Dict, Iterable, Optional
 from urllib.parse import urlparse
 
+from ..utils.file_io import atomic_write_text
+
 __all__ = [
     "default_argument_parser",
     "setup_distributed_env",
@@ -147,11 +149,7 @@ def default_setup(cfg, args: argparse.Namespace) -> None:
     setup_logging(output_dir, rank)
     logger.info("Command line arguments: %s", json.dumps(vars(args), default=str))
     if rank == 0 and output_dir:
-        path = os.path.join(output_dir, "config.yaml")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(cfg.dump())
-        os.replace(tmp, path)
+        path = atomic_write_text(os.path.join(output_dir, "config.yaml"), cfg.dump())
         logger.info("Full config saved to %s", path)
 
 

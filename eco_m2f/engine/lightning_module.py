@@ -1,9 +1,11 @@
 """The LightningModule that trains any model following the project's call convention.
 
-The model is whatever ``eco_m2f.modeling.build_model(cfg)`` returns: ``model(batched_inputs)``
-gives a dict of named scalar losses in training mode. This module only sums the losses, hands
-the optimizer and per-iteration scheduler from ``eco_m2f.solver`` to Lightning, and applies
-``SOLVER.CLIP_GRADIENTS`` after AMP unscaling. It knows nothing about any one architecture.
+The model is whatever ``eco_m2f.architectures.build_model(cfg)`` returns: ``model(batched_inputs)``
+gives a dict of named scalar losses in training mode. This module calls the model's
+``on_train_iteration`` hook before each step (schedules of thresholds, keep ratios, teachers),
+sums the losses, hands the optimizer and per-iteration scheduler from ``eco_m2f.solver`` to
+Lightning, and applies ``SOLVER.CLIP_GRADIENTS`` after AMP unscaling. It knows nothing about any
+one architecture.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Any, Callable, Dict, Iterable, Optional
 import lightning as L
 import torch
 import torch.nn as nn
+
+from ..modeling.meta_arch.base import SegmentationModel
 
 __all__ = ["SegmentationModule"]
 
@@ -39,11 +43,11 @@ class SegmentationModule(L.LightningModule):
         train_loader_factory: Optional[Callable[[Any], Iterable]] = None,
     ) -> None:
         super().__init__()
-        from eco_m2f.solver import build_gradient_clipper
+        from ..solver import build_gradient_clipper
 
         self.cfg = cfg
         if model is None:
-            from eco_m2f.modeling import build_model
+            from ..architectures import build_model
 
             model = build_model(cfg)
         self.model = model
@@ -60,6 +64,9 @@ class SegmentationModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         self.last_lr = self.current_lr()
+        if isinstance(self.model, SegmentationModel):
+            # global_step counts the optimizer steps done: the 0-based index of this iteration
+            self.model.on_train_iteration(int(self.global_step), int(self.cfg.SOLVER.MAX_ITER))
         loss_dict = self.model(batch)
         if not isinstance(loss_dict, Mapping) or len(loss_dict) == 0:
             raise TypeError(
@@ -81,7 +88,7 @@ class SegmentationModule(L.LightningModule):
         return total
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        from eco_m2f.solver import build_lr_scheduler, build_optimizer
+        from ..solver import build_lr_scheduler, build_optimizer
 
         optimizer = build_optimizer(self.cfg, self.model)
         scheduler = build_lr_scheduler(self.cfg, optimizer)
@@ -104,7 +111,7 @@ class SegmentationModule(L.LightningModule):
     def train_dataloader(self) -> Iterable:
         if self._train_loader_factory is not None:
             return self._train_loader_factory(self.cfg)
-        from eco_m2f.data import build_detection_train_loader
+        from ..data import build_detection_train_loader
 
         return build_detection_train_loader(self.cfg)
 

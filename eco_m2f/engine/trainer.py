@@ -11,337 +11,46 @@ Outputs in ``OUTPUT_DIR`` (Detectron2's names where it has them):
                            continues from it
     model_{iter:07d}.pth   ``{"model": state_dict, "iteration": iter}``, every CHECKPOINT_PERIOD
     model_final.pth        the same after SOLVER.MAX_ITER iterations
-    inference/<dataset>/   evaluation results (see ``evaluate.do_test``)
+    inference/<dataset>/   evaluation results (see ``eco_m2f.evaluation.testing.do_test``)
 
 Iterations are numbered as in Detectron2: ``iter`` is the 0-based index of the last finished
 iteration, so ``model_0004999.pth`` holds the weights after 5000 optimizer steps.
 
-Models talk to the engine through one optional attribute:
-    ``model.find_unused_parameters`` (bool, default False): set it to True when some parameters
-    may get no gradient in a step (e.g. encoder layers past a sampled exit depth); DDP then
-    looks for them each step. Leaving it False keeps DDP's faster default.
+Models talk to the engine through ``SegmentationModel`` (``eco_m2f.modeling.meta_arch.base``):
+``find_unused_parameters`` (DDP looks for parameters without gradient only when a model says
+some may have none, e.g. encoder layers past a sampled exit depth), ``on_train_iteration``
+(called before every step) and, in evaluation, ``tasks`` and the cost records.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import statistics
-import time
-from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import lightning as L
 import torch
 import torch.nn as nn
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback
 
+from .callbacks import (
+    LAST_CHECKPOINT,
+    IterationProgressBar,
+    MetricsWriter,
+    PeriodicCheckpointer,
+    PeriodicEvaluator,
+    RankSeed,
+)
+from .devices import select_accelerator, select_precision
 from .lightning_module import SegmentationModule
 
-__all__ = [
-    "select_accelerator",
-    "select_precision",
-    "build_trainer",
-    "train",
-    "MetricsWriter",
-    "PeriodicCheckpointer",
-    "PeriodicEvaluator",
-    "IterationProgressBar",
-    "LAST_CHECKPOINT",
-]
+__all__ = ["build_trainer", "train"]
 
 logger = logging.getLogger("eco_m2f.engine")
-
-LAST_CHECKPOINT = "last.ckpt"
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def select_accelerator(cfg) -> str:
-    """'gpu' when MODEL.DEVICE asks for CUDA and CUDA is available, else 'cpu' (with a warning)."""
-    device = str(cfg.MODEL.DEVICE).lower()
-    if device.startswith("cuda") or device == "gpu":
-        if torch.cuda.is_available():
-            return "gpu"
-        logger.warning("MODEL.DEVICE is '%s' but CUDA is not available: running on CPU", cfg.MODEL.DEVICE)
-        return "cpu"
-    if device == "cpu":
-        return "cpu"
-    raise ValueError(f"MODEL.DEVICE '{cfg.MODEL.DEVICE}' is not supported; use 'cuda' or 'cpu'")
-
-
-def select_precision(cfg, accelerator: str) -> str:
-    """Lightning precision from SOLVER.AMP: fp16 mixed on GPU (bf16 if SOLVER.AMP.PRECISION says
-    so), bf16 mixed on CPU (CPU autocast has no fp16 GradScaler), full fp32 when AMP is off."""
-    if not cfg.SOLVER.AMP.ENABLED:
-        return "32-true"
-    wanted = str(cfg.SOLVER.AMP.get("PRECISION", "float16")).lower()
-    if wanted not in ("float16", "fp16", "16", "bfloat16", "bf16"):
-        raise ValueError(f"SOLVER.AMP.PRECISION '{wanted}' is not supported; use 'float16' or 'bfloat16'")
-    if accelerator == "cpu" or wanted in ("bfloat16", "bf16"):
-        return "bf16-mixed"
-    return "16-mixed"
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
-
-def _iteration(trainer: "L.Trainer") -> int:
-    """Detectron2's iteration index of the step that just finished."""
-    return trainer.global_step - 1
-
-
-def _append_json_line(path: str, record: Dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=False) + "\n")
-        f.flush()
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _gather_mean(values: Dict[str, float]) -> Dict[str, float]:
-    """Mean of each scalar over the ranks that reported it (ranks may report different losses)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return values
-    gathered: List[Optional[Dict[str, float]]] = [None] * world
-    torch.distributed.all_gather_object(gathered, values)
-    sums: Dict[str, float] = {}
-    counts: Dict[str, int] = {}
-    for d in gathered:
-        for k, v in (d or {}).items():
-            sums[k] = sums.get(k, 0.0) + v
-            counts[k] = counts.get(k, 0) + 1
-    return {k: sums[k] / counts[k] for k in values.keys() | sums.keys()}
-
-
-def flatten_results(results: Dict[str, Any], prefix: str = "") -> Dict[str, float]:
-    """``{"a": {"b": 1.0}}`` -> ``{"a/b": 1.0}`` keeping only numbers (for loggers)."""
-    flat: Dict[str, float] = {}
-    for k, v in results.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(flatten_results(v, key + "/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            flat[key] = float(v)
-    return flat
-
-
-# ----------------------------------------------------------------------------- callbacks
-
-
-class IterationProgressBar(TQDMProgressBar):
-    """TQDM bar counting iterations towards SOLVER.MAX_ITER (the training "epoch" is infinite),
-    so it shows the rate and the remaining time; on resume it starts at the restored iteration."""
-
-    def _count_iterations(self, trainer: "L.Trainer") -> None:
-        bar = self.train_progress_bar
-        if bar is None:
-            return
-        bar.initial = 0  # reset() refreshes: keep n >= initial at every refresh
-        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
-        bar.initial = trainer.global_step  # rate and ETA count only this run's iterations
-        bar.n = trainer.global_step
-        bar.set_description("iter")
-        bar.refresh()
-
-    def on_train_start(self, trainer: "L.Trainer", *args: Any) -> None:
-        super().on_train_start(trainer, *args)
-        self._count_iterations(trainer)  # a resumed run restarts mid-epoch: no epoch-start hook
-
-    def on_train_epoch_start(self, trainer: "L.Trainer", *_: Any) -> None:
-        # Not the parent's: it would reset the bar to the epoch's (infinite) batch count.
-        if self._leave:
-            self.train_progress_bar = self.init_train_tqdm()
-        self._count_iterations(trainer)
-
-    def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        bar = self.train_progress_bar
-        if bar is None:
-            return
-        n = trainer.global_step
-        if self._should_update(n, bar.total) or n == trainer.max_steps:
-            bar.n = n
-            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
-            bar.refresh()
-
-
-class MetricsWriter(Callback):
-    """Every ``period`` iterations (and at the last): losses averaged over ranks, lr, timing and
-    ETA to ``metrics.json``, TensorBoard and the log. Raises on NaN/inf losses.
-
-    ``time``/``data_time`` are medians over the last ``period`` iterations (Detectron2's smoothing);
-    ``eta_seconds`` uses the median iteration time of up to 1000 recent iterations, so slow
-    iterations spent on checkpoints or evaluation do not skew it.
-    """
-
-    def __init__(self, output_dir: str, period: int, max_iter: int) -> None:
-        self.path = os.path.join(output_dir, "metrics.json") if output_dir else ""
-        self.period = max(1, int(period))
-        self.max_iter = max_iter
-        self._iter_times: Deque[float] = deque(maxlen=1000)
-        self._data_times: Deque[float] = deque(maxlen=1000)
-        self._prev_end: Optional[float] = None
-        self._start: float = 0.0
-
-    def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        self._prev_end = time.perf_counter()
-        logger.info("Starting training from iteration %d (max %d)", trainer.global_step, self.max_iter)
-
-    def on_train_batch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule", batch: Any,
-                             batch_idx: int) -> None:
-        self._start = time.perf_counter()
-        if self._prev_end is not None:
-            self._data_times.append(self._start - self._prev_end)
-
-    def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._prev_end is not None:
-            self._iter_times.append(now - self._prev_end)
-        self._prev_end = now
-        step = trainer.global_step
-        if step % self.period != 0 and step != self.max_iter:
-            return
-        iteration = _iteration(trainer)
-        losses = {k: float(v) for k, v in getattr(pl_module, "last_losses", {}).items()}
-        SegmentationModule.check_finite(losses, iteration)
-        losses = _gather_mean(losses)
-        window = list(self._iter_times)[-self.period:] or [0.0]
-        data_window = list(self._data_times)[-self.period:] or [0.0]
-        eta = statistics.median(self._iter_times or [0.0]) * max(0, self.max_iter - step)
-        optimizer = trainer.optimizers[0]
-        record: Dict[str, Any] = {"iteration": iteration}
-        record.update(losses)
-        record["lr"] = float(getattr(pl_module, "last_lr", max(g["lr"] for g in optimizer.param_groups)))
-        record["time"] = statistics.median(window)
-        record["data_time"] = statistics.median(data_window)
-        record["eta_seconds"] = eta
-        if torch.cuda.is_available() and pl_module.device.type == "cuda":
-            record["max_mem_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
-        if not trainer.is_global_zero:
-            return
-        if self.path:
-            _append_json_line(self.path, record)
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({k: v for k, v in record.items() if k != "iteration"}, step=iteration)
-        loss_str = "  ".join(f"{k}: {v:.4g}" for k, v in losses.items())
-        logger.info(
-            "eta: %s  iter: %d  %s  time: %.4f  data_time: %.4f  lr: %.3g",
-            time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f}d",
-            iteration, loss_str, record["time"], record["data_time"], record["lr"],
-        )
-
-
-class PeriodicCheckpointer(Callback):
-    """Every ``period`` iterations: ``last.ckpt`` (full training state, for --resume) then
-    ``model_{iter:07d}.pth``; after the last iteration ``last.ckpt`` and ``model_final.pth``.
-    Files are written to a temporary name and renamed, so a kill never leaves a torn file."""
-
-    def __init__(self, output_dir: str, period: int, max_iter: int) -> None:
-        self.output_dir = output_dir
-        self.period = int(period)
-        self.max_iter = max_iter
-
-    def _save_state(self, trainer: "L.Trainer") -> None:
-        path = os.path.join(self.output_dir, LAST_CHECKPOINT)
-        tmp = path + ".tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # collective; rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(tmp, path)
-
-    def _save_model(self, trainer: "L.Trainer", pl_module: "L.LightningModule", name: str) -> None:
-        if trainer.is_global_zero:
-            model = pl_module.model
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            _atomic_torch_save({"model": state, "iteration": _iteration(trainer)},
-                               os.path.join(self.output_dir, name))
-        trainer.strategy.barrier("eco_m2f_checkpoint")
-
-    def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.period > 0 and step % self.period == 0 and step < self.max_iter:
-            self._save_state(trainer)
-            name = f"model_{_iteration(trainer):07d}.pth"
-            self._save_model(trainer, pl_module, name)
-            logger.info("Saved checkpoint %s and %s at iteration %d", LAST_CHECKPOINT, name, _iteration(trainer))
-
-    def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if trainer.global_step < self.max_iter:
-            return  # stopped early (e.g. interrupted): last.ckpt of the last period stays valid
-        self._save_state(trainer)
-        self._save_model(trainer, pl_module, "model_final.pth")
-        logger.info("Saved model_final.pth after %d iterations", trainer.global_step)
-
-
-class PeriodicEvaluator(Callback):
-    """Evaluate on DATASETS.TEST every ``period`` iterations (0: only at the end) and after the
-    last iteration, with ``evaluate.do_test`` (fp32, model in eval mode, all ranks)."""
-
-    def __init__(self, cfg, period: int, max_iter: int, output_dir: str) -> None:
-        self.cfg = cfg
-        self.period = int(period)
-        self.max_iter = max_iter
-        self.path = os.path.join(output_dir, "metrics.json") if output_dir else ""
-        self.last_results: Dict[str, Any] = {}
-
-    def _evaluate(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if not self.cfg.DATASETS.TEST:
-            return
-        from .evaluate import do_test
-
-        model = pl_module.model
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            with torch.no_grad():
-                results = do_test(self.cfg, model)
-        finally:
-            for m, mode in modes.items():
-                m.train(mode)
-        self.last_results = results
-        flat = flatten_results(results if len(results) != 1 else next(iter(results.values())))
-        iteration = _iteration(trainer)
-        if trainer.is_global_zero and flat:
-            if self.path:
-                _append_json_line(self.path, {"iteration": iteration, **flat})
-            if trainer.logger is not None:
-                trainer.logger.log_metrics(flat, step=iteration)
-        trainer.strategy.barrier("eco_m2f_eval")
-
-    def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.period > 0 and step % self.period == 0 and step < self.max_iter:
-            self._evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if trainer.global_step >= self.max_iter:
-            self._evaluate(trainer, pl_module)
-
-
-class _RankSeed(Callback):
-    """Seed every rank differently once the process group exists (augmentation, sampled depths);
-    the model itself was built under the common seed, so all ranks start identical."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
-        L.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
-
-
-# ----------------------------------------------------------------------------- trainer
 
 
 def build_trainer(
@@ -377,7 +86,7 @@ def build_trainer(
         IterationProgressBar(refresh_rate=1),
     ]
     if seed is not None:
-        callbacks.append(_RankSeed(seed))
+        callbacks.append(RankSeed(seed))
     callbacks.extend(extra_callbacks or [])
     return L.Trainer(
         accelerator=accelerator,
@@ -424,7 +133,7 @@ def train(
     seed = _resolve_seed(cfg)
     L.seed_everything(seed, workers=True)
     if model is None:
-        from eco_m2f.modeling import build_model
+        from ..architectures import build_model
 
         model = build_model(cfg)
     last = os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)
@@ -432,7 +141,7 @@ def train(
     if getattr(args, "resume", False) and ckpt_path is None:
         logger.info("--resume: no %s yet, starting from iteration 0", last)
     if ckpt_path is None and cfg.MODEL.WEIGHTS:
-        from eco_m2f.checkpoint import load_weights
+        from ..checkpoint import load_weights
 
         report = load_weights(
             model, cfg.MODEL.WEIGHTS, allow_missing=True, allow_unexpected=True, allow_shape_mismatch=True

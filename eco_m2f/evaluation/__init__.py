@@ -1,4 +1,4 @@
-"""Evaluators (PQ, mIoU, mask AP, Cityscapes) and the inference loop, with Detectron2's conventions.
+"""Evaluators (PQ, mIoU, mask AP, Cityscapes, the CTS policy, cost), the inference loop and FLOPs, with Detectron2's conventions.
 
 Submodules load on first use (``eco_m2f.evaluation.SemSegEvaluator`` imports
 ``.semantic``), so pycocotools / cityscapesscripts load only when needed. Label PNGs are read
@@ -11,18 +11,22 @@ from typing import Any
 
 _LAZY = {
     "build_evaluators": "build",
+    "EfficiencyEvaluator": "efficiency",
+    "FlopCounter": "flops",
+    "count_flops": "flops",
+    "do_test": "testing",
     "DatasetEvaluator": "evaluator",
     "DatasetEvaluators": "evaluator",
     "inference_on_dataset": "evaluator",
     "inference_context": "evaluator",
     "COCOPanopticEvaluator": "panoptic",
-    "PQStat": "panoptic",
-    "PQStatCat": "panoptic",
-    "pq_single_image": "panoptic",
-    "pq_compute": "panoptic",
-    "pq_compute_per_image": "panoptic",
-    "pq_for_model_output": "panoptic",
-    "panoptic_categories": "panoptic",
+    "PQStat": "pq",
+    "PQStatCat": "pq",
+    "pq_single_image": "pq",
+    "pq_for_model_output": "pq",
+    "panoptic_categories": "pq",
+    "pq_compute": "pq_compute",
+    "pq_compute_per_image": "pq_compute",
     "SemSegEvaluator": "semantic",
     "confusion_matrix": "semantic",
     "sem_seg_metrics": "semantic",
@@ -30,6 +34,7 @@ _LAZY = {
     "CityscapesSemSegEvaluator": "cityscapes",
     "CityscapesInstanceEvaluator": "cityscapes",
     "CityscapesPanopticEvaluator": "cityscapes",
+    "PolicyEvaluator": "policy",
 }
 
 

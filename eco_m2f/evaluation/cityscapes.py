@@ -7,103 +7,39 @@ The official scripts are then run on the ground truth under ``metadata.gt_dir``
 and, for panoptic, ``metadata.panoptic_json``/``panoptic_root``. Only the images that
 were processed are scored.
 
-The scripts predate numpy 2 (they call ``np.in1d``, removed in numpy 2.4, and JSON-dump
-numpy scalars) and exit the interpreter on errors; :func:`cityscapes_compat` runs them
-with a numpy shim and a numpy-aware ``writeDict2JSON`` patched onto their module objects
-for the duration (no file in site-packages is touched), their console output sent to
-the log, ``sys.exit`` turned into ``RuntimeError`` and the working directory moved to a
-scratch folder (the instance script writes ``matches.json`` into the current directory).
+The scripts predate numpy 2 and exit the interpreter on errors: they run inside
+:func:`eco_m2f.data.cityscapes_scripts.cityscapes_scripts` (numpy shim patched onto their module
+objects for the duration, output to the log, ``sys.exit`` turned into ``RuntimeError``, the
+working directory moved to a scratch folder).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import glob
-import io
-import json
 import logging
 import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
+from ..data.cityscapes_scripts import cityscapes_scripts
 from ..data.io import png_bytes
 from ..utils import comm
 from .evaluator import DatasetEvaluator
-from .panoptic import COCOPanopticEvaluator, PQStat
+from .panoptic import COCOPanopticEvaluator
+from .pq import PQStat
 
 __all__ = [
     "CityscapesSemSegEvaluator",
     "CityscapesInstanceEvaluator",
     "CityscapesPanopticEvaluator",
-    "cityscapes_compat",
     "cityscapes_image_key",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class _NumpyCompat:
-    """numpy with the names that numpy 2 removed but cityscapesscripts still calls."""
-
-    def __init__(self, np_module: Any):
-        self._np = np_module
-
-    def __getattr__(self, name: str) -> Any:
-        if hasattr(self._np, name):
-            return getattr(self._np, name)
-        if name == "in1d":
-            def in1d(ar1: Any, ar2: Any, assume_unique: bool = False, invert: bool = False) -> np.ndarray:
-                return self._np.isin(self._np.asarray(ar1).ravel(), ar2, assume_unique=assume_unique, invert=invert)
-
-            return in1d
-        aliases = {"int": int, "float": float, "bool": bool, "object": object, "long": int, "str": str}
-        if name in aliases:
-            return aliases[name]
-        raise AttributeError(name)
-
-
-def _write_dict_to_json(data: Any, file_name: str) -> None:
-    """cityscapesscripts' writeDict2JSON, accepting the numpy scalars numpy 2 returns from count_nonzero."""
-
-    def default(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        return o.__dict__
-
-    with open(file_name, "w") as f:
-        json.dump(data, f, default=default, sort_keys=True, indent=4)
-
-
-@contextlib.contextmanager
-def cityscapes_compat(workdir: str | os.PathLike, *modules: Any) -> Iterator[io.StringIO]:
-    """Run cityscapesscripts ``modules`` under numpy 2 safely (see the module docstring).
-
-    Yields the buffer that collects their console output.
-    """
-    saved = [(m, name, getattr(m, name)) for m in modules for name in ("np", "writeDict2JSON") if hasattr(m, name)]
-    for m, name, _ in saved:
-        setattr(m, name, _NumpyCompat(np) if name == "np" else _write_dict_to_json)
-    out = io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
-        with contextlib.redirect_stdout(out):
-            yield out
-    except SystemExit as e:
-        tail = out.getvalue().strip().splitlines()[-5:]
-        raise RuntimeError("cityscapesscripts failed: " + " | ".join(tail)) from e
-    finally:
-        os.chdir(cwd)
-        for m, name, original in saved:
-            setattr(m, name, original)
-        if out.getvalue():
-            logger.debug("cityscapesscripts output:\n%s", out.getvalue())
 
 
 def cityscapes_image_key(file_name: str) -> str:
@@ -228,7 +164,7 @@ class CityscapesSemSegEvaluator(_CityscapesEvaluator):
             args.quiet = True
             args.evalPixelAccuracy = False
             args.evalLabels = []
-            with cityscapes_compat(folder, cs_eval):
+            with cityscapes_scripts(cs_eval, workdir=folder):
                 results = cs_eval.evaluateImgLists(pred_list, gt_list, args)
         res = OrderedDict(
             IoU=100.0 * float(results["averageScoreClasses"]),
@@ -311,7 +247,7 @@ class CityscapesInstanceEvaluator(_CityscapesEvaluator):
             args.quiet = True
             args.gtInstancesFile = str(folder / "gtInstances.json")
             args.instLabels = []
-            with cityscapes_compat(folder, cs_eval, cs_inst):
+            with cityscapes_scripts(cs_eval, cs_inst, workdir=folder):
                 results = cs_eval.evaluateImgLists(pred_list, gt_list, args)["averages"]
         res = OrderedDict(AP=float(results["allAp"]) * 100, AP50=float(results["allAp50%"]) * 100)
         logger.info("Cityscapes instance on %s: %s", self._dataset_name, dict(res))
@@ -323,7 +259,7 @@ class CityscapesPanopticEvaluator(COCOPanopticEvaluator):
 
     Same inputs, prediction files and result keys as :class:`COCOPanopticEvaluator`; the
     statistics come from the official Cityscapes script (panopticapi's algorithm), so
-    ``per_image_results`` stays empty here (use :func:`eco_m2f.evaluation.panoptic.pq_single_image`).
+    ``per_image_results`` stays empty here (use :func:`eco_m2f.evaluation.pq.pq_single_image`).
     """
 
     def _score(
@@ -336,7 +272,7 @@ class CityscapesPanopticEvaluator(COCOPanopticEvaluator):
         pairs = [(gt_ann, preds[gt_ann["image_id"]]) for gt_ann in gt["annotations"]]
         if not gt_folder.is_dir():
             raise FileNotFoundError(f"Folder {gt_folder} with ground truth segmentations doesn't exist")
-        with tempfile.TemporaryDirectory(prefix="cityscapes_pan_") as tmp, cityscapes_compat(tmp, cs_pan):
+        with tempfile.TemporaryDirectory(prefix="cityscapes_pan_") as tmp, cityscapes_scripts(cs_pan, workdir=tmp):
             cs_stat = cs_pan.pq_compute_single_core(
                 0, pairs, str(gt_folder.resolve()), str(Path(pred_folder).resolve()), categories
             )

@@ -159,6 +159,11 @@ class SemSegEvaluator(DatasetEvaluator):
 
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         for inp, out in zip(inputs, outputs):
+            if "sem_seg" not in out:
+                raise KeyError(
+                    f"{self._dataset_name}: the model's output for {inp.get('file_name')} has no 'sem_seg' "
+                    f"(it has {sorted(out)}); mIoU needs a model whose tasks include sem_seg"
+                )
             scores = out["sem_seg"]
             if scores.shape[0] != self._num_classes:
                 raise ValueError(

@@ -1,7 +1,8 @@
 """Forward-pass throughput: images/s and latency after warm-up, CUDA-synchronised.
 
-Used by ``scripts/benchmark.py`` to time our network against Hugging Face ``transformers``'
-Mask2Former built with the same sizes, in the same process, so the two share one machine state.
+Used by ``scripts/benchmark.py`` to time a model's ``network`` (and its ``benchmark_stages``)
+against Hugging Face ``transformers``' Mask2Former built with the same sizes, in the same
+process, so the two share one machine state.
 """
 from __future__ import annotations
 
@@ -198,34 +199,14 @@ def profile_kernels(fn: Callable[[torch.Tensor], object], images: torch.Tensor, 
     return prof.key_averages().table(sort_by=sort, row_limit=top)
 
 
-def network_stages(model: nn.Module) -> Dict[str, tuple]:
-    """Our MaskFormer's stages for :func:`stage_times`: backbone, pixel decoder, transformer decoder."""
-    head = model.sem_seg_head
-    return {
-        "backbone": (model.backbone, "forward"),
-        "pixel decoder": (head.pixel_decoder, "forward_features"),
-        "transformer decoder": (head.predictor, "forward"),
-    }
-
-
 def hf_stages(model: nn.Module) -> Dict[str, tuple]:
-    """The same three stages of transformers' Mask2Former."""
+    """The stages of transformers' Mask2Former that match MaskFormer's ``benchmark_stages()``."""
     m = model.model
     return {
         "backbone": (m.pixel_level_module.encoder, "forward"),
         "pixel decoder": (m.pixel_level_module.decoder, "forward"),
         "transformer decoder": (m.transformer_module, "forward"),
     }
-
-
-def network_forward(model: nn.Module, exit_layer: Optional[int] = None) -> Callable[[torch.Tensor], object]:
-    """Backbone + head of one of our MaskFormer models on a normalised padded batch."""
-
-    def run(images: torch.Tensor):
-        features = model.backbone(images)
-        return model.sem_seg_head(features, exit_layer=exit_layer)
-
-    return run
 
 
 def build_hf_mask2former(cfg) -> nn.Module:

@@ -1,8 +1,15 @@
-"""Models: every component is registered by name and built from the config."""
+"""Models: every component is registered by name and built from the config.
+
+Importing this package registers the builtin backbones, pixel decoders, transformer decoders,
+heads and the meta-architectures defined here (``MaskFormer``). Meta-architectures defined
+elsewhere in the project (``ECOMaskFormer`` in ``eco_m2f.eco``) register themselves on import;
+``eco_m2f.architectures.build_model`` imports all of them and builds any.
+"""
 from __future__ import annotations
 
-import torch.nn as nn
-
+from . import backbone, heads, meta_arch, pixel_decoder, transformer_decoder  # noqa: F401  (registration)
+from .backbone import build_backbone
+from .meta_arch.base import TASKS, SegmentationModel
 from .registry import (
     BACKBONE_REGISTRY,
     META_ARCH_REGISTRY,
@@ -17,34 +24,9 @@ __all__ = [
     "META_ARCH_REGISTRY",
     "PIXEL_DECODER_REGISTRY",
     "SEM_SEG_HEADS_REGISTRY",
+    "TASKS",
     "TRANSFORMER_DECODER_REGISTRY",
+    "SegmentationModel",
     "ShapeSpec",
-    "build_model",
     "build_backbone",
 ]
-
-
-def _register_builtin() -> None:
-    """Import the modules whose import registers the builtin components."""
-    from . import backbone, meta_arch, pixel_decoder, transformer_decoder  # noqa: F401
-    from . import heads  # noqa: F401
-
-
-def build_backbone(cfg, input_shape: ShapeSpec | None = None) -> nn.Module:
-    """Build ``MODEL.BACKBONE.NAME`` from the registry."""
-    _register_builtin()
-    if input_shape is None:
-        input_shape = ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))
-    return BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, input_shape)
-
-
-def build_model(cfg) -> nn.Module:
-    """Build whatever ``MODEL.META_ARCHITECTURE`` names (on ``MODEL.DEVICE`` if available)."""
-    _register_builtin()
-    name = cfg.MODEL.META_ARCHITECTURE
-    try:
-        builder = META_ARCH_REGISTRY.get(name)
-    except KeyError as exc:
-        known = sorted(name for name, _ in META_ARCH_REGISTRY)
-        raise KeyError(f"MODEL.META_ARCHITECTURE '{name}' is not registered; known: {known}") from exc
-    return builder(cfg)

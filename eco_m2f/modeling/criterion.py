@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils import comm
 from .matcher import HungarianMatcher
 from .point_sampling import (
     calculate_uncertainty,
@@ -74,12 +75,6 @@ def _matched_target_masks(targets: Sequence[Mapping[str, torch.Tensor]],
             m = F.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2]))
         selected.append(m)
     return torch.cat(selected)[:, None]
-
-
-def _world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 class SetCriterion(nn.Module):
@@ -200,7 +195,7 @@ class SetCriterion(nn.Module):
         num_masks = torch.as_tensor(
             [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float32, device=device
         )
-        world_size = _world_size()
+        world_size = comm.get_world_size()
         if world_size > 1:
             dist.all_reduce(num_masks)
         return torch.clamp(num_masks / world_size, min=1).item()

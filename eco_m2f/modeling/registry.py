@@ -5,7 +5,7 @@ The names are Detectron2/Mask2Former's, so that official YAML files resolve unch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from fvcore.common.registry import Registry
 
@@ -23,6 +23,15 @@ PIXEL_DECODER_REGISTRY.__doc__ = "Pixel decoders: cls(cfg, input_shape: dict[str
 
 TRANSFORMER_DECODER_REGISTRY = Registry("TRANSFORMER_MODULE")
 TRANSFORMER_DECODER_REGISTRY.__doc__ = "Transformer decoders: cls(cfg, in_channels, mask_classification=True)."
+
+
+def lookup(registry: Registry, name: str, key: str) -> Any:
+    """``registry.get(name)``, or a KeyError naming the config ``key`` and the registered names."""
+    try:
+        return registry.get(name)
+    except KeyError as exc:
+        known = sorted(n for n, _ in registry)
+        raise KeyError(f"{key} '{name}' is not registered; known: {known}") from exc
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from .build import (
     build_lr_scheduler,
     build_optimizer,
     get_param_groups,
+    layer_decay_factor,
     warmup_factor_at_iter,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "build_lr_scheduler",
     "build_optimizer",
     "get_param_groups",
+    "layer_decay_factor",
     "warmup_factor_at_iter",
 ]

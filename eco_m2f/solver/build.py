@@ -31,6 +31,7 @@ __all__ = [
     "get_param_groups",
     "build_optimizer",
     "build_lr_scheduler",
+    "layer_decay_factor",
     "build_gradient_clipper",
     "WarmupPolyLR",
     "LRMultiplier",
@@ -94,13 +95,15 @@ def get_param_groups(
     weight_decay_norm: float = 0.0,
     weight_decay_embed: float = 0.0,
     backbone_multiplier: float = 1.0,
+    lr_factor: Optional[Callable[[str], float]] = None,
 ) -> List[Dict[str, Any]]:
     """Split trainable parameters into groups of equal (lr, weight_decay).
 
     Rules (Mask2Former's): parameters of modules under ``backbone`` get ``lr * backbone_multiplier``;
     parameters owned by a normalisation layer get ``weight_decay_norm``; ``nn.Embedding`` weights and
     parameters named like an embedding (``EMBED_PARAM_NAMES``) get ``weight_decay_embed``.
-    A parameter shared by several modules is counted once (first owner wins). Groups keep the
+    ``lr_factor(full parameter name)``, when given, multiplies each rate further (layer-wise
+    decay). A parameter shared by several modules is counted once (first owner wins). Groups keep the
     model's parameter order, so optimizer state dicts are stable across runs (needed by resume).
     Each group carries ``"param_names"`` (torch optimizers keep them in their state dict).
     """
@@ -111,7 +114,10 @@ def get_param_groups(
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
             lr = base_lr * (backbone_multiplier if _is_backbone(module_name) else 1.0)
+            if lr_factor is not None:
+                lr *= lr_factor(full_name)
             wd = weight_decay
             if _is_norm(module):
                 wd = weight_decay_norm
@@ -121,15 +127,39 @@ def get_param_groups(
             if key not in groups:
                 groups[key] = {"params": [], "param_names": [], "lr": lr, "weight_decay": wd}
             groups[key]["params"].append(param)
-            groups[key]["param_names"].append(f"{module_name}.{param_name}" if module_name else param_name)
+            groups[key]["param_names"].append(full_name)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no trainable parameters to optimize")
     return list(groups.values())
 
 
+def layer_decay_factor(model: nn.Module, decay: float) -> Callable[[str], float]:
+    """Layer-wise lr decay (BEiT/ViTDet): a backbone parameter at depth ``d`` of ``D + 1`` gets
+    ``decay ** (D + 1 - d)``; everything outside the backbone 1. The depth comes from
+    ``model.backbone.layer_id(name)`` and ``model.backbone.depth`` (ViT backbones have them)."""
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"SOLVER.LAYER_DECAY must be in (0, 1], got {decay}")
+    backbone = getattr(model, "backbone", None)
+    layer_id = getattr(backbone, "layer_id", None)
+    if not callable(layer_id):
+        raise ValueError(
+            f"SOLVER.LAYER_DECAY {decay} needs a backbone with per-layer ids (a ViT); "
+            f"{type(backbone).__name__} has none"
+        )
+    top = int(backbone.depth) + 1
+
+    def factor(name: str) -> float:
+        if not name.startswith("backbone."):
+            return 1.0
+        return decay ** (top - layer_id(name[len("backbone."):]))
+
+    return factor
+
+
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """``SOLVER.OPTIMIZER`` (ADAMW or SGD) over Mask2Former-style parameter groups."""
     solver = cfg.SOLVER
+    decay = float(solver.get("LAYER_DECAY", 1.0))
     groups = get_param_groups(
         model,
         base_lr=solver.BASE_LR,
@@ -137,6 +167,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
         weight_decay_embed=solver.get("WEIGHT_DECAY_EMBED", 0.0),
         backbone_multiplier=solver.get("BACKBONE_MULTIPLIER", 1.0),
+        lr_factor=layer_decay_factor(model, decay) if decay != 1.0 else None,
     )
     name = str(solver.get("OPTIMIZER", "SGD")).upper()
     if name == "ADAMW":
@@ -182,8 +213,10 @@ class _ConfigScheduler(torch.optim.lr_scheduler.LRScheduler):
 class WarmupPolyLR(_ConfigScheduler):
     """Mask2Former's schedule, stepped once per iteration.
 
-    ``lr(it) = base_lr * warmup(it) * (1 - it / max_iters) ** power``; once warmup is over and
-    ``constant_ending > 0``, the multiplier never drops below ``constant_ending``.
+    ``lr(it) = warmup(it) * ((base_lr - end_lr) * (1 - it / max_iters) ** power + end_lr)`` for
+    every parameter group (mmseg's and Segmenter's poly to ``min_lr``; ``end_lr`` 0 is
+    Mask2Former's). Once warmup is over and ``constant_ending > 0``, the poly multiplier never
+    drops below ``constant_ending``.
     """
 
     def __init__(
@@ -196,6 +229,7 @@ class WarmupPolyLR(_ConfigScheduler):
         last_epoch: int = -1,
         power: float = 0.9,
         constant_ending: float = 0.0,
+        end_lr: float = 0.0,
     ) -> None:
         if max_iters <= 0:
             raise ValueError(f"SOLVER.MAX_ITER must be positive for WarmupPolyLR, got {max_iters}")
@@ -205,18 +239,19 @@ class WarmupPolyLR(_ConfigScheduler):
         self.warmup_method = warmup_method
         self.power = power
         self.constant_ending = constant_ending
+        self.end_lr = end_lr
         super().__init__(optimizer, last_epoch)
 
-    def _multiplier(self, it: int) -> float:
+    def _multipliers(self, it: int) -> tuple[float, float]:
         warmup = warmup_factor_at_iter(self.warmup_method, it, self.warmup_iters, self.warmup_factor)
         poly = math.pow(max(0.0, 1.0 - it / self.max_iters), self.power)
         if self.constant_ending > 0 and warmup == 1.0 and poly < self.constant_ending:
-            return self.constant_ending
-        return warmup * poly
+            poly = self.constant_ending
+        return warmup, poly
 
     def get_lr(self) -> List[float]:
-        m = self._multiplier(self.last_epoch)
-        return [base_lr * m for base_lr in self.base_lrs]
+        warmup, poly = self._multipliers(self.last_epoch)
+        return [warmup * ((base_lr - self.end_lr) * poly + self.end_lr) for base_lr in self.base_lrs]
 
     def _get_closed_form_lr(self) -> List[float]:
         return self.get_lr()
@@ -277,6 +312,7 @@ def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> torch.optim.lr_
         return WarmupPolyLR(
             optimizer, s.MAX_ITER, warmup_factor=s.WARMUP_FACTOR, warmup_iters=s.WARMUP_ITERS,
             warmup_method=s.WARMUP_METHOD, power=s.POLY_LR_POWER, constant_ending=s.POLY_LR_CONSTANT_ENDING,
+            end_lr=s.BASE_LR_END,
         )
     if name == "WarmupMultiStepLR":
         steps = [x for x in s.STEPS if x <= s.MAX_ITER]

@@ -1,4 +1,5 @@
-"""Small shared utilities (distributed helpers)."""
+"""Small shared utilities: distributed helpers (``comm``), atomic writes (``file_io``),
+``MODEL.DEVICE`` resolution (``device``) and model unwrapping (``modules``)."""
 from . import comm
 
 __all__ = ["comm"]

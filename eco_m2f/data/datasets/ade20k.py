@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from ..catalog import DatasetCatalog, DatasetPath, MetadataCatalog, datasets_root
-from .common import DatasetNotFoundError, load_panoptic_json, palette, panoptic_metadata, require_path
+from .common import load_panoptic_json, palette, panoptic_metadata, register_sem_seg, require_path
 
 ADE20K_150_NAMES: tuple[str, ...] = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road, route", "bed", "window ", "grass",
@@ -91,23 +91,6 @@ def get_ade20k_panoptic_metadata() -> dict[str, Any]:
     return panoptic_metadata(ADE20K_150_CATEGORIES)
 
 
-def load_ade20k_semantic(dataset_name: str, image_dir: str, gt_dir: str) -> list[dict]:
-    """``images/<split>/*.jpg`` paired with ``annotations_detectron2/<split>/*.png`` (0..149, 255 ignore)."""
-    require_path(image_dir, dataset_name, SEM_PREPARE_CMD)
-    require_path(gt_dir, dataset_name, SEM_PREPARE_CMD)
-    images = sorted(glob.glob(os.path.join(image_dir, "*.jpg")))
-    if not images:
-        raise DatasetNotFoundError(f"Dataset '{dataset_name}': no *.jpg under {os.path.abspath(image_dir)}. Prepare it with: {SEM_PREPARE_CMD}")
-    dicts = []
-    for f in images:
-        stem = os.path.splitext(os.path.basename(f))[0]
-        gt = os.path.join(gt_dir, stem + ".png")
-        if not os.path.isfile(gt):
-            raise DatasetNotFoundError(f"Dataset '{dataset_name}': label {gt} for {f} does not exist. Prepare it with: {SEM_PREPARE_CMD}")
-        dicts.append({"file_name": f, "image_id": stem, "sem_seg_file_name": gt})
-    return dicts
-
-
 def load_ade20k_panoptic(
     dataset_name: str, image_root: str, panoptic_root: str, panoptic_json: str, sem_seg_root: str
 ) -> list[dict]:
@@ -126,18 +109,7 @@ def register_ade20k() -> None:
         "stuff_dataset_id_to_contiguous_id": {i: i for i in range(len(ADE20K_150_NAMES))},
     }
     for name, (image_dir, gt_dir) in _SEM_SPLITS.items():
-        if name in DatasetCatalog:
-            continue
-        DatasetCatalog.register(
-            name,
-            lambda n=name, a=image_dir, b=gt_dir: load_ade20k_semantic(
-                n, os.path.join(datasets_root(), a), os.path.join(datasets_root(), b)
-            ),
-        )
-        MetadataCatalog.get(name).set(
-            image_root=DatasetPath(image_dir), sem_seg_root=DatasetPath(gt_dir),
-            evaluator_type="sem_seg", ignore_label=255, **sem_meta,
-        )
+        register_sem_seg(name, image_dir, gt_dir, SEM_PREPARE_CMD, sem_meta)
     pan_meta = get_ade20k_panoptic_metadata()
     for name, (image_root, pan_root, pan_json, sem_root, inst_json) in _PAN_SPLITS.items():
         if name in DatasetCatalog:

@@ -8,20 +8,13 @@ id = trainId), 8 of them things. Registered names (``prefix`` is "" for the real
 - ``{prefix}cityscapes_fine_sem_seg_{train,val}``    evaluator_type ``cityscapes_sem_seg``
 - ``{prefix}cityscapes_fine_instance_seg_{train,val}`` evaluator_type ``cityscapes_instance``
 
-Also here: :func:`import_cityscapes_evaluation`, which imports a ``cityscapesscripts.evaluation``
-module with the numpy names it uses that numpy 2.4 removed (``np.in1d``) restored in that
-module's namespace only (site-packages stay untouched), and :func:`call_cityscapesscripts`,
-which turns the package's ``sys.exit`` on error into an exception.
+Running the official scripts under numpy 2 is :mod:`eco_m2f.data.cityscapes_scripts`.
 """
 from __future__ import annotations
 
-import contextlib
 import glob
-import importlib
-import io
 import multiprocessing
 import os
-import types
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -260,45 +253,3 @@ def register_cityscapes(
                 image_root=p(rel["image_dir"]), image_dir=p(rel["image_dir"]), gt_dir=p(rel["gt_dir"]),
                 evaluator_type="cityscapes_instance", **ins_meta,
             )
-
-
-# ------------------------------------------------------------------- cityscapesscripts access
-class _NumpyCompat(types.ModuleType):
-    """numpy, plus the aliases cityscapesscripts still calls (removed in numpy 2.4)."""
-
-    def __init__(self) -> None:
-        super().__init__("numpy")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(np, name)
-
-    @staticmethod
-    def in1d(ar1, ar2, assume_unique: bool = False, invert: bool = False) -> np.ndarray:
-        return np.isin(np.asarray(ar1).ravel(), ar2, assume_unique=assume_unique, invert=invert)
-
-
-def import_cityscapes_evaluation(name: str) -> types.ModuleType:
-    """Import ``cityscapesscripts.evaluation.<name>`` usable under the installed numpy.
-
-    Only the imported module's global ``np`` is replaced (by numpy plus ``in1d``), and only
-    when numpy lacks ``in1d``; numpy itself and site-packages are left as they are.
-    """
-    mod = importlib.import_module(f"cityscapesscripts.evaluation.{name}")
-    if not hasattr(np, "in1d") and hasattr(mod, "np") and not isinstance(mod.np, _NumpyCompat):
-        mod.np = _NumpyCompat()
-    return mod
-
-
-def call_cityscapesscripts(func: Callable[..., Any], *args: Any, quiet: bool = True, **kwargs: Any) -> Any:
-    """Call a cityscapesscripts function; its ``printError`` (print + sys.exit) becomes a RuntimeError.
-
-    With ``quiet`` its progress printing is captured (and included in the error message).
-    """
-    buf = io.StringIO()
-    ctx = contextlib.redirect_stdout(buf) if quiet else contextlib.nullcontext()
-    try:
-        with ctx:
-            return func(*args, **kwargs)
-    except SystemExit as err:
-        tail = "\n".join(buf.getvalue().strip().splitlines()[-5:])
-        raise RuntimeError(f"cityscapesscripts {getattr(func, '__name__', func)} failed (exit {err.code}): {tail}") from None

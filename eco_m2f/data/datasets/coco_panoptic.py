@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from ..catalog import DatasetCatalog, DatasetPath, MetadataCatalog, datasets_root
-from .common import load_json, load_panoptic_json, palette, panoptic_metadata, require_path
+from .common import load_json, load_panoptic_json, map_jobs, palette, panoptic_metadata, require_path
 
 # (id, isthing, name) of the 133 COCO panoptic categories, in the official order.
 _COCO_PANOPTIC = (
@@ -171,13 +171,5 @@ def panoptic_to_semantic(
         for ann in info["annotations"]
     ]
     os.makedirs(out_dir, exist_ok=True)
-    if num_workers > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
-            for _ in pool.imap_unordered(_semantic_from_panoptic, jobs, chunksize=64):
-                pass
-    else:
-        for job in jobs:
-            _semantic_from_panoptic(job)
+    map_jobs(_semantic_from_panoptic, jobs, num_workers)
     return len(jobs)

@@ -1,11 +1,16 @@
-"""Helpers shared by the dataset loaders: existence checks with actionable errors, JSON I/O."""
+"""Helpers shared by the dataset loaders: existence checks with actionable errors, JSON I/O,
+semantic folder pairing, and generation-on-first-use of the project's synthetic datasets."""
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from ..catalog import datasets_root
+from ..catalog import DatasetCatalog, DatasetPath, MetadataCatalog, datasets_root
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -22,6 +27,69 @@ def require_path(path: str, dataset_name: str, prepare_cmd: str, kind: str = "fo
             f"Prepare it with: {prepare_cmd}  (see datasets/README.md)"
         )
     return path
+
+
+def load_sem_seg(dataset_name: str, gt_dir: str, image_dir: str, prepare_cmd: str,
+                 gt_ext: str = "png", image_ext: str = "jpg") -> list[dict]:
+    """Detectron2's ``load_sem_seg``: every ``gt_dir/<stem>.<gt_ext>`` paired with ``image_dir/<stem>.<image_ext>``.
+
+    Missing folders, an empty label folder and a label without its image fail naming the path and
+    ``prepare_cmd``. No file is opened (sizes are read by the mappers).
+    """
+    require_path(image_dir, dataset_name, prepare_cmd)
+    require_path(gt_dir, dataset_name, prepare_cmd)
+    labels = sorted(glob.glob(os.path.join(glob.escape(gt_dir), f"*.{gt_ext}")))
+    if not labels:
+        raise DatasetNotFoundError(
+            f"Dataset '{dataset_name}': no *.{gt_ext} under {os.path.abspath(gt_dir)}. Prepare it with: {prepare_cmd}"
+        )
+    dicts = []
+    for gt in labels:
+        stem = os.path.splitext(os.path.basename(gt))[0]
+        image = os.path.join(image_dir, f"{stem}.{image_ext}")
+        if not os.path.isfile(image):
+            raise DatasetNotFoundError(
+                f"Dataset '{dataset_name}': image {os.path.abspath(image)} of label {gt} does not exist. "
+                f"Prepare it with: {prepare_cmd}"
+            )
+        dicts.append({"file_name": image, "image_id": stem, "sem_seg_file_name": gt})
+    return dicts
+
+
+def register_sem_seg(name: str, image_dir: str, gt_dir: str, prepare_cmd: str, metadata: dict[str, Any]) -> None:
+    """Register a Detectron2 semantic dataset (folders relative to ``$DETECTRON2_DATASETS``, read by
+    :func:`load_sem_seg`; evaluator_type ``sem_seg``, ignore label 255) unless the name is taken."""
+    if name in DatasetCatalog:
+        return
+    DatasetCatalog.register(name, lambda: load_sem_seg(
+        name, os.path.join(datasets_root(), gt_dir), os.path.join(datasets_root(), image_dir), prepare_cmd))
+    MetadataCatalog.get(name).set(image_root=DatasetPath(image_dir), sem_seg_root=DatasetPath(gt_dir),
+                                  evaluator_type="sem_seg", ignore_label=255, **metadata)
+
+
+def prepare_cli(argv: list[str] | None, description: str, default_root: str,
+                prepare: Callable[[str, int], Any]) -> tuple[int, str, Any, float]:
+    """The shared command line of the ``datasets/prepare_*.py`` converters: ``--root`` (default
+    ``$DETECTRON2_DATASETS/<default_root>``) and ``--workers``; runs ``prepare(root, workers)``.
+
+    Returns (exit code, root, result, seconds); a missing input is printed as ``error: ...`` with exit code 1.
+    """
+    import argparse
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=None, help=f"default: $DETECTRON2_DATASETS/{default_root}")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    root = args.root or os.path.join(datasets_root(), default_root)
+    t0 = time.perf_counter()
+    try:
+        result = prepare(root, args.workers)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1, root, None, time.perf_counter() - t0
+    return 0, root, result, time.perf_counter() - t0
 
 
 def load_json(path: str, dataset_name: str = "") -> Any:
@@ -135,3 +203,75 @@ def load_panoptic_json(
         if check_files and key in first and not os.path.isfile(first[key]):
             raise FileNotFoundError(f"Dataset '{dataset_name}': {key} {first[key]} listed by {json_file} does not exist")
     return dicts
+
+
+def map_jobs(func: Callable[[Any], Any], jobs: list, workers: int = 1, chunksize: int | None = None) -> list:
+    """``[func(j) for j in jobs]``, in order, over ``workers`` spawned processes when ``workers > 1``.
+
+    ``func`` must be a module-level function (it is pickled by name). Spawned rather than forked
+    workers: the caller may hold threads (torch), which forked children must not inherit.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        return [func(j) for j in jobs]
+    import multiprocessing
+
+    chunksize = chunksize or max(1, min(64, len(jobs) // (4 * workers)))
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        return list(pool.imap(func, jobs, chunksize=chunksize))
+
+
+# ------------------------------------------------------------------------------ generated datasets
+@contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Exclusive advisory lock (POSIX flock); a no-op where fcntl is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def lock_path(root: str) -> str:
+    """The lock file guarding the generation of the dataset folder ``root``."""
+    return os.path.join(os.path.dirname(root), f".{os.path.basename(root)}.lock")
+
+
+def ensure_generated(root: str, info_file: str, generate: Callable[[], Any], prepare_cmd: str) -> str:
+    """Return ``root`` once ``root/info_file`` exists, calling ``generate()`` under a file lock if it does not.
+
+    ``info_file`` is written last by a generator, so its presence marks a complete dataset; several
+    processes may call this at once: one generates, the others wait and reuse the result. A folder
+    with content but without ``info_file`` is reported, never overwritten.
+    """
+    root = os.path.abspath(root)
+    if os.path.isfile(os.path.join(root, info_file)):
+        return root
+    with file_lock(lock_path(root)):
+        if os.path.isfile(os.path.join(root, info_file)):
+            return root
+        if os.path.isdir(root) and os.listdir(root):
+            raise FileExistsError(
+                f"{root} exists but is not a complete generated dataset (no {info_file}); "
+                f"remove it or regenerate it with: {prepare_cmd} --root {root}"
+            )
+        generate()
+    return root
+
+
+def replace_folder(src: str, dst: str) -> None:
+    """Move the finished folder ``src`` onto ``dst`` (replacing a previous ``dst``) with renames only,
+    so readers see either the old or the new dataset, never a half-written one."""
+    if os.path.exists(dst):
+        trash = src + ".old"
+        os.rename(dst, trash)
+        os.rename(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(src, dst)

@@ -25,8 +25,6 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -36,7 +34,7 @@ from scipy import ndimage
 from ..catalog import DatasetCatalog, DatasetPath, MetadataCatalog, datasets_root
 from ..io import id2rgb, png_bytes, write_bytes
 from .cityscapes import register_cityscapes
-from .common import dump_json, load_panoptic_json, panoptic_metadata, require_path
+from .common import dump_json, ensure_generated, load_panoptic_json, panoptic_metadata, replace_folder, require_path
 
 FORMAT_VERSION = 1
 INFO_FILE = "synthetic_info.json"  # written last: its presence marks a complete dataset
@@ -413,13 +411,7 @@ def generate_synthetic_dataset(
             "num_objects": {s: v["num_objects"] for s, v in splits.items()},
         }
         dump_json(info, os.path.join(tmp, INFO_FILE))
-        if os.path.exists(root):
-            trash = tmp + ".old"
-            os.rename(root, trash)
-            os.rename(tmp, root)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, root)
+        replace_folder(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -437,43 +429,18 @@ def default_synthetic_root() -> str:
     return os.path.join(datasets_root(), DEFAULT_SUBDIR)
 
 
-@contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    """Exclusive advisory lock (POSIX flock); a no-op where fcntl is unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def ensure_synthetic_dataset(root: Optional[str] = None) -> str:
     """Return the synthetic dataset folder, generating it with :data:`DEFAULTS` if missing.
 
     Safe with several processes: one generates under a file lock, the others wait and reuse it.
     """
     root = os.path.abspath(root or default_synthetic_root())
-    if os.path.isfile(os.path.join(root, INFO_FILE)):
-        return root
-    lock = os.path.join(os.path.dirname(root), f".{os.path.basename(root)}.lock")
-    with _file_lock(lock):
-        if os.path.isfile(os.path.join(root, INFO_FILE)):
-            return root
-        if os.path.isdir(root) and os.listdir(root):
-            raise FileExistsError(
-                f"{root} exists but is not a complete synthetic dataset (no {INFO_FILE}); "
-                f"remove it or regenerate it with: {PREPARE_CMD} --root {root}"
-            )
+
+    def generate() -> None:
         summary = generate_synthetic_dataset(root, **DEFAULTS)
         print(f"Generated the synthetic dataset in {root} ({summary['seconds']:.1f} s)")
-    return root
+
+    return ensure_generated(root, INFO_FILE, generate, PREPARE_CMD)
 
 
 # --------------------------------------------------------------------------- registration

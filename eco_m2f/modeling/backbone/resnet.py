@@ -102,7 +102,6 @@ class ResNetBackbone(Backbone):
         width_per_group: int = 64,
         freeze_at: int = 0,
         in_channels: int = 3,
-        pretrained: bool = False,
     ) -> None:
         super().__init__()
         if depth not in _SUPPORTED_DEPTHS:
@@ -166,14 +165,18 @@ class ResNetBackbone(Backbone):
         self._out_feature_channels = {k: self._out_feature_channels[k] for k in self._out_features}
         self._out_feature_strides = {k: self._out_feature_strides[k] for k in self._out_features}
 
-        if pretrained:
-            if num_groups != 1 or width_per_group != 64:
-                raise ValueError(
-                    "MODEL.BACKBONE.PRETRAINED: timm has no torchvision ImageNet weights for this ResNeXt; "
-                    "set MODEL.WEIGHTS to a checkpoint instead"
-                )
-            load_timm_pretrained(self, f"resnet{depth}.tv_in1k")
+        self._resnext = num_groups != 1 or width_per_group != 64
         self.freeze(freeze_at)
+
+    def load_pretrained(self) -> "ResNetBackbone":
+        """torchvision's ImageNet weights through timm (``MODEL.BACKBONE.PRETRAINED``, read by the builder)."""
+        if self._resnext:
+            raise ValueError(
+                "MODEL.BACKBONE.PRETRAINED: timm has no torchvision ImageNet weights for this ResNeXt; "
+                "set MODEL.WEIGHTS to a checkpoint instead"
+            )
+        load_timm_pretrained(self, f"resnet{self.depth}.tv_in1k")
+        return self
 
     def freeze(self, freeze_at: int = 0) -> "ResNetBackbone":
         """Detectron2's FREEZE_AT: 0 nothing, 1 stem, 2 stem+res2, ... 5 everything.
@@ -217,7 +220,17 @@ def build_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNetBackbone:
     """Detectron2's registered ResNet builder, reading ``MODEL.RESNETS.*`` and ``MODEL.BACKBONE.*``."""
     r = cfg.MODEL.RESNETS
     if r.STEM_TYPE != "basic":
-        raise ValueError(f"MODEL.RESNETS.STEM_TYPE '{r.STEM_TYPE}' is not supported (only 'basic')")
+        raise ValueError(
+            f"MODEL.RESNETS.STEM_TYPE '{r.STEM_TYPE}' is not supported (only 'basic'; 'deeplab' is the default of "
+            "add_deeplab_config, which Mask2Former's configs override with 'basic')"
+        )
+    if list(r.RES5_MULTI_GRID) != [1, 1, 1]:
+        raise ValueError(
+            f"MODEL.RESNETS.RES5_MULTI_GRID {list(r.RES5_MULTI_GRID)} is not supported (only [1, 1, 1], as "
+            "Mask2Former's configs set it; [1, 2, 4] is add_deeplab_config's default)"
+        )
+    if r.RES4_DILATION != 1:
+        raise ValueError(f"MODEL.RESNETS.RES4_DILATION {r.RES4_DILATION} is not supported (only 1)")
     if r.STEM_OUT_CHANNELS != 64:
         raise ValueError(f"MODEL.RESNETS.STEM_OUT_CHANNELS must be 64 (timm's ResNet), got {r.STEM_OUT_CHANNELS}")
     expected_res2 = 256 if r.DEPTH >= 50 else 64
@@ -227,7 +240,7 @@ def build_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNetBackbone:
         )
     if any(r.DEFORM_ON_PER_STAGE):
         raise ValueError("MODEL.RESNETS.DEFORM_ON_PER_STAGE: deformable convolutions are not supported")
-    return ResNetBackbone(
+    backbone = ResNetBackbone(
         depth=r.DEPTH,
         norm=r.NORM,
         out_features=list(r.OUT_FEATURES),
@@ -237,5 +250,5 @@ def build_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNetBackbone:
         width_per_group=r.WIDTH_PER_GROUP,
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         in_channels=input_shape.channels or 3,
-        pretrained=cfg.MODEL.BACKBONE.PRETRAINED,
     )
+    return backbone.load_pretrained() if cfg.MODEL.BACKBONE.PRETRAINED else backbone

@@ -110,7 +110,6 @@ class SwinBackbone(Backbone):
         patch_norm: bool = True,
         out_features: Sequence[str] = _STAGES,
         use_checkpoint: bool = False,
-        pretrained: bool = False,
     ) -> None:
         super().__init__()
         if len(depths) != 4 or len(num_heads) != 4:
@@ -172,10 +171,12 @@ class SwinBackbone(Backbone):
         self._out_feature_channels = {name: channels[_STAGES.index(name)] for name in self._out_features}
         self._out_feature_strides = {name: patch_size * 2 ** _STAGES.index(name) for name in self._out_features}
 
-        if pretrained:
-            load_timm_pretrained(
-                self, timm_swin_pretrained_name(embed_dim, depths, window_size, pretrain_img_size)
-            )
+
+    def load_pretrained(self) -> "SwinBackbone":
+        """timm's ImageNet weights of this Swin (``MODEL.BACKBONE.PRETRAINED``, read by the builder)."""
+        name = timm_swin_pretrained_name(self.embed_dim, self.depths, self.window_size, self.pretrain_img_size)
+        load_timm_pretrained(self, name)
+        return self
 
     # ------------------------------------------------------------------ forward
 
@@ -272,28 +273,27 @@ class SwinBackbone(Backbone):
 
 
 @BACKBONE_REGISTRY.register()
-class D2SwinTransformer(SwinBackbone):
-    """Mask2Former's registered Swin backbone, built from ``MODEL.SWIN.*``."""
-
-    def __init__(self, cfg, input_shape: ShapeSpec) -> None:
-        s = cfg.MODEL.SWIN
-        super().__init__(
-            pretrain_img_size=s.PRETRAIN_IMG_SIZE,
-            patch_size=s.PATCH_SIZE,
-            in_channels=input_shape.channels or 3,
-            embed_dim=s.EMBED_DIM,
-            depths=list(s.DEPTHS),
-            num_heads=list(s.NUM_HEADS),
-            window_size=s.WINDOW_SIZE,
-            mlp_ratio=s.MLP_RATIO,
-            qkv_bias=s.QKV_BIAS,
-            qk_scale=s.QK_SCALE,
-            drop_rate=s.DROP_RATE,
-            attn_drop_rate=s.ATTN_DROP_RATE,
-            drop_path_rate=s.DROP_PATH_RATE,
-            ape=s.APE,
-            patch_norm=s.PATCH_NORM,
-            out_features=list(s.OUT_FEATURES),
-            use_checkpoint=s.USE_CHECKPOINT,
-            pretrained=cfg.MODEL.BACKBONE.PRETRAINED,
-        )
+def D2SwinTransformer(cfg, input_shape: ShapeSpec) -> SwinBackbone:  # noqa: N802  (Mask2Former's registered name)
+    """Mask2Former's registered Swin backbone: a SwinBackbone from ``MODEL.SWIN.*``, with timm's
+    ImageNet weights when ``MODEL.BACKBONE.PRETRAINED`` (read here, not in the constructor)."""
+    s = cfg.MODEL.SWIN
+    backbone = SwinBackbone(
+        pretrain_img_size=s.PRETRAIN_IMG_SIZE,
+        patch_size=s.PATCH_SIZE,
+        in_channels=input_shape.channels or 3,
+        embed_dim=s.EMBED_DIM,
+        depths=list(s.DEPTHS),
+        num_heads=list(s.NUM_HEADS),
+        window_size=s.WINDOW_SIZE,
+        mlp_ratio=s.MLP_RATIO,
+        qkv_bias=s.QKV_BIAS,
+        qk_scale=s.QK_SCALE,
+        drop_rate=s.DROP_RATE,
+        attn_drop_rate=s.ATTN_DROP_RATE,
+        drop_path_rate=s.DROP_PATH_RATE,
+        ape=s.APE,
+        patch_norm=s.PATCH_NORM,
+        out_features=list(s.OUT_FEATURES),
+        use_checkpoint=s.USE_CHECKPOINT,
+    )
+    return backbone.load_pretrained() if cfg.MODEL.BACKBONE.PRETRAINED else backbone

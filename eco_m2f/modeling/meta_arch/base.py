@@ -12,11 +12,17 @@ a list with one dict per image holding the outputs of :attr:`tasks` at the origi
 * ``"sem_seg"``: C x H x W class scores;
 * ``"panoptic_seg"``: ``(id_map H x W int, segments_info list)`` (Detectron2's format);
 * ``"instances"``: ``{"pred_masks": N x H x W bool, "scores": N, "pred_classes": N}``;
+* ``"policy"``: rows x cols probabilities that each 32x32 superpatch of the network input holds
+  one class (the CTS policy network; the grid of the resized input, not of the original size);
 * ``"cost"`` (optional): the per-image cost record, a flat dict of numbers and lists of
-  numbers, e.g. ``{"exit": 3}`` (ECO-M2F) or ``{"tokens": 812, "gflops": 12.3}``
-  (token reduction). One generic efficiency evaluator aggregates whatever fields it holds;
-  where a record has no ``"gflops"`` the evaluator counts them with fvcore through
-  :meth:`network` following :meth:`cost_signature`.
+  numbers, e.g. ``{}`` (a static model: "count my FLOPs"), ``{"exit": 3}`` (ECO-M2F) or
+  ``{"tokens": 812, "gflops": 12.3}`` (token reduction). One generic efficiency evaluator
+  (``eco_m2f.evaluation.efficiency``) aggregates whatever fields it holds; where a record has
+  no ``"gflops"`` the evaluator counts them with fvcore through :meth:`network`, caching per
+  (padded size, :meth:`cost_signature`).
+
+A model is built by ``eco_m2f.architectures.build_model(cfg)``: ``cls(cfg)`` (no file is read
+in a constructor), then :meth:`load_extra_weights`, then placement on ``MODEL.DEVICE``.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from .image_list import ImageList
 __all__ = ["SegmentationModel", "TASKS"]
 
 #: The output tasks a model can declare; evaluators are chosen from these and the dataset.
-TASKS: Tuple[str, ...] = ("sem_seg", "panoptic_seg", "instances")
+TASKS: Tuple[str, ...] = ("sem_seg", "panoptic_seg", "instances", "policy")
 
 
 class SegmentationModel(nn.Module):
@@ -94,7 +100,9 @@ class SegmentationModel(nn.Module):
         This is what the FLOP counter traces and what the benchmark times. A model whose cost
         depends on the image decides its path here as in ``forward``; given ``cost`` (a record
         from an earlier eval output), it follows the path that record describes instead
-        (ECO-M2F: the encoder exit), so that image's FLOPs can be counted again.
+        (ECO-M2F: the encoder exit), so that image's FLOPs can be counted again. Returns a
+        tensor or a (nested) dict / list / tuple of tensors, everything the path computes that
+        the outputs depend on (a JIT trace drops what no returned tensor uses).
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement network(images, cost)")
 
@@ -127,6 +135,11 @@ class SegmentationModel(nn.Module):
         run: the place for schedules of thresholds, keep ratios, temperatures or teachers."""
 
     # ------------------------------------------------------------------ checkpoints
+    def load_extra_weights(self) -> None:
+        """Load the parts whose weights live in files of their own (e.g. an ECO-M2F gate trained
+        apart), which the constructor only names. ``build_model`` calls it once, after
+        construction; :meth:`keys_loaded_elsewhere` then lists what it filled."""
+
     def keys_loaded_elsewhere(self) -> Set[str]:
-        """State-dict keys a checkpoint may lack because the builder filled them from another file."""
+        """State-dict keys a checkpoint may lack because :meth:`load_extra_weights` filled them."""
         return set()

@@ -1,95 +1,108 @@
 """Mask2Former as a meta-architecture: backbone -> pixel decoder -> masked-attention decoder.
 
-The same class is the ECO-M2F parent (papers/004): its pixel-decoder encoder can stop after
-any layer in ``MODEL.ECO.EXITS``; step A trains every exit, a gate picks one per image.
+Plain Mask2Former (Cheng et al. 2022), with the official module and key names. ECO-M2F, which
+stops the pixel-decoder encoder at a per-image exit, builds on it in ``eco_m2f.eco``
+(``ECOMaskFormer``); this class rejects the ECO keys so that a config asking for them fails here
+instead of training or evaluating something else.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+from ..backbone import build_backbone
+from ..criterion import apply_loss_weights, build_criterion
+from ..registry import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, lookup
+from .base import SegmentationModel
 from .image_list import ImageList
+
+__all__ = ["MaskFormer"]
+
+# The encoder the README and papers/004 report apart ("enc. GFLOPs"), as a module path.
+ENCODER_SCOPE = "sem_seg_head.pixel_decoder.transformer.encoder"
+
+
+def _eco_keys_set(cfg: Any) -> List[str]:
+    """The ECO-M2F keys of ``cfg`` that ask for something plain Mask2Former does not do."""
+    on = [("MODEL.ECO.ENABLED", cfg.MODEL.ECO.ENABLED), ("MODEL.ECO.GATE.ENABLED", cfg.MODEL.ECO.GATE.ENABLED),
+          ("TEST.ECO.EXIT", cfg.TEST.ECO.EXIT)]
+    return [f"{key} {value}" for key, value in on if value]
+
+
+def _tasks(cfg: Any) -> List[str]:
+    test = cfg.MODEL.MASK_FORMER.TEST
+    tasks = [t for t, on in (("sem_seg", test.SEMANTIC_ON), ("panoptic_seg", test.PANOPTIC_ON),
+                             ("instances", test.INSTANCE_ON)) if on]
+    if not tasks:
+        raise ValueError(
+            "MODEL.MASK_FORMER.TEST.SEMANTIC_ON, PANOPTIC_ON and INSTANCE_ON are all False: "
+            "the model would produce no output; turn at least one on"
+        )
+    return tasks
 
 
 @META_ARCH_REGISTRY.register()
-class MaskFormer(nn.Module):
-    """Universal segmentation with mask classification (Cheng et al. 2022)."""
+class MaskFormer(SegmentationModel):
+    """Universal segmentation with mask classification (Cheng et al. 2022).
 
-    def __init__(self, cfg) -> None:
-        super().__init__()
-        from .. import build_backbone
-        from ..criterion import build_criterion
+    Tasks: ``MODEL.MASK_FORMER.TEST.{SEMANTIC,PANOPTIC,INSTANCE}_ON``. Eval outputs carry an empty
+    cost record (``"cost": {}``): the network's cost depends only on the padded input size.
+    """
 
-        self.backbone = build_backbone(cfg)
-        head_name = cfg.MODEL.SEM_SEG_HEAD.NAME
-        self.sem_seg_head = SEM_SEG_HEADS_REGISTRY.get(head_name)(cfg, self.backbone.output_shape())
+    #: Subclasses that implement the ``MODEL.ECO`` / ``TEST.ECO`` keys set this to True.
+    accepts_eco_config = False
+
+    def __init__(self, cfg: Any) -> None:
+        if not self.accepts_eco_config:
+            eco = _eco_keys_set(cfg)
+            if eco:
+                raise ValueError(
+                    f"MODEL.META_ARCHITECTURE '{cfg.MODEL.META_ARCHITECTURE}' is plain Mask2Former, but the config "
+                    f"sets {', '.join(eco)}: ECO-M2F exits, step A and the gate belong to "
+                    "MODEL.META_ARCHITECTURE 'ECOMaskFormer' (config files written by step C before it existed "
+                    "say 'MaskFormer': change that line)"
+                )
+        mf = cfg.MODEL.MASK_FORMER
+        backbone = build_backbone(cfg)
+        size_divisibility = mf.SIZE_DIVISIBILITY
+        if size_divisibility < 0:
+            size_divisibility = getattr(backbone, "size_divisibility", 32)
+        super().__init__(cfg, size_divisibility=size_divisibility, tasks=_tasks(cfg))
+        self.backbone = backbone
+        head_cls = lookup(SEM_SEG_HEADS_REGISTRY, cfg.MODEL.SEM_SEG_HEAD.NAME, "MODEL.SEM_SEG_HEAD.NAME")
+        self.sem_seg_head = head_cls(cfg, self.backbone.output_shape())
         self.criterion = build_criterion(cfg)
         self.weight_dict: Dict[str, float] = dict(self.criterion.weight_dict)
 
-        mf = cfg.MODEL.MASK_FORMER
         self.num_queries = mf.NUM_OBJECT_QUERIES
         self.num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         self.object_mask_threshold = mf.TEST.OBJECT_MASK_THRESHOLD
         self.overlap_threshold = mf.TEST.OVERLAP_THRESHOLD
-        self.semantic_on = mf.TEST.SEMANTIC_ON
-        self.panoptic_on = mf.TEST.PANOPTIC_ON
-        self.instance_on = mf.TEST.INSTANCE_ON
+        self.semantic_on = "sem_seg" in self.tasks
+        self.panoptic_on = "panoptic_seg" in self.tasks
+        self.instance_on = "instances" in self.tasks
         self.sem_seg_postprocess_before_inference = (
             mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE or self.panoptic_on or self.instance_on
         )
         self.test_topk_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
-        self.size_divisibility = mf.SIZE_DIVISIBILITY
-        if self.size_divisibility < 0:
-            self.size_divisibility = getattr(self.backbone, "size_divisibility", 32)
-        self.input_format = cfg.INPUT.FORMAT
         self._metadata_name = cfg.DATASETS.TRAIN[0] if len(cfg.DATASETS.TRAIN) else None
 
-        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
-        self._init_eco(cfg)
+    # ------------------------------------------------------------------ contract
+    def network(self, images: torch.Tensor, cost: Optional[Mapping[str, Any]] = None) -> Dict[str, torch.Tensor]:
+        """Backbone + head on a normalised padded batch: the final class and mask logits."""
+        out = self.sem_seg_head(self.backbone(images))
+        return {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]}
 
-    def _init_eco(self, cfg) -> None:
-        """ECO-M2F settings: exits, step-A weights, the gate (papers/004)."""
-        from ...eco.stochastic_depth import alpha_weights, validate_exits
+    def flop_scopes(self) -> Dict[str, str]:
+        return {"encoder": ENCODER_SCOPE}
 
-        eco = cfg.MODEL.ECO
-        num_layers = self.sem_seg_head.num_encoder_layers
-        self.eco_exits = validate_exits(eco.EXITS, num_layers)
-        self.eco_train = bool(eco.ENABLED)
-        self.eco_alpha = alpha_weights(self.eco_exits, eco.ALPHA)
-        # Step A leaves encoder layers past the deepest sampled depth without gradient: DDP must allow it.
-        self.find_unused_parameters = self.eco_train
-        self.test_exit: Optional[int] = int(cfg.TEST.ECO.EXIT) or None
-        if self.test_exit is not None and not 1 <= self.test_exit <= num_layers:
-            raise ValueError(f"TEST.ECO.EXIT {self.test_exit} is outside 1..{num_layers}")
-        self.gate = None
-        self.gate_weights_loaded = False
-        if eco.GATE.ENABLED:
-            from ..gating import ExitGate, load_gate_checkpoint
-
-            self.gate = ExitGate.from_config(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM)
-            if eco.GATE.WEIGHTS:
-                state, _ = load_gate_checkpoint(eco.GATE.WEIGHTS)
-                self.gate.load_state_dict(state)
-                self.gate_weights_loaded = True
-        self._depth_generator: Optional[torch.Generator] = None
-        self._seed = int(cfg.SEED)
-
-    def keys_loaded_elsewhere(self) -> set:
-        """State-dict keys a checkpoint may lack because the model loaded them itself (MODEL.ECO.GATE.WEIGHTS)."""
-        if self.gate is not None and self.gate_weights_loaded:
-            return {f"gate.{k}" for k in self.gate.state_dict()}
-        return set()
+    def benchmark_stages(self) -> Dict[str, Tuple[nn.Module, str]]:
+        return {"backbone": (self.backbone, "forward"), **self.sem_seg_head.benchmark_stages()}
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
     @property
     def thing_ids(self) -> List[int]:
         """Contiguous ids of the thing classes, from the training dataset's metadata."""
@@ -109,12 +122,6 @@ class MaskFormer(nn.Module):
             self._thing_ids = ids
         return self._thing_ids
 
-    def preprocess_image(self, batched_inputs: List[Dict[str, Any]]) -> ImageList:
-        """Normalise (RGB/BGR as INPUT.FORMAT) and pad to the size divisibility."""
-        images = [x["image"].to(self.device, non_blocking=True) for x in batched_inputs]
-        images = [(x.float() - self.pixel_mean) / self.pixel_std for x in images]
-        return ImageList.from_tensors(images, self.size_divisibility)
-
     def prepare_targets(self, batched_inputs: List[Dict[str, Any]], images: ImageList) -> List[Dict[str, torch.Tensor]]:
         """Per image: class labels and binary masks padded to the batch's padded size."""
         h_pad, w_pad = images.tensor.shape[-2:]
@@ -129,119 +136,28 @@ class MaskFormer(nn.Module):
 
     def weighted_losses(self, outputs: Dict[str, Any], targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """The criterion's losses multiplied by their weights (losses without a weight dropped)."""
-        losses = self.criterion(outputs, targets)
-        out = {}
-        for k, v in losses.items():
-            if k in self.weight_dict:
-                out[k] = v * self.weight_dict[k]
-        return out
+        return apply_loss_weights(self.criterion(outputs, targets), self.weight_dict)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batched_inputs: List[Dict[str, Any]], exit_layer: Optional[int] = None):
-        """Losses in training mode; per-image predictions in eval mode (DESIGN.md section 3).
-
-        In eval mode the encoder depth is, in order of precedence: ``exit_layer``, TEST.ECO.EXIT,
-        the gate's choice per image (MODEL.ECO.GATE.ENABLED), full depth.
-        """
+    def forward(self, batched_inputs: List[Dict[str, Any]]):
+        """Losses in training mode; per-image predictions in eval mode (DESIGN.md section 3)."""
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         if self.training:
-            targets = self.prepare_targets(batched_inputs, images)
-            if self.eco_train:
-                return self.stochastic_depth_losses(features, targets)
-            return self.weighted_losses(self.sem_seg_head(features), targets)
-
-        exit_layer = exit_layer if exit_layer is not None else self.test_exit
-        if exit_layer is None and self.gate is not None:
-            inputs = self.sem_seg_head.pixel_decoder.project_inputs(features)
-            exits = self.gate.choose(self._pooled_s1(inputs.s1, images))
-            outputs = self.sem_seg_head.forward_per_image_exit(features, exits, inputs=inputs)
-            results = self.inference(outputs, batched_inputs, images)
-            for r, k in zip(results, exits.tolist()):
-                r["eco_exit"] = int(k)
-            return results
-        outputs = self.sem_seg_head(features, exit_layer=exit_layer)
+            return self.losses(features, self.prepare_targets(batched_inputs, images))
+        outputs, costs = self.predict(features, images)
         results = self.inference(outputs, batched_inputs, images)
-        depth = exit_layer if exit_layer is not None else self.sem_seg_head.num_encoder_layers
-        for r in results:
-            r["eco_exit"] = int(depth)
+        for result, cost in zip(results, costs):
+            result["cost"] = cost
         return results
 
-    def extra_evaluators(self) -> list:
-        """Evaluators of the model itself, run beside the dataset's: exits taken and GFLOPs spent."""
-        from ...evaluation.efficiency import EfficiencyEvaluator
+    def losses(self, features: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """The weighted training losses of a batch."""
+        return self.weighted_losses(self.sem_seg_head(features), targets)
 
-        return [EfficiencyEvaluator(self)]
-
-    # ------------------------------------------------------------------ ECO-M2F
-    def stochastic_depth_losses(self, features: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """Step A (papers/004 Eq. 3): per image a depth K_i; every exit k <= K_i adds alpha_k L_k.
-
-        The encoder runs once, cumulatively, up to the deepest sampled depth; at each exit the
-        shared transformer decoder sees only the images whose K_i reaches it.
-        """
-        from ...eco.stochastic_depth import combine_exit_losses, sample_depths
-
-        if self._depth_generator is None:
-            from ...utils.comm import get_rank
-
-            # one stream per process, so the images of different GPUs draw independent depths
-            base = self._seed if self._seed >= 0 else torch.initial_seed() % 2**62
-            self._depth_generator = torch.Generator()
-            self._depth_generator.manual_seed(base + 1000003 * get_rank())
-        depths = sample_depths(len(targets), self.eco_exits, self._depth_generator)
-        needed = [k for k in self.eco_exits if k <= int(depths.max())]
-        decoded = self.sem_seg_head.pixel_decoder.forward_features_multi_exit(features, needed)
-        exit_losses: Dict[int, Dict[str, torch.Tensor]] = {}
-        counts: Dict[int, int] = {}
-        for k, (mask_features, _, multi_scale) in decoded.items():
-            keep = (depths >= k).nonzero().flatten().tolist()
-            counts[k] = len(keep)
-            idx = torch.as_tensor(keep, device=mask_features.device)
-            outputs = self.sem_seg_head.predictor(
-                [x.index_select(0, idx) for x in multi_scale], mask_features.index_select(0, idx)
-            )
-            exit_losses[k] = self.weighted_losses(outputs, [targets[i] for i in keep])
-        return combine_exit_losses(exit_losses, counts, len(targets), self.eco_alpha)
-
-    @staticmethod
-    def _pooled_s1(s1: torch.Tensor, images: ImageList) -> torch.Tensor:
-        """z(s1) averaged over each image's own tokens, not the batch's padding.
-
-        (s1 comes after the input projection's GroupNorm, which sees the padding, as in the
-        official model; step B and evaluation both run at batch 1, so their z agree exactly.)
-        """
-        from ..gating import ExitGate
-
-        h_pad, w_pad = images.tensor.shape[-2:]
-        _, _, h5, w5 = s1.shape
-        valid = torch.zeros((s1.shape[0], h5, w5), dtype=torch.bool, device=s1.device)
-        for i, (h, w) in enumerate(images.image_sizes):
-            valid[i, : -(-h * h5 // h_pad), : -(-w * w5 // w_pad)] = True  # ceil: partly covered tokens count
-        return ExitGate.pool(s1, valid)
-
-    @torch.no_grad()
-    def gate_input(self, batched_inputs: List[Dict[str, Any]]) -> torch.Tensor:
-        """z(s1) [B, CONVS_DIM]: the pooled res5 level after input projection (the gate's input)."""
-        images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        return self._pooled_s1(self.sem_seg_head.pixel_decoder.project_inputs(features).s1, images)
-
-    @torch.no_grad()
-    def forward_all_exits(
-        self, batched_inputs: List[Dict[str, Any]], exits: List[int]
-    ) -> Tuple[Dict[int, List[Dict[str, Any]]], torch.Tensor]:
-        """Step B: predictions at every exit from ONE backbone + cumulative encoder pass, and z(s1)."""
-        images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        inputs = self.sem_seg_head.pixel_decoder.project_inputs(features)
-        z = self._pooled_s1(inputs.s1, images)
-        decoded = self.sem_seg_head.pixel_decoder.forward_features_multi_exit(features, exits, inputs=inputs)
-        results = {}
-        for k, (mask_features, _, multi_scale) in decoded.items():
-            outputs = self.sem_seg_head.predictor(multi_scale, mask_features)
-            results[k] = self.inference(outputs, batched_inputs, images)
-        return results, z
+    def predict(self, features: Dict[str, torch.Tensor], images: ImageList) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+        """The head's predictions for a batch in eval mode and one cost record per image."""
+        return self.sem_seg_head(features), [{} for _ in images.image_sizes]
 
     def inference(self, outputs: Dict[str, Any], batched_inputs: List[Dict[str, Any]], images: ImageList) -> List[Dict[str, Any]]:
         """Turn class and mask logits into sem_seg / panoptic_seg / instances at the original size."""

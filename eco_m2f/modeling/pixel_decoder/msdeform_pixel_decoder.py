@@ -94,8 +94,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
     """Deformable-attention pixel decoder; built ``MSDeformAttnPixelDecoder(cfg, input_shape)``.
 
     Config: MODEL.SEM_SEG_HEAD.{IN_FEATURES, CONVS_DIM, MASK_DIM, NORM, COMMON_STRIDE,
-    TRANSFORMER_ENC_LAYERS, DEFORMABLE_TRANSFORMER_ENCODER_{IN_FEATURES, N_HEADS, N_POINTS,
-    DIM_FEEDFORWARD}, DEFORMABLE_ATTENTION_IMPL, PIXEL_DECODER_FP32}, MODEL.MASK_FORMER.DROPOUT.
+    TRANSFORMER_ENC_LAYERS, DEFORMABLE_TRANSFORMER_ENCODER_{IN_FEATURES, N_POINTS, DIM_FEEDFORWARD},
+    DEFORMABLE_ATTENTION_IMPL, PIXEL_DECODER_FP32}, MODEL.MASK_FORMER.{NHEADS, DROPOUT}: the
+    encoder's heads and dropout are the official code's keys; its FFN width (1024) and points (4)
+    are constants there, exposed here as DIM_FEEDFORWARD / N_POINTS with those defaults.
     """
 
     def __init__(self, cfg, input_shape: Mapping[str, ShapeSpec]) -> None:
@@ -141,10 +143,19 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.constant_(proj[0].bias, 0)
 
+        # The official decoder reads its heads from MODEL.MASK_FORMER.NHEADS (the N_HEADS key is
+        # defined but never read there); a config that sets them apart would mean two things.
+        nheads = cfg.MODEL.MASK_FORMER.NHEADS
+        if head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS != nheads:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS={head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS} "
+                f"differs from MODEL.MASK_FORMER.NHEADS={nheads}: the encoder takes its heads from "
+                "MODEL.MASK_FORMER.NHEADS, as the official code; set both to the same value"
+            )
         self.transformer = MSDeformAttnTransformerEncoderOnly(
             d_model=conv_dim,
             dropout=cfg.MODEL.MASK_FORMER.DROPOUT,
-            nhead=head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS,
+            nhead=nheads,
             dim_feedforward=head.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD,
             num_encoder_layers=head.TRANSFORMER_ENC_LAYERS,
             num_feature_levels=self.transformer_num_feature_levels,

@@ -1,0 +1,284 @@
+"""Plain-ViT semantic segmentation (``MODEL.META_ARCHITECTURE: "Segmenter"``).
+
+ViT encoder (``MODEL.BACKBONE.NAME: "build_vit_backbone"``) -> decode head
+(``MODEL.SEM_SEG_HEAD.NAME``: ``SegmenterLinearHead``, ``SegmenterMaskTransformerHead``,
+``SETRNaiveHead``, ``SETRPUPHead``, ``ATMHead``) -> bilinear upsampling to the padded input ->
+crop of the padding (Strudel et al. 2021; SETR; SegViT). Images are padded at the bottom/right
+to a multiple of the patch size. Optional auxiliary heads (``MODEL.SEM_SEG_HEAD.AUX_LAYERS``)
+on intermediate blocks train with their own weights and loss weight.
+
+Training targets are ``batched_inputs[i]["sem_seg"]`` (int64 H x W, ignore label where unknown),
+so any semantic mapper works. Inference: whole image or sliding window (``TEST.SLIDE``),
+optionally over scales and flips (``TEST.AUG``); ``"sem_seg"`` holds class probabilities
+(K x height x width) at the original size.
+
+Token reduction takes over :meth:`Segmenter.encode`: the one place where images become the
+decoder's tokens. It returns :class:`~eco_m2f.modeling.backbone.vit.ViTFeatures`; a method that
+removes tokens hands back the dense map (tokens scattered back to the grid) or live tokens with
+a ``padding_mask`` for the token-wise heads.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backbone.vit import ViTBackbone, ViTFeatures
+from ..heads.vit_decode_head import ViTDecodeHead, resize_logits, tokens_to_map
+from ..registry import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+from .base import SegmentationModel
+from .dense_inference import predict_sliding, predict_whole, window_boxes
+from .segmenter_keys import is_official_segmenter_state_dict, official_segmenter_to_ours
+
+__all__ = ["Segmenter", "build_vit_head"]
+
+
+def build_vit_head(cfg: Any, name: str, backbone: ViTBackbone, *, auxiliary: bool = False) -> ViTDecodeHead:
+    """The registered decode head ``name`` on ``backbone``'s tokens (a clear error for unknown names)."""
+    key = "MODEL.SEM_SEG_HEAD.AUX_NAME" if auxiliary else "MODEL.SEM_SEG_HEAD.NAME"
+    try:
+        cls = SEM_SEG_HEADS_REGISTRY.get(name)
+    except KeyError as exc:
+        known = sorted(n for n, c in SEM_SEG_HEADS_REGISTRY if isinstance(c, type) and issubclass(c, ViTDecodeHead))
+        raise KeyError(f"{key} '{name}' is not a registered decode head; the Segmenter heads are {known}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, ViTDecodeHead)):
+        raise TypeError(f"{key} '{name}' is not a ViT decode head (a {ViTDecodeHead.__name__})")
+    return cls(cfg, backbone.output_shape(), auxiliary=auxiliary)
+
+
+def _pair(value: Sequence[int], key: str) -> Tuple[int, int]:
+    values = [int(v) for v in value]
+    if len(values) != 2 or min(values) <= 0:
+        raise ValueError(f"{key} must be two positive integers (height, width), got {list(value)}")
+    return values[0], values[1]
+
+
+@META_ARCH_REGISTRY.register()
+class Segmenter(SegmentationModel):
+    """ViT + decode head for semantic segmentation; see the module docstring."""
+
+    def __init__(self, cfg: Any) -> None:
+        from ..backbone.build import build_backbone
+
+        backbone = build_backbone(cfg)
+        if not isinstance(backbone, ViTBackbone):
+            raise TypeError(
+                f"Segmenter needs a ViT backbone (MODEL.BACKBONE.NAME 'build_vit_backbone'), "
+                f"got '{cfg.MODEL.BACKBONE.NAME}' ({type(backbone).__name__})"
+            )
+        super().__init__(cfg, size_divisibility=backbone.patch_size, tasks={"sem_seg"})
+        self.backbone = backbone
+        head = cfg.MODEL.SEM_SEG_HEAD
+        self.sem_seg_head = build_vit_head(cfg, head.NAME, backbone)
+        # A head on intermediate levels (ATM) leaves the final norm, and any block after its
+        # deepest level, without gradient: DDP must look for unused parameters then.
+        self.find_unused_parameters = self.sem_seg_head.input_kind == "levels"
+        self.num_classes = int(head.NUM_CLASSES)
+        self.ignore_value = int(head.IGNORE_VALUE)
+
+        self.aux_layers: Tuple[int, ...] = backbone.block_indices(head.AUX_LAYERS, "MODEL.SEM_SEG_HEAD.AUX_LAYERS")
+        missing = [i for i in self.aux_layers if i not in backbone.out_indices]
+        if missing:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.AUX_LAYERS {list(head.AUX_LAYERS)}: blocks {missing} are not in "
+                f"MODEL.VIT.OUT_INDICES {list(cfg.MODEL.VIT.OUT_INDICES)}"
+            )
+        aux_name = head.AUX_NAME or head.NAME
+        self.auxiliary_heads = nn.ModuleList(
+            build_vit_head(cfg, aux_name, backbone, auxiliary=True) for _ in self.aux_layers
+        )
+
+        if cfg.MODEL.TOKEN_REDUCTION.NAME:
+            raise ValueError(
+                f"MODEL.TOKEN_REDUCTION.NAME '{cfg.MODEL.TOKEN_REDUCTION.NAME}': no token-reduction method is "
+                "available in this build; leave it empty for the dense Segmenter"
+            )
+        self._init_inference(cfg)
+        self._check_train_crop(cfg)
+
+    def _init_inference(self, cfg: Any) -> None:
+        patch = self.backbone.patch_size
+        slide = cfg.TEST.SLIDE
+        self.slide = bool(slide.ENABLED)
+        self.slide_crop = _pair(slide.CROP_SIZE, "TEST.SLIDE.CROP_SIZE")
+        self.slide_stride = _pair(slide.STRIDE, "TEST.SLIDE.STRIDE")
+        self.slide_batch_size = int(slide.BATCH_SIZE)
+        if self.slide:
+            if any(c % patch for c in self.slide_crop):
+                raise ValueError(
+                    f"TEST.SLIDE.CROP_SIZE {list(self.slide_crop)} is not a multiple of the patch size {patch}"
+                )
+            if any(s > c for s, c in zip(self.slide_stride, self.slide_crop)):
+                raise ValueError(
+                    f"TEST.SLIDE.STRIDE {list(self.slide_stride)} exceeds TEST.SLIDE.CROP_SIZE {list(self.slide_crop)}: "
+                    "pixels between windows would get no prediction"
+                )
+            if self.slide_batch_size < 0:
+                raise ValueError(f"TEST.SLIDE.BATCH_SIZE must be >= 0 (0 = all windows at once), got {slide.BATCH_SIZE}")
+        aug = cfg.TEST.AUG
+        sizes: List[Optional[int]] = [int(s) for s in aug.MIN_SIZES] if aug.ENABLED else [None]
+        if aug.ENABLED and (not sizes or min(sizes) <= 0):
+            raise ValueError(f"TEST.AUG.MIN_SIZES must be positive sizes, got {list(aug.MIN_SIZES)}")
+        flips = (False, True) if aug.ENABLED and aug.FLIP else (False,)
+        #: (shortest edge or None for the input's own size, horizontal flip) of every test pass
+        self.test_variants: List[Tuple[Optional[int], bool]] = [(s, f) for s in sizes for f in flips]
+        self.test_max_size = int(aug.MAX_SIZE)
+
+    def _check_train_crop(self, cfg: Any) -> None:
+        crop = cfg.INPUT.CROP
+        if crop.ENABLED and crop.TYPE == "absolute":
+            size = [int(s) for s in crop.SIZE]
+            if any(s % self.backbone.patch_size for s in size):
+                raise ValueError(
+                    f"INPUT.CROP.SIZE {size} is not a multiple of the patch size {self.backbone.patch_size}: "
+                    "every crop would be padded"
+                )
+
+    # ------------------------------------------------------------------ network
+    def encode(self, images: torch.Tensor) -> ViTFeatures:
+        """Normalised, padded B x 3 x H x W -> the decoder's tokens (the encoder loop; token
+        reduction replaces this method)."""
+        return self.backbone(images)
+
+    def run_head(self, head: ViTDecodeHead, features: ViTFeatures, layer: Optional[int] = None) -> Dict[str, Any]:
+        """``head`` on the final tokens (``layer`` None) or on block ``layer``'s output, in the head's input kind."""
+        if layer is None:
+            tokens = features.tokens
+            levels = [features.layers[i] for i in self.backbone.out_indices]
+        else:
+            tokens = features.layers[layer]
+            levels = [tokens]
+        if head.input_kind == "tokens":
+            return head(tokens, features.padding_mask)
+        if head.input_kind == "levels":
+            return head(levels, features.padding_mask)
+        if not features.dense:
+            raise ValueError(f"{type(head).__name__} needs the dense token grid; scatter the live tokens back first")
+        return head(tokens_to_map(tokens, features.grid))  # B x C x h x w
+
+    def network(self, images: torch.Tensor, cost: Optional[Mapping[str, Any]] = None) -> Any:
+        """Class scores B x K x H x W of a normalised batch padded to the patch size (logits,
+        or SegViT's class x mask probabilities for ``ATMHead``), at the input's size.
+
+        Given the cost record of an eval output whose inference took several passes (sliding
+        windows, test-time scales and flips: ``"passes"`` > 1), it runs those passes on the
+        batch instead, so that the FLOP counter counts what inference spent on the image (the
+        windows are laid out on the image padded to the patch size).
+        """
+        if cost is not None and int(cost.get("passes", 1)) > 1:
+            return [scores for variant in self._test_variants_of(list(images)) for scores in self.predict(variant)]
+        features = self.encode(images)
+        outputs = self.run_head(self.sem_seg_head, features)
+        return self.sem_seg_head.semantic_logits(outputs, features.grid, images.shape[-2:])
+
+    def flop_scopes(self) -> Dict[str, str]:
+        return {"backbone": "backbone", "decode_head": "sem_seg_head"}
+
+    def benchmark_stages(self) -> Dict[str, Tuple[nn.Module, str]]:
+        return {"backbone": (self, "encode"), "decode_head": (self.sem_seg_head, "forward")}
+
+    # ------------------------------------------------------------------ training
+    def prepare_targets(self, batched_inputs: List[Dict[str, Any]], size: Tuple[int, int]) -> torch.Tensor:
+        """B x H_pad x W_pad int64 labels, the padding ignored; labels outside the classes are an error."""
+        targets = torch.full((len(batched_inputs), *size), self.ignore_value, dtype=torch.int64)
+        for i, x in enumerate(batched_inputs):
+            if "sem_seg" not in x:
+                raise KeyError(f"Segmenter trains on 'sem_seg' labels; input {x.get('file_name', i)!r} has none")
+            sem = x["sem_seg"]
+            bad = (sem != self.ignore_value) & ((sem < 0) | (sem >= self.num_classes))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{x.get('file_name', f'input {i}')}: sem_seg holds labels {sorted(sem[bad].unique().tolist())[:10]} "
+                    f"outside 0..{self.num_classes - 1} (MODEL.SEM_SEG_HEAD.NUM_CLASSES) and the ignore label "
+                    f"{self.ignore_value}"
+                )
+            targets[i, : sem.shape[-2], : sem.shape[-1]] = sem
+        return targets.to(self.device, non_blocking=True)
+
+    def losses(self, images: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The main head's weighted losses, plus ``<name>_aux<layer>`` of every auxiliary head."""
+        features = self.encode(images)
+        losses = self.sem_seg_head.losses(self.run_head(self.sem_seg_head, features), targets, features.grid)
+        for layer, head in zip(self.aux_layers, self.auxiliary_heads):
+            aux = head.losses(self.run_head(head, features, layer), targets, features.grid)
+            losses.update({f"{name}_aux{layer}": value for name, value in aux.items()})
+        return losses
+
+    def forward(self, batched_inputs: List[Dict[str, Any]]) -> Any:
+        """Losses in training mode; ``[{"sem_seg": K x height x width}]`` in eval mode."""
+        if self.training:
+            images = self.preprocess_image(batched_inputs)
+            return self.losses(images.tensor, self.prepare_targets(batched_inputs, images.tensor.shape[-2:]))
+        return self.inference(batched_inputs)
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, images: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Scores K x h x w of each normalised C x h x w image: sliding window or whole image."""
+        if self.slide:
+            return predict_sliding(
+                self.network, images, self.slide_crop, self.slide_stride, self.size_divisibility, self.slide_batch_size
+            )
+        return predict_whole(self.network, images, self.size_divisibility)
+
+    def _rescaled(self, image: torch.Tensor, short_edge: Optional[int]) -> torch.Tensor:
+        from ...data.augmentations import shortest_edge_output_shape
+
+        if short_edge is None:
+            return image
+        size = shortest_edge_output_shape(image.shape[-2], image.shape[-1], short_edge, self.test_max_size)
+        if tuple(size) == tuple(image.shape[-2:]):
+            return image
+        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+
+    def _test_variants_of(self, images: List[torch.Tensor]) -> List[List[torch.Tensor]]:
+        """The images as each test pass sees them: rescaled to every TEST.AUG size, flipped."""
+        variants = []
+        for short_edge, flip in self.test_variants:
+            variant = [self._rescaled(im, short_edge) for im in images]
+            variants.append([im.flip(-1) for im in variant] if flip else variant)
+        return variants
+
+    def _passes(self, image: torch.Tensor) -> int:
+        """Network passes of inference on one normalised C x h x w image (windows x test variants)."""
+        from ...data.augmentations import shortest_edge_output_shape
+
+        passes = 0
+        for short_edge, _ in self.test_variants:
+            h, w = image.shape[-2:]
+            if short_edge is not None:
+                h, w = shortest_edge_output_shape(h, w, short_edge, self.test_max_size)
+            passes += len(window_boxes(h, w, self.slide_crop, self.slide_stride)) if self.slide else 1
+        return passes
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Class probabilities at each image's original size, averaged over the test variants
+        (logits are averaged over overlapping windows, resized, then turned into probabilities),
+        and each image's cost record (``"passes"``: network passes spent on it)."""
+        images = [
+            (x["image"].to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std
+            for x in batched_inputs
+        ]
+        out_sizes = [(int(x.get("height", im.shape[-2])), int(x.get("width", im.shape[-1]))) for x, im in zip(batched_inputs, images)]
+        totals: List[Optional[torch.Tensor]] = [None] * len(images)
+        for (short_edge, flip), variant in zip(self.test_variants, self._test_variants_of(images)):
+            for i, scores in enumerate(self.predict(variant)):
+                if flip:
+                    scores = scores.flip(-1)
+                scores = resize_logits(scores[None].float(), out_sizes[i])[0]
+                if self.sem_seg_head.scores_are_logits:
+                    scores = scores.softmax(dim=0)
+                totals[i] = scores if totals[i] is None else totals[i] + scores
+        return [
+            {"sem_seg": t / len(self.test_variants), "cost": {"passes": self._passes(im)}}
+            for t, im in zip(totals, images)
+        ]
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_layout_map(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Official Segmenter names (``encoder.*`` / ``decoder.*``) -> ours; other layouts pass unchanged."""
+        if is_official_segmenter_state_dict(state_dict):
+            return official_segmenter_to_ours(state_dict)
+        return dict(state_dict)

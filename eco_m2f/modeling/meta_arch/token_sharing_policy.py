@@ -1,0 +1,134 @@
+"""The CTS policy network (papers/002 section 1.1) as a meta-architecture of its own.
+
+EfficientNet-Lite0 features at stride 32 + ``Conv2d(320, 2, 1)``: per 32x32 superpatch (2 x 2
+patches of 16 pixels) two logits, [mixed, uniform]. It is trained alone on any semantic dataset
+with cross-entropy against targets made on the fly from ``batched_inputs[i]["sem_seg"]``
+(:mod:`..policy.targets`), then used frozen and in eval mode inside a token-sharing segmenter,
+which calls :meth:`TokenSharingPolicy.superpatch_logits` / :meth:`superpatch_scores` on its own
+padded, normalised batch (see :func:`..policy.build_frozen_policy`).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..policy.targets import SUPERPATCH_SIZE, superpatch_grid, superpatch_targets
+from ..registry import META_ARCH_REGISTRY
+from .base import SegmentationModel
+from .image_list import ImageList
+
+__all__ = ["TokenSharingPolicy"]
+
+_NO_TARGET = -100  # cross-entropy's ignore index: cells that hold no pixel of the image
+PixelStats = Optional[Union[Sequence[float], torch.Tensor]]  # per-channel mean or std, 0-255 range
+
+
+@META_ARCH_REGISTRY.register()
+class TokenSharingPolicy(SegmentationModel):
+    """Scores every superpatch: may its four patches share one token?
+
+    Eval output per image: ``{"policy": rows x cols}``, the probability that each superpatch of
+    the network input holds one class (``rows, cols = ceil(h / 32), ceil(w / 32)`` of the input
+    image, not of the original size; the evaluator resizes the ground truth to the input).
+    """
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg, size_divisibility=SUPERPATCH_SIZE, tasks=("policy",))
+        from ..backbone.build import build_backbone
+
+        self.backbone = build_backbone(cfg)
+        self.in_feature = str(cfg.MODEL.POLICY.IN_FEATURE)
+        shapes = self.backbone.output_shape()
+        if self.in_feature not in shapes:
+            raise ValueError(
+                f"MODEL.POLICY.IN_FEATURE {self.in_feature!r} is not an output of {cfg.MODEL.BACKBONE.NAME} "
+                f"({sorted(shapes)}); add it to the backbone's OUT_FEATURES"
+            )
+        spec = shapes[self.in_feature]
+        if spec.stride != SUPERPATCH_SIZE:
+            raise ValueError(
+                f"MODEL.POLICY.IN_FEATURE {self.in_feature!r} has stride {spec.stride}; the policy needs one "
+                f"cell per {SUPERPATCH_SIZE}x{SUPERPATCH_SIZE} superpatch (stride {SUPERPATCH_SIZE})"
+            )
+        self.predictor = nn.Conv2d(spec.channels, 2, kernel_size=1)  # logits [mixed, uniform]
+        self.ignore_value = int(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
+        self.ignore_as_class = bool(cfg.MODEL.POLICY.IGNORE_AS_CLASS)
+        self.frozen = False
+
+    # ------------------------------------------------------------------ the interface of CTS / dCTS
+    def network(self, images: torch.Tensor, cost: Optional[Any] = None) -> torch.Tensor:
+        """Superpatch logits B x 2 x H/32 x W/32 ([mixed, uniform]) of a batch normalised with
+        this model's ``MODEL.PIXEL_MEAN/STD`` (H, W not multiples of 32 are padded with zeros)."""
+        return self.predictor(self.backbone(images)[self.in_feature])
+
+    def superpatch_logits(self, images: torch.Tensor, pixel_mean: PixelStats = None,
+                          pixel_std: PixelStats = None) -> torch.Tensor:
+        """Raw logits B x 2 x H/32 x W/32 of a padded batch B x 3 x H x W.
+
+        ``pixel_mean`` / ``pixel_std``: the normalisation the batch has (the caller's own, e.g. a
+        ViT's 127.5 / 127.5); it is converted to this network's first. None: it has this
+        network's already. ``sigmoid(logits[:, 1] - logits[:, 0])`` equals the softmax score of
+        :meth:`superpatch_scores`; dCTS thresholds such sigmoid scores per window size.
+        """
+        if (pixel_mean is None) != (pixel_std is None):
+            raise ValueError("superpatch_logits needs both pixel_mean and pixel_std, or neither")
+        if pixel_mean is not None:
+            mean = torch.as_tensor(pixel_mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+            std = torch.as_tensor(pixel_std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+            images = (images * std + mean - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+        return self.network(images)
+
+    def superpatch_scores(self, images: torch.Tensor, pixel_mean: PixelStats = None,
+                          pixel_std: PixelStats = None) -> torch.Tensor:
+        """P(uniform) B x H/32 x W/32 in float32: CTS shares the S superpatches that score highest."""
+        return self.superpatch_logits(images, pixel_mean, pixel_std).float().softmax(dim=1)[:, 1]
+
+    def freeze(self) -> "TokenSharingPolicy":
+        """No gradients and eval mode for good: a parent's ``train()`` no longer switches it."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> "TokenSharingPolicy":
+        return super().train(mode and not getattr(self, "frozen", False))
+
+    # ------------------------------------------------------------------ training and evaluation
+    def prepare_targets(self, batched_inputs: List[Dict[str, Any]], images: ImageList) -> torch.Tensor:
+        """B x rows x cols targets of the padded batch; cells outside an image are ``_NO_TARGET``."""
+        h_pad, w_pad = images.tensor.shape[-2:]
+        labels = torch.full((len(batched_inputs), h_pad, w_pad), self.ignore_value, dtype=torch.int64,
+                            device=self.device)
+        for i, (x, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
+            if "sem_seg" not in x:
+                raise KeyError(
+                    f"{x.get('file_name', 'an input')}: the policy trains on semantic labels, but the input has "
+                    "no 'sem_seg'; use a semantic dataset mapper (INPUT.DATASET_MAPPER_NAME mask_former_semantic)"
+                )
+            sem = x["sem_seg"]
+            if tuple(sem.shape) != (h, w):
+                raise ValueError(f"{x.get('file_name', 'an input')}: sem_seg {tuple(sem.shape)} differs from the image {(h, w)}")
+            labels[i, :h, :w] = sem.to(self.device)
+        targets = superpatch_targets(labels, self.ignore_value, self.ignore_as_class)
+        for i, (h, w) in enumerate(images.image_sizes):
+            rows, cols = superpatch_grid(h, w)
+            targets[i, rows:] = _NO_TARGET
+            targets[i, :, cols:] = _NO_TARGET
+        return targets
+
+    def forward(self, batched_inputs: List[Dict[str, Any]]):
+        """Training: ``{"loss_policy": CE}``; eval: per image ``{"policy": P(uniform) rows x cols}``
+        and an empty cost record (one pass over the padded image)."""
+        images = self.preprocess_image(batched_inputs)
+        logits = self.network(images.tensor)  # B x 2 x H/32 x W/32
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images)
+            return {"loss_policy": F.cross_entropy(logits.float(), targets, ignore_index=_NO_TARGET)}
+        scores = logits.float().softmax(dim=1)[:, 1]
+        results = []
+        for score, (h, w) in zip(scores, images.image_sizes):
+            rows, cols = superpatch_grid(h, w)
+            results.append({"policy": score[:rows, :cols], "cost": {}})
+        return results
