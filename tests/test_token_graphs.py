@@ -26,7 +26,7 @@ def test_falls_back_to_eager_where_graphs_do_not_apply():
     with torch.no_grad():
         out, ref = graphed(ts), run_blocks(blocks, ts)
     assert torch.equal(out.x, ref.x) and out.history == ref.history and len(graphed) == 0
-    with pytest.raises(ValueError, match="'flash' or 'varlen'"):
+    with pytest.raises(ValueError, match="must be one of"):
         GraphedBlocks(blocks, attention="padded")
 
 

@@ -48,6 +48,83 @@ def time_callable(fn: Callable[[], object], warmup: int = 5, iters: int = 20, de
     return statistics.median(times) * 1e3 if times else float("nan")
 
 
+@dataclass
+class CallTime:
+    """Per-call time of a stream of calls: median and quartiles over timed rounds (ms)."""
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    calls: int  # timed calls over all rounds
+
+
+def time_back_to_back(
+    fn: Callable[[], object],
+    budget_s: float = 0.25,
+    device: Optional[torch.device] = None,
+    warmup: int = 3,
+    min_rounds: int = 5,
+    max_rounds: int = 200,
+    round_ms: float = 5.0,
+) -> CallTime:
+    """Time ``fn()`` issued back to back: rounds of k calls between two CUDA events (host clock
+    on CPU), k chosen so that a round lasts about ``round_ms``, as many rounds as ``budget_s``
+    allows (at least ``min_rounds``).
+
+    :func:`time_callable` synchronises around every call, so each figure carries one host
+    launch latency and one synchronisation; for calls of a few milliseconds that fixed cost is
+    a bias of its own. Here no call waits for the one before it: the figure is the rate at which
+    a stream of calls completes, host-bound or device-bound, whichever is slower.
+    """
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    calls = max(1, int(round_ms / 1e3 / max(time.perf_counter() - start, 1e-6)))
+    rounds: List[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(rounds) < max_rounds and (len(rounds) < min_rounds or time.perf_counter() < deadline):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            rounds.append(begin.elapsed_time(end) / calls)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            rounds.append((time.perf_counter() - t0) * 1e3 / calls)
+    q1, median, q3 = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else (rounds[0],) * 3
+    return CallTime(median, q1, q3, calls * len(rounds))
+
+
+def time_graph(fn: Callable[[], object], calls: int = 10, budget_s: float = 0.1, device: Optional[torch.device] = None) -> CallTime:
+    """Per-call time of ``fn()`` with ``calls`` of them captured in one CUDA graph and the graph
+    replayed back to back: the device time of its kernels and the gaps between them, without the
+    host's launch cost (for timing a kernel or two). ``fn`` must be capturable."""
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    per_replay = time_back_to_back(graph.replay, budget_s, device)
+    return CallTime(per_replay.median_ms / calls, per_replay.q1_ms / calls, per_replay.q3_ms / calls, per_replay.calls * calls)
+
+
 def time_forward(
     fn: Callable[[torch.Tensor], object],
     images: torch.Tensor,

@@ -4,48 +4,41 @@ Eager PyTorch issues some 18 kernels per ViT block from Python. Once tokens are 
 finishes them faster than the CPU issues them, and the time saved stops following the FLOPs
 saved. A CUDA graph replays the whole run of blocks with one launch. One graph serves every
 batch whose packed rows fit its bucket: the image offsets live in a device buffer that the
-flash varlen kernel reads at run time; rows past the last image are padding that no image
-attends to and every other layer treats row by row; the longest sequence only sizes the
-kernel's grid, so it is rounded up as well. Graphs are captured on first use of a bucket and
-kept (least recently used first out).
+ragged attention kernel reads at run time; the rows past the last image form one more image of
+padding, attended within itself like the others (so that every row of every layer holds finite
+values, which cuDNN's kernel needs) and cut off at the end; the longest sequence only sizes the
+kernel's grid, so it is rounded up as well. A batch of several images that all hold the same
+number of tokens (or one image holding all of them) replays a graph of the dense attention at
+its exact shape instead. Graphs are captured
+on first use of a bucket and kept (least recently used first out). How rows and lengths are
+bucketed, which attention runs and whether the token-wise work is compiled are
+:class:`~.options.InferenceOptions`; the default is :data:`~.options.DEFAULT_INFERENCE`.
 """
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable, Sequence, Tuple
+from typing import Dict, Hashable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .blocks import check_block, run_block, run_blocks
+from .fused import FusedBlocks
+from .options import InferenceOptions, default_inference
+from .packing import StaticLayout
 from .token_set import TokenSet
 
 __all__ = ["GraphedBlocks"]
-
-
-class _GraphLayout:
-    """The part of a :class:`~.packing.PackedLayout` that the flash backend reads, backed by
-    static buffers so that a captured graph can be replayed for other lengths."""
-
-    uniform = False  # never the dense shortcut: its shapes would depend on the lengths
-
-    def __init__(self, offsets: torch.Tensor, max_len: int) -> None:
-        self._offsets = offsets  # (B + 1,) int32, rewritten before every replay
-        self.max_len = max_len  # upper bound of the lengths: sizes the kernel's grid
-        self.batch_size = offsets.numel() - 1
-
-    def offsets(self, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-        if dtype != torch.int32:
-            raise ValueError("graph-captured attention reads int32 offsets only")
-        return self._offsets
 
 
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
     rows_in: torch.Tensor  # (rows, C) static input
-    offsets: torch.Tensor  # (B + 1,) int32 static offsets
+    offsets: torch.Tensor  # (B + 2,) int32 static offsets; the last image is padding (ragged graphs)
     rows_out: torch.Tensor  # (rows, C) static output
 
 
@@ -58,29 +51,22 @@ class GraphedBlocks:
 
     Args:
         blocks: the run of blocks between two reductions.
-        attention: ``flash`` or ``varlen`` (the kernels that read offsets from the device).
-        row_bucket: packed row counts are rounded up to a multiple of this.
-        len_bucket: the longest sequence is rounded up to a multiple of this.
-        max_graphs: how many captured graphs to keep.
+        options: :class:`~.options.InferenceOptions` (default: :data:`~.options.DEFAULT_INFERENCE`).
+        **changes: single option fields to change, e.g. ``row_bucket=128``.
+
+    ``stats`` counts captures and their seconds (warm-up, which includes any compilation, and
+    capture) for benchmarks.
     """
 
-    def __init__(
-        self,
-        blocks: Sequence[nn.Module],
-        attention: str = "flash",
-        row_bucket: int = 256,
-        len_bucket: int = 128,
-        max_graphs: int = 16,
-    ) -> None:
-        if attention not in ("flash", "varlen"):
-            raise ValueError(f"graph-captured attention must be 'flash' or 'varlen', got '{attention}'")
+    def __init__(self, blocks: Sequence[nn.Module], options: Optional[InferenceOptions] = None, **changes) -> None:
+        self.options = dataclasses.replace(options if options is not None else default_inference(), **changes)
         self.blocks = list(blocks)
         for block in self.blocks:
             check_block(block)
-        self.attention = attention
-        self.row_bucket, self.len_bucket, self.max_graphs = int(row_bucket), int(len_bucket), int(max_graphs)
+        self._fused = FusedBlocks(self.blocks, compile=True) if self.options.compile else None
         self._graphs: "OrderedDict[Hashable, _Captured]" = OrderedDict()
         self._pool = None
+        self.stats: Dict[str, float] = {"captures": 0, "warmup_s": 0.0, "capture_s": 0.0, "first_warmup_s": float("nan")}
 
     def reset(self) -> None:
         """Drop every captured graph (they point at the parameters' current memory)."""
@@ -105,56 +91,85 @@ class GraphedBlocks:
             self._graphs.move_to_end(key)
             self._load(captured, tokens)
         captured.graph.replay()
-        rows = captured.rows_out[: layout.total].clone()
+        rows = captured.rows_out[: layout.total]
+        if self.options.copy_output:
+            rows = rows.clone()
         return tokens.with_features(rows, tokens.history + (layout.lengths,) * len(self.blocks))
 
     # ------------------------------------------------------------------ internals
     def _key(self, tokens: TokenSet) -> Tuple:
-        layout, x = tokens.layout, tokens.x
-        rows = -(-layout.total // self.row_bucket) * self.row_bucket
-        longest = -(-layout.max_len // self.len_bucket) * self.len_bucket
+        layout, x, opts = tokens.layout, tokens.x, self.options
         cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        return (x.device, x.dtype, x.shape[1], layout.batch_size, rows, longest, cast)
+        # a single image with tokens removed is "uniform" at a new length nearly every call: it
+        # takes a row bucket instead of an exact-shape graph per length
+        whole = layout.max_len == tokens.num_prefix + tokens.num_cells
+        uniform = layout.uniform and opts.dense_when_uniform and (layout.batch_size > 1 or whole)
+        if uniform:
+            rows, longest = layout.total, layout.max_len
+        else:
+            # at least one padding row, so that the padding image is never empty
+            rows = (layout.total // opts.row_bucket + 1) * opts.row_bucket
+            if opts.len_bucket == 0:
+                longest = max(layout.max_len, tokens.num_prefix + tokens.num_cells)
+            else:
+                longest = -(-layout.max_len // opts.len_bucket) * opts.len_bucket
+            longest = max(longest, opts.row_bucket)  # the padding image fits the grid too
+        return (x.device, x.dtype, x.shape[1], layout.batch_size, rows, longest, uniform, cast)
 
     @staticmethod
     def _load(captured: _Captured, tokens: TokenSet) -> None:
-        captured.rows_in[: tokens.layout.total].copy_(tokens.x)
-        captured.offsets.copy_(tokens.layout.offsets(torch.int32))
+        layout = tokens.layout
+        captured.rows_in[: layout.total].copy_(tokens.x)
+        captured.offsets[: layout.batch_size + 1].copy_(layout.offsets(torch.int32))
 
     def _capture(self, key: Tuple, tokens: TokenSet) -> _Captured:
-        device, dtype, channels, batch, rows, longest, cast = key
-        while len(self._graphs) >= self.max_graphs:
+        device, dtype, channels, batch, rows, longest, uniform, cast = key
+        opts = self.options
+        while len(self._graphs) >= opts.max_graphs:
             self._graphs.popitem(last=False)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         # normal (not inference-mode) buffers, so that later calls may write them in any mode
         with torch.inference_mode(False), torch.no_grad():
-            rows_in = torch.zeros(rows, channels, device=device, dtype=dtype)
-            offsets = torch.zeros(batch + 1, device=device, dtype=torch.int32)
+            rows_in = torch.zeros(rows, channels, device=device, dtype=dtype)  # padding rows start finite
+            offsets = torch.full((batch + 1 + (not uniform),), rows, device=device, dtype=torch.int32)
             captured = _Captured(torch.cuda.CUDAGraph(), rows_in, offsets, rows_in)
             self._load(captured, tokens)
-            layout = _GraphLayout(offsets, longest)
+            layout = StaticLayout(offsets, longest, uniform)
 
             def forward() -> torch.Tensor:
                 with torch.autocast("cuda", dtype=cast or torch.bfloat16, enabled=cast is not None, cache_enabled=False):
+                    if self._fused is not None:
+                        return self._fused(rows_in, layout, opts.attention)
                     x = rows_in
                     for block in self.blocks:
-                        x = run_block(block, x, layout, self.attention)
+                        x = run_block(block, x, layout, opts.attention)
                     return x
 
+            start = time.perf_counter()
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up outside the capture: library handles, lazy init
+            with torch.cuda.stream(side):  # warm-up outside the capture: library handles, lazy init, compilation
                 forward()
             torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.synchronize(device)
+            warmup = time.perf_counter() - start
             with torch.cuda.graph(captured.graph, pool=self._pool):
                 captured.rows_out = forward()
+            torch.cuda.synchronize(device)
+        self._record(warmup, time.perf_counter() - start - warmup)
         self._graphs[key] = captured
         return captured
+
+    def _record(self, warmup: float, capture: float) -> None:
+        if not self.stats["captures"]:
+            self.stats["first_warmup_s"] = warmup
+        self.stats["captures"] += 1
+        self.stats["warmup_s"] += warmup
+        self.stats["capture_s"] += capture
 
     def __len__(self) -> int:
         return len(self._graphs)
 
     def __repr__(self) -> str:
-        return f"GraphedBlocks({len(self.blocks)} blocks, attention={self.attention}, graphs={len(self._graphs)})"
-
+        return f"GraphedBlocks({len(self.blocks)} blocks, {self.options.label()}, graphs={len(self._graphs)})"

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Hashable, Sequence, Tuple
 
 import torch
 
-__all__ = ["PackedLayout", "host_ints", "to_device", "true_indices"]
+__all__ = ["PackedLayout", "StaticLayout", "host_ints", "to_device", "true_indices"]
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -147,3 +147,24 @@ class PackedLayout:
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return to_device(t, self.device)
+
+
+class StaticLayout:
+    """The part of a :class:`PackedLayout` that attention reads, held in a device buffer, so that a
+    captured CUDA graph can be replayed for other lengths.
+
+    Ragged (``uniform`` False): ``offsets`` (B + 1,) int32 may be rewritten between replays and
+    ``max_len`` bounds the lengths (it only sizes the kernel's grid). Uniform: B images of
+    ``max_len`` rows, attended by the dense kernel.
+    """
+
+    def __init__(self, offsets: torch.Tensor, max_len: int, uniform: bool = False) -> None:
+        self._offsets = offsets
+        self.max_len = int(max_len)
+        self.uniform = uniform
+        self.batch_size = offsets.numel() - 1
+
+    def offsets(self, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        if dtype != torch.int32:
+            raise ValueError("a static layout holds int32 offsets only")
+        return self._offsets

@@ -1,0 +1,188 @@
+"""The inference paths of the token runtime: packed qkv projection, the fused (compilable) block
+function, static layouts and the inference options, against the eager blocks."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block, ResPostBlock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vit_blocks_reference import dense_on_kept, tiny_blocks  # noqa: E402
+from eco_m2f.modeling.token_reduction import (  # noqa: E402
+    FusedBlocks,
+    GraphedBlocks,
+    InferenceOptions,
+    StaticLayout,
+    TokenSet,
+    fusable,
+    packed_attention,
+    project_qkv,
+    resolve_attention,
+    run_blocks,
+)
+from eco_m2f.modeling.token_reduction import options as options_module  # noqa: E402
+
+GRID = (3, 4)
+KEEP = [12, 5, 0, 8]
+
+
+def _tokens(dim: int = 48, seed: int = 1) -> torch.Tensor:
+    return torch.randn(len(KEEP), 1 + GRID[0] * GRID[1], dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _reduced(tokens: torch.Tensor, keep=KEEP) -> tuple:
+    scores = torch.rand(tokens.shape[0] * GRID[0] * GRID[1], generator=torch.Generator().manual_seed(2))
+    ts = TokenSet.from_dense(tokens, GRID).keep_topk(scores, keep)
+    return ts, [torch.nonzero(ts.owner[b] >= 0).view(-1) for b in range(len(keep))]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_qkv_projection_equals_the_fused_views(bias):
+    attn = tiny_blocks(depth=1, qkv_bias=bias)[0].attn
+    x = torch.randn(29, 48)
+    with torch.no_grad():
+        views = project_qkv(attn.qkv, x, attn.num_heads)
+        packed = project_qkv(attn.qkv, x, attn.num_heads, packed=True)
+    for v, p in zip(views, packed):
+        assert v.stride() == (3 * 48, 16, 1) and p.stride() == (48, 16, 1)  # strided views vs token-packed
+        assert (v - p).abs().max().item() <= 1e-6
+    # with autograd recording it keeps the differentiable views
+    q, _, _ = project_qkv(attn.qkv, x.requires_grad_(), attn.num_heads, packed=True)
+    assert q.stride()[0] == 3 * 48 and q.requires_grad
+    # under autocast the packed GEMMs run in the autocast dtype, as nn.Linear would
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = project_qkv(attn.qkv, x, attn.num_heads)
+        low = project_qkv(attn.qkv, x, attn.num_heads, packed=True)
+    assert low[0].dtype == ref[0].dtype == torch.bfloat16
+    assert all((a.float() - b.float()).abs().max().item() <= 2e-2 for a, b in zip(low, ref))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(init_values=None, qk_norm=False, qkv_bias=False)])
+def test_fused_blocks_equal_the_eager_blocks_and_each_image_alone(options):
+    blocks = tiny_blocks(depth=3, **options).eval()
+    tokens = _tokens()
+    ts, cells = _reduced(tokens)
+    full = TokenSet.from_dense(tokens, GRID)
+    with torch.no_grad():
+        for tokenset in (ts, full):  # ragged and uniform
+            fused = FusedBlocks(blocks)(tokenset.x, tokenset.layout, "padded")
+            assert torch.equal(fused, run_blocks(blocks, tokenset, "padded").x)
+        fused = FusedBlocks(blocks)(ts.x, ts.layout, "padded")
+        refs = dense_on_kept(blocks, tokens, cells)
+    for got, ref in zip(fused.split(list(ts.layout.lengths), 0), refs):
+        assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_fused_blocks_compile_once_for_every_block_and_row_count():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    blocks = tiny_blocks(depth=4).eval()
+    tokens = _tokens()
+    with torch.no_grad():
+        for keep in ([12, 5, 0, 8], [10, 5, 3, 8], [12, 12, 12, 12]):
+            ts, _ = _reduced(tokens, keep)
+            got = FusedBlocks(blocks, compile=counter)(ts.x, ts.layout, "padded")
+            assert torch.equal(got, FusedBlocks(blocks)(ts.x, ts.layout, "padded"))
+    # one graph for blocks followed by another block, one for the last: not one per block or size
+    assert counter.frame_count == 2
+
+
+def test_blocks_the_fused_path_cannot_run_are_refused_by_name():
+    assert fusable(tiny_blocks(depth=1)[0]) == ""
+    assert "ResPostBlock" in fusable(ResPostBlock(48, 3))
+    assert "mlp.norm" in fusable(Block(48, 3, scale_mlp_norm=True))
+    assert "nn.GELU" in fusable(Block(48, 3, act_layer=nn.ReLU))
+    with pytest.raises(TypeError, match="nn.GELU"):
+        FusedBlocks([Block(48, 3, act_layer=nn.ReLU)])
+    with pytest.raises(TypeError, match="attn.norm"):
+        GraphedBlocks([Block(48, 3, scale_attn_norm=True)], compile=True)
+
+
+def test_inference_options_default_and_overrides(monkeypatch):
+    blocks = tiny_blocks(depth=1)
+    assert GraphedBlocks(blocks).options == options_module.DEFAULT_INFERENCE
+    monkeypatch.setattr(options_module, "DEFAULT_INFERENCE", InferenceOptions(attention="cudnn", row_bucket=16))
+    graphed = GraphedBlocks(blocks, len_bucket=0)
+    assert (graphed.options.attention, graphed.options.row_bucket, graphed.options.len_bucket) == ("cudnn", 16, 0)
+    assert graphed.options.label() == "cudnn rows/16 len/full"
+    assert GraphedBlocks(blocks, InferenceOptions(row_bucket=1, len_bucket=1, compile=True)).options.label() == "flash rows/exact len/exact compiled"
+    for bad, match in [(dict(attention="padded"), "must be one of"), (dict(row_bucket=0), "row_bucket"), (dict(len_bucket=-1), "len_bucket")]:
+        with pytest.raises(ValueError, match=match):
+            InferenceOptions(**bad)
+
+
+def test_static_layouts_take_the_ragged_kernel_at_equal_lengths():
+    ts = TokenSet.from_dense(_tokens(), GRID)
+    q, k, v = torch.randn(3, ts.layout.total, 3, 16).unbind(0)
+    static = StaticLayout(ts.layout.offsets(torch.int32), ts.layout.max_len)
+    uniform = StaticLayout(ts.layout.offsets(torch.int32), ts.layout.max_len, uniform=True)
+    with torch.no_grad():
+        dense = packed_attention(q, k, v, ts.layout, "flash")  # equal lengths: the dense kernel on CPU too
+        assert torch.equal(packed_attention(q, k, v, uniform, "flash"), dense)
+        with pytest.raises(ValueError, match="'flash' needs CUDA"):  # no shortcut: the ragged kernel itself
+            packed_attention(q, k, v, static, "flash")
+    with pytest.raises(ValueError, match="int32"):
+        static.offsets(torch.long)
+    with pytest.raises(ValueError, match="'cudnn' needs CUDA"):
+        resolve_attention("cudnn", "cpu", torch.float32)
+
+
+@pytest.mark.gpu
+def test_cudnn_and_flash_attention_equal_each_image_alone_on_cuda():
+    blocks = tiny_blocks(depth=2, dim=128, heads=2).cuda().to(torch.bfloat16).eval()
+    tokens = torch.randn(4, 1 + 300, 128, device="cuda", dtype=torch.bfloat16)
+    scores = torch.rand(4 * 300, device="cuda")
+    ts = TokenSet.from_dense(tokens, (15, 20)).keep_topk(scores, [300, 200, 129, 40])
+    cells = [torch.nonzero(ts.owner[b] >= 0).view(-1) for b in range(4)]
+    with torch.no_grad():
+        refs = dense_on_kept(blocks, tokens, cells)
+        for impl in ("cudnn", "flash"):
+            got = run_blocks(blocks, ts, impl).x.split(list(ts.layout.lengths), 0)
+            for g, r in zip(got, refs):
+                assert torch.isfinite(g).all() and (g.float() - r.float()).abs().max().item() <= 5e-2, impl
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(attention="cudnn", row_bucket=128),
+        dict(attention="cudnn", row_bucket=1, len_bucket=1),
+        dict(attention="flash", row_bucket=64, len_bucket=0),
+        dict(attention="flash", row_bucket=64, compile=True),
+        dict(attention="cudnn", row_bucket=64, compile=True, copy_output=False),
+    ],
+)
+def test_graph_options_replay_equal_eager(changes):
+    blocks = tiny_blocks(depth=3, dim=128, heads=2).cuda().to(torch.bfloat16).eval()
+    graphed = GraphedBlocks(blocks, **changes)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randn(4, 1 + 300, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    with torch.inference_mode():
+        for keep in ([300, 200, 129, 40], [290, 210, 100, 50], [300, 300, 300, 300], [10, 300, 0, 150], [100, 60, 20, 0]):
+            ts = TokenSet.from_dense(tokens, (15, 20)).keep_topk(torch.rand(1200, device="cuda", generator=g), keep)
+            out, ref = graphed(ts), run_blocks(blocks, ts, "flash")
+            assert out.history == ref.history
+            assert torch.isfinite(out.x).all() and (out.x.float() - ref.x.float()).abs().max().item() <= 5e-2, keep
+
+
+@pytest.mark.gpu
+def test_single_images_with_tokens_removed_share_row_buckets():
+    """Batch 1 is always of equal lengths; once tokens are removed its length changes per image,
+    so it takes row buckets rather than one exact-shape graph per length."""
+    blocks = tiny_blocks(depth=2, dim=128, heads=2).cuda().to(torch.bfloat16).eval()
+    graphed = GraphedBlocks(blocks, attention="flash", row_bucket=64)
+    tokens = torch.randn(1, 1 + 300, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for keep in (300, 200, 170, 180, 300):
+            ts = TokenSet.from_dense(tokens, (15, 20)).keep_topk(torch.rand(300, device="cuda"), [keep])
+            out, ref = graphed(ts), run_blocks(blocks, ts, "flash")
+            assert (out.x.float() - ref.x.float()).abs().max().item() <= 5e-2, keep
+    assert len(graphed) == 3  # the whole image (exact), 201 rows -> 256, 171 and 181 rows -> 192
