@@ -47,9 +47,9 @@ class PointwiseAuxHead(nn.Module):
         return self.cls(self.proj(x))
 
     def flops_per_token(self) -> int:
-        """FLOPs of one token in eval mode by fvcore's rules (Linear in x out, BatchNorm 2 per element)."""
+        """FLOPs of one token with the project's fvcore conventions: a Linear in x out, BatchNorm
+        (foldable into the linear in inference) and ReLU none."""
         total = self.cls.in_features * self.cls.out_features
         if isinstance(self.proj, nn.Sequential):
-            linear, norm = self.proj[0], self.proj[1]
-            total += linear.in_features * linear.out_features + 2 * norm.num_features
+            total += self.proj[0].in_features * self.proj[0].out_features
         return total
