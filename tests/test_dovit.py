@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from token_reducers import LINEAR, SETR, fvcore_gflops, images, tiny_segmenter  # noqa: E402
 from eco_m2f.modeling.token_reduction import TokenSet  # noqa: E402
 from eco_m2f.modeling.token_reduction.distillation import pixel_kl  # noqa: E402
-from eco_m2f.modeling.token_reduction.dovit_rules import confidence  # noqa: E402
+from eco_m2f.modeling.token_reduction.dovit_rules import StoppedSum, confidence  # noqa: E402
 from eco_m2f.modeling.token_reduction.plugin import ReductionState  # noqa: E402
 
 DOVIT = ["MODEL.TOKEN_REDUCTION.NAME", "DoViT", "MODEL.TOKEN_REDUCTION.DOVIT.DECISION_LAYERS", "[1, 2]",
@@ -111,8 +111,6 @@ def test_stop_rule_stopped_stays_stopped_and_the_merge_on_a_ragged_batch():
     reducer.aux_heads[0], reducer.aux_heads[1] = _TableHead(_logits(q1)), _TableHead(_logits(q2))
     state = ReductionState(images=torch.zeros(2, 3, 32, 48), grid=(2, 3))
     state.cost = [{"stopped": [0, 0]}, {"stopped": [0, 0]}]
-    from eco_m2f.modeling.token_reduction.dovit_rules import StoppedSum
-
     state.scratch["dovit_stopped"] = StoppedSum.empty(ts)
     after1 = reducer.reduce(0, ts, state)
     stop1 = torch.tensor(q1).view(2, 6) > 0.9
@@ -139,6 +137,9 @@ def test_stop_rule_stopped_stays_stopped_and_the_merge_on_a_ragged_batch():
     assert torch.allclose(after2.prefix()[:, 0], expected, atol=1e-6)  # Eq. 8 over all stopped so far
     assert [r["stopped"] for r in state.cost] == [[2, 2], [4, 1]]
     assert state.flops["token_reducer"] == [7 * (6 + 4), 7 * (6 + 2)]
+    reducer.merge = False  # MODEL.TOKEN_REDUCTION.DOVIT.MERGE False: the class token is left alone
+    state.scratch["dovit_stopped"] = StoppedSum.empty(ts)
+    assert torch.equal(reducer.reduce(0, ts, state).prefix(), ts.prefix())
 
 
 # ---------------------------------------------------------------------- through the Segmenter
@@ -262,3 +263,16 @@ def test_bad_settings_fail_by_name():
     model = _dovit(0.9, "MODEL.TOKEN_REDUCTION.DOVIT.DISTILL_WEIGHT", "0.4").train()
     with pytest.raises(ValueError, match="TEACHER.WEIGHTS and MODEL.WEIGHTS are both empty"):
         model(_batch(1))
+
+
+def test_the_shipped_vit_s_config_maps_the_paper_layers_and_adds_the_paper_parameters():
+    from eco_m2f.config import setup_cfg
+    from eco_m2f.modeling import build_model
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = setup_cfg(str(repo / "configs/cityscapes/semantic-segmentation/dovit/dovit_vit_small_mask_bs8_80k.yaml"),
+                    ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAINED", "False"])
+    reducer = build_model(cfg).token_reducer
+    assert reducer.decision_layers == (2, 5, 8)  # after layers 3, 6, 9: the outputs of 0-based blocks 2, 5, 8
+    added = sum(p.numel() for p in reducer.parameters())
+    assert 0.30e6 < added < 0.33e6  # papers/001 Table 1: ViT-S 22.57M -> DoViT-S 22.89M
