@@ -80,6 +80,19 @@ train() {
 
 dense_weights() { echo "${DENSE_WEIGHTS:-$out/dense/model_trained.pth}"; }
 
+# sweep NAME CONFIG TITLE SETTINGS...: the sweep of OUT_DIR/NAME/model_trained.pth and the dense
+# model into OUT_DIR/NAME_sweep, with the --setting options given and the overrides of the array NAME.
+sweep() {
+  local name=$1 cfg=$2 title=$3; shift 3
+  local -n overrides=$name
+  stamp "$name sweep: dense, $*"
+  mkdir -p "$out/${name}_sweep"
+  echo "$title" > "$out/${name}_sweep/title.txt"
+  "$py" scripts/sweep_token_reduction.py --config-file "$cfg" --weights "$out/$name/model_trained.pth" \
+    --dense-weights "$(dense_weights)" "$@" --output-dir "$out/${name}_sweep" "${BENCH[@]}" "${overrides[@]}"
+  stamp "done"
+}
+
 sweep_tables() {
   for dir in "$out"/*_sweep; do
     [ -f "$dir/sweep.json" ] || continue
@@ -111,12 +124,7 @@ paumer)
     SOLVER.MAX_ITER "$FT_ITERS" SOLVER.BASE_LR "$FT_LR" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
   settings=(--setting tau0 MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[0.0]")
   for tau in $TAUS; do settings+=(--setting "tau$tau" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[$tau]"); done
-  stamp "PAUMER sweep: dense, ${settings[*]}"
-  mkdir -p "$out/paumer_sweep"
-  echo "PAUMER pausing after layers $PAUSE_LAYERS at the same tau each, ${SIZE}x${SIZE}" > "$out/paumer_sweep/title.txt"
-  "$py" scripts/sweep_token_reduction.py --config-file "$paumer_cfg" --weights "$out/paumer/model_trained.pth" \
-    --dense-weights "$(dense_weights)" "${settings[@]}" --output-dir "$out/paumer_sweep" "${BENCH[@]}" "${paumer[@]}"
-  stamp "done"
+  sweep paumer "$paumer_cfg" "PAUMER pausing after layers $PAUSE_LAYERS at the same tau each, ${SIZE}x${SIZE}" "${settings[@]}"
   ;;
 dovit)
   # the teacher is the dense model it starts from (TEACHER.WEIGHTS "" = MODEL.WEIGHTS)
@@ -126,12 +134,7 @@ dovit)
     SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
   settings=(--setting xi1.0 MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD 1.0)
   for xi in $XIS; do settings+=(--setting "xi$xi" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$xi"); done
-  stamp "DoViT sweep: dense, ${settings[*]}"
-  mkdir -p "$out/dovit_sweep"
-  echo "DoViT deciding after layers $DECISION_LAYERS (trained at xi $FT_XI), ${SIZE}x${SIZE}" > "$out/dovit_sweep/title.txt"
-  "$py" scripts/sweep_token_reduction.py --config-file "$dovit_cfg" --weights "$out/dovit/model_trained.pth" \
-    --dense-weights "$(dense_weights)" "${settings[@]}" --output-dir "$out/dovit_sweep" "${BENCH[@]}" "${dovit[@]}"
-  stamp "done"
+  sweep dovit "$dovit_cfg" "DoViT deciding after layers $DECISION_LAYERS (trained at xi $FT_XI), ${SIZE}x${SIZE}" "${settings[@]}"
   ;;
 maps)
   if ! "$py" -c "import eco_m2f.visualization.label_grid" 2>/dev/null; then
