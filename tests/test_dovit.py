@@ -267,7 +267,7 @@ def test_bad_settings_fail_by_name():
 
 def test_the_shipped_vit_s_config_maps_the_paper_layers_and_adds_the_paper_parameters():
     from eco_m2f.config import setup_cfg
-    from eco_m2f.modeling import build_model
+    from eco_m2f.architectures import build_model
 
     repo = Path(__file__).resolve().parents[1]
     cfg = setup_cfg(str(repo / "configs/cityscapes/semantic-segmentation/dovit/dovit_vit_small_mask_bs8_80k.yaml"),

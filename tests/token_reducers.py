@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from eco_m2f.config import setup_cfg
 from eco_m2f.architectures import build_model
+from eco_m2f.evaluation.flops import count_flops
 from eco_m2f.modeling.token_reduction import TOKEN_REDUCTION_REGISTRY, TokenReducer, TokenSet
 from eco_m2f.modeling.token_reduction.flops import token_wise_flops
 
@@ -100,27 +101,9 @@ class ThresholdDenseLogitsForTests(ThresholdForTests):
     save_logits = True
 
 
-class _Network(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.network(x)
-
-
 def fvcore_gflops(model, image: torch.Tensor) -> float:
-    """fvcore's count of ``model.network`` on one image, with the project's conventions
-    (attention counted, BatchNorm not)."""
-    from fvcore.nn import FlopCountAnalysis
-
-    from eco_m2f.modeling.token_reduction import SDPA_FLOP_HANDLES
-
-    analysis = FlopCountAnalysis(_Network(model), (image,))
-    analysis.set_op_handle(**SDPA_FLOP_HANDLES).set_op_handle("aten::batch_norm", lambda inputs, outputs: 0)
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    return analysis.total() / 1e9
+    """The project's fvcore count of ``model.network`` on one image (attention counted, BatchNorm not)."""
+    return count_flops(model, image)["total"]
 
 
 def per_image_counts(model, batch: torch.Tensor) -> List[int]:

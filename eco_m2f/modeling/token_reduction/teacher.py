@@ -22,7 +22,7 @@ def build_teacher_model(student_cfg: Any, config_file: str = "", weights: str = 
     frozen in eval mode. Every tensor of the weights must match (the loader fails loudly otherwise)."""
     from ...checkpoint import load_weights
     from ...config import setup_cfg
-    from .. import build_model
+    from ..registry import META_ARCH_REGISTRY  # the Segmenter registers itself there (no import cycle)
 
     weights = weights or str(student_cfg.MODEL.WEIGHTS)
     if not weights:
@@ -49,7 +49,7 @@ def build_teacher_model(student_cfg: Any, config_file: str = "", weights: str = 
             f"teacher config {config_file}: {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} classes, the student has "
             f"{student_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} (MODEL.SEM_SEG_HEAD.NUM_CLASSES)"
         )
-    model = build_model(cfg)
+    model = META_ARCH_REGISTRY.get("Segmenter")(cfg)  # on the CPU: it follows the student's device on each call
     load_weights(model, weights)
     model.requires_grad_(False)
     return model.eval()
