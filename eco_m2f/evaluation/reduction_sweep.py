@@ -125,7 +125,7 @@ def _evaluate(cfg, model, out_dir: str) -> Dict[str, float]:
     from .evaluator import DatasetEvaluators, inference_on_dataset
 
     name = cfg.DATASETS.TEST[0]
-    evaluators = DatasetEvaluators(list(build_evaluators(cfg, name, out_dir)) + [_CostMeans()])
+    evaluators = DatasetEvaluators(list(build_evaluators(cfg, name, out_dir, model.tasks)) + [_CostMeans()])
     results = inference_on_dataset(model, build_detection_test_loader(cfg, name), evaluators)
     if "sem_seg" not in results:
         raise ValueError(f"{name} gave no semantic results (mIoU); the sweep needs a semantic dataset")
