@@ -8,15 +8,20 @@
 #           (skipped when DENSE_WEIGHTS names a trained one)
 #   paumer  fine-tune PAUMER from it (FT_ITERS, at most FT_SECONDS), pausing after PAUSE_LAYERS;
 #           then its sweep: dense, tau 0 (no pausing) and every tau of TAUS at each pause layer
-#   dovit   DoViT: fine-tuning and sweep (stage to be filled in, as paumer)
-#   maps    token-map pictures of the PAUMER model at tau 0.4 (needs eco_m2f.visualization)
+#   dovit   fine-tune DoViT from it (FT_ITERS, at most FT_SECONDS) with decisions after
+#           DECISION_LAYERS at xi FT_XI, distilled from the dense model (the frozen teacher);
+#           then its sweep: dense, xi 1.0 (nothing stops) and every xi of XIS
+#   maps    token-map pictures of the PAUMER model at tau 0.4 and of the DoViT model at xi FT_XI
+#           (needs eco_m2f.visualization)
 #   report  the tables of every sweep done so far
 #   all     data dense paumer dovit maps report
 # Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
-# DENSE_WEIGHTS WORKERS, EXTRA (KEY VALUE ... for every run, e.g. "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"). A stage that finished is not redone (a trained model is kept, the
-# sweep reuses finished evaluations); a training stopped by its time bound continues from its
-# last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is printed.
+# DECISION_LAYERS FT_XI XIS DENSE_WEIGHTS WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
+# "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"). A stage that finished is not redone (a trained
+# model is kept, the sweep reuses finished evaluations); a training stopped by its time bound
+# continues from its last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is
+# printed.
 # TINY=1: everything on the CPU with a tiny ViT and 64 x 64 images (a check of the script).
 set -euo pipefail
 stage=${1:?usage: $0 data|dense|paumer|dovit|maps|report|all [OUT_DIR]}
@@ -27,14 +32,17 @@ if [ "${TINY:-0}" = 1 ]; then
   SIZE=${SIZE:-64}; NTRAIN=${NTRAIN:-24}; NVAL=${NVAL:-8}; ITERS=${ITERS:-12}; FT_ITERS=${FT_ITERS:-8}
   PAUSE_LAYERS=${PAUSE_LAYERS:-"[1, 2]"}; WORKERS=${WORKERS:-0}; CKPT=${CKPT:-4}
   dense_cfg=configs/synthetic/segmenter_tiny_cpu.yaml; paumer_cfg=configs/synthetic/paumer_tiny_cpu.yaml
+  DECISION_LAYERS=${DECISION_LAYERS:-"[1, 2, 3]"}; dovit_cfg=configs/synthetic/dovit_tiny_cpu.yaml
   LR=${LR:-0.001}; FT_LR=${FT_LR:-0.0005}; WARMUP=${WARMUP:-2}; BENCH=(--warmup 1 --iters 2)
 else
   SIZE=${SIZE:-1024}; NTRAIN=${NTRAIN:-600}; NVAL=${NVAL:-64}; ITERS=${ITERS:-1500}; FT_ITERS=${FT_ITERS:-600}
   PAUSE_LAYERS=${PAUSE_LAYERS:-"[3, 5, 7]"}; WORKERS=${WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))}; CKPT=${CKPT:-300}
   dense_cfg=configs/synthetic/segmenter_vit_s_mask.yaml; paumer_cfg=configs/synthetic/paumer_vit_s_mask.yaml
+  DECISION_LAYERS=${DECISION_LAYERS:-"[3, 6, 9]"}; dovit_cfg=configs/synthetic/dovit_vit_s_mask.yaml
   LR=${LR:-0.0003}; FT_LR=${FT_LR:-0.0001}; WARMUP=${WARMUP:-100}; BENCH=(--warmup 10 --iters 30)
 fi
 TRAIN_SECONDS=${TRAIN_SECONDS:-220}; FT_SECONDS=${FT_SECONDS:-110}; TAUS=${TAUS:-"0.2 0.4 0.6"}
+FT_XI=${FT_XI:-0.98}; XIS=${XIS:-"0.95 0.98 0.99"}
 export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-$out/datasets_${SIZE}}
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 cd "$here"
@@ -50,6 +58,7 @@ common=(MODEL.VIT.IMG_SIZE "$SIZE" INPUT.CROP.SIZE "($SIZE, $SIZE)" INPUT.MIN_SI
 read -r -a extra <<< "${EXTRA:-}"
 common+=("${extra[@]}")
 paumer=("${common[@]}" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_LAYERS "$PAUSE_LAYERS")
+dovit=("${common[@]}" MODEL.TOKEN_REDUCTION.DOVIT.DECISION_LAYERS "$DECISION_LAYERS")
 
 # train SECONDS OUT_DIR ARGS...: train_net.py, stopped after SECONDS (0 = no bound); then
 # OUT_DIR/model_trained.pth is the final checkpoint, or the last periodic one if the bound hit.
@@ -70,6 +79,19 @@ train() {
 }
 
 dense_weights() { echo "${DENSE_WEIGHTS:-$out/dense/model_trained.pth}"; }
+
+# sweep NAME CONFIG TITLE SETTINGS...: the sweep of OUT_DIR/NAME/model_trained.pth and the dense
+# model into OUT_DIR/NAME_sweep, with the --setting options given and the overrides of the array NAME.
+sweep() {
+  local name=$1 cfg=$2 title=$3; shift 3
+  local -n overrides=$name
+  stamp "$name sweep: dense, $*"
+  mkdir -p "$out/${name}_sweep"
+  echo "$title" > "$out/${name}_sweep/title.txt"
+  "$py" scripts/sweep_token_reduction.py --config-file "$cfg" --weights "$out/$name/model_trained.pth" \
+    --dense-weights "$(dense_weights)" "$@" --output-dir "$out/${name}_sweep" "${BENCH[@]}" "${overrides[@]}"
+  stamp "done"
+}
 
 sweep_tables() {
   for dir in "$out"/*_sweep; do
@@ -102,24 +124,30 @@ paumer)
     SOLVER.MAX_ITER "$FT_ITERS" SOLVER.BASE_LR "$FT_LR" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
   settings=(--setting tau0 MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[0.0]")
   for tau in $TAUS; do settings+=(--setting "tau$tau" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[$tau]"); done
-  stamp "PAUMER sweep: dense, ${settings[*]}"
-  mkdir -p "$out/paumer_sweep"
-  echo "PAUMER pausing after layers $PAUSE_LAYERS at the same tau each, ${SIZE}x${SIZE}" > "$out/paumer_sweep/title.txt"
-  "$py" scripts/sweep_token_reduction.py --config-file "$paumer_cfg" --weights "$out/paumer/model_trained.pth" \
-    --dense-weights "$(dense_weights)" "${settings[@]}" --output-dir "$out/paumer_sweep" "${BENCH[@]}" "${paumer[@]}"
-  stamp "done"
+  sweep paumer "$paumer_cfg" "PAUMER pausing after layers $PAUSE_LAYERS at the same tau each, ${SIZE}x${SIZE}" "${settings[@]}"
   ;;
 dovit)
-  # DoViT: fine-tune from "$(dense_weights)" with train, then its sweep into "$out/dovit_sweep"
-  # (xi 0.95 / 0.98 / 0.99 as --setting), as the paumer stage does.
-  stamp "no DoViT stage yet"
+  # the teacher is the dense model it starts from (TEACHER.WEIGHTS "" = MODEL.WEIGHTS)
+  stamp "fine-tuning DoViT (decisions after layers $DECISION_LAYERS, xi $FT_XI) from $(dense_weights): $FT_ITERS iterations, at most $FT_SECONDS s"
+  train "$FT_SECONDS" "$out/dovit" --config-file "$dovit_cfg" "${dovit[@]}" MODEL.WEIGHTS "$(dense_weights)" \
+    MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$FT_XI" SOLVER.MAX_ITER "$FT_ITERS" SOLVER.BASE_LR "$FT_LR" \
+    SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+  settings=(--setting xi1.0 MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD 1.0)
+  for xi in $XIS; do settings+=(--setting "xi$xi" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$xi"); done
+  sweep dovit "$dovit_cfg" "DoViT deciding after layers $DECISION_LAYERS (trained at xi $FT_XI), ${SIZE}x${SIZE}" "${settings[@]}"
   ;;
 maps)
   if ! "$py" -c "import eco_m2f.visualization.label_grid" 2>/dev/null; then
     stamp "token maps skipped: this build has no eco_m2f.visualization.label_grid"; exit 0
   fi
-  "$py" scripts/visualize_token_maps.py --config-file "$paumer_cfg" --weights "$out/paumer/model_trained.pth" \
-    --num-images 4 --output-dir "$out/paumer_maps" "${paumer[@]}" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[0.4]"
+  if [ -f "$out/paumer/model_trained.pth" ]; then
+    "$py" scripts/visualize_token_maps.py --config-file "$paumer_cfg" --weights "$out/paumer/model_trained.pth" \
+      --num-images 4 --output-dir "$out/paumer_maps" "${paumer[@]}" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[0.4]"
+  fi
+  if [ -f "$out/dovit/model_trained.pth" ]; then
+    "$py" scripts/visualize_token_maps.py --config-file "$dovit_cfg" --weights "$out/dovit/model_trained.pth" \
+      --num-images 4 --output-dir "$out/dovit_maps" "${dovit[@]}" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$FT_XI"
+  fi
   ;;
 report)
   sweep_tables

@@ -13,32 +13,14 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from token_reducers import LINEAR, SETR, TINY, images, per_image_counts, tiny_segmenter  # noqa: E402
+from token_reducers import fvcore_gflops as _fvcore_gflops  # noqa: E402
 from eco_m2f.config import setup_cfg  # noqa: E402
 from eco_m2f.architectures import build_model  # noqa: E402
-from eco_m2f.modeling.token_reduction import SDPA_FLOP_HANDLES, TokenSet  # noqa: E402
+from eco_m2f.modeling.token_reduction import TokenSet  # noqa: E402
 from eco_m2f.modeling.token_reduction.cost import merge_cost_records  # noqa: E402
 from eco_m2f.modeling.token_reduction.token_targets import cell_class_counts, live_token_cross_entropy  # noqa: E402
 
-fvcore_nn = pytest.importorskip("fvcore.nn")
-
-
-class _Network(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.network(x)
-
-
-def _fvcore_gflops(model, image: torch.Tensor) -> float:
-    """fvcore's count of ``model.network`` on one image, with the project's conventions
-    (attention counted, BatchNorm not)."""
-    analysis = fvcore_nn.FlopCountAnalysis(_Network(model), (image,))
-    analysis.set_op_handle(**SDPA_FLOP_HANDLES).set_op_handle("aten::batch_norm", lambda inputs, outputs: 0)
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    return analysis.total() / 1e9
+pytest.importorskip("fvcore.nn")  # the cost records are checked against its counts
 
 
 def _pair(name: str, *opts: str):

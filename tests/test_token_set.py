@@ -147,3 +147,13 @@ def test_gradients_reach_finalised_and_live_tokens():
 def test_layout_rejects_lengths_below_the_prefix():
     with pytest.raises(ValueError, match="prefix tokens"):
         PackedLayout([3, 0], num_prefix=1, device=torch.device("cpu"))
+
+
+def test_removal_from_a_set_without_live_patches_is_a_no_op():
+    tokens = _cells(2)
+    empty = TokenSet.from_dense(tokens, GRID).keep(torch.zeros(12, dtype=torch.bool), save_features=True)
+    assert empty.live_counts == (0, 0)
+    for again in (empty.keep(torch.zeros(0, dtype=torch.bool), save_features=True), empty.keep_topk(torch.zeros(0), 0)):
+        assert again.live_counts == (0, 0)
+        assert torch.equal(again.to_dense(), tokens[:, 1:]) and torch.equal(again.prefix(), tokens[:, :1])
+    assert empty.pool_cells(tokens[:, 1:]).shape == (0, 4)

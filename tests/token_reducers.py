@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from eco_m2f.config import setup_cfg
 from eco_m2f.architectures import build_model
+from eco_m2f.evaluation.flops import count_flops
 from eco_m2f.modeling.token_reduction import TOKEN_REDUCTION_REGISTRY, TokenReducer, TokenSet
 from eco_m2f.modeling.token_reduction.flops import token_wise_flops
 
@@ -98,6 +99,11 @@ class ThresholdDenseLogitsForTests(ThresholdForTests):
     """As ThresholdForTests, finalising the removed tokens with features and logits (grid heads)."""
 
     save_logits = True
+
+
+def fvcore_gflops(model, image: torch.Tensor) -> float:
+    """The project's fvcore count of ``model.network`` on one image (attention counted, BatchNorm not)."""
+    return count_flops(model, image)["total"]
 
 
 def per_image_counts(model, batch: torch.Tensor) -> List[int]:

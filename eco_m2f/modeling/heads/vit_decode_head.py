@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ViTDecodeHead", "tokens_to_map", "resize_logits", "resize_logits_flops"]
+__all__ = ["ViTDecodeHead", "pixel_cross_entropy", "tokens_to_map", "resize_logits", "resize_logits_flops"]
 
 INPUT_KINDS = ("tokens", "levels", "grid")
 
@@ -59,6 +59,13 @@ def resize_logits_flops(channels: int, source: Sequence[int], size: Sequence[int
     if tuple(source) == tuple(size):
         return 0
     return 4 * int(channels) * int(size[0]) * int(size[1])
+
+
+def pixel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) -> torch.Tensor:
+    """Cross-entropy of B x K x H x W logits against B x H x W labels, averaged over the pixels
+    that are not ``ignore_value`` (0 for a batch without any), in float32."""
+    total = F.cross_entropy(logits.float(), targets, ignore_index=ignore_value, reduction="sum")
+    return total / (targets != ignore_value).sum().clamp(min=1)
 
 
 class ViTDecodeHead(nn.Module):
@@ -104,6 +111,4 @@ class ViTDecodeHead(nn.Module):
         """{"loss_ce"}: cross-entropy of the logits upsampled to the targets' size, averaged over
         the pixels that are not ignored (0 for a batch without any)."""
         logits = self.semantic_logits(outputs, grid, targets.shape[-2:])
-        total = F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_value, reduction="sum")
-        valid = (targets != self.ignore_value).sum().clamp(min=1)
-        return {"loss_ce": total / valid * self.loss_weight}
+        return {"loss_ce": pixel_cross_entropy(logits, targets, self.ignore_value) * self.loss_weight}

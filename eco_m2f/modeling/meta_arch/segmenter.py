@@ -260,6 +260,7 @@ class Segmenter(SegmentationModel):
             aux = head.losses(self.head_outputs(head, features, reduced, layer), targets, features.grid)
             losses.update({f"{name}_aux{layer}": value for name, value in aux.items()})
         if reduced is not None:
+            self.token_reducer.output_losses(self.sem_seg_head, main, features, reduced.state)
             clash = sorted(set(reduced.state.losses) & set(losses))
             if clash:
                 raise ValueError(f"{type(self.token_reducer).__name__} names losses {clash} that the Segmenter already has")

@@ -17,7 +17,8 @@ A method is a :class:`TokenReducer` registered in :data:`TOKEN_REDUCTION_REGISTR
     outputs = reducer.overlay(outputs, tokens, state)           # finalised logits over the map (DToP, early exit)
 
 Everything a method learns or spends in one forward pass goes into the :class:`ReductionState`
-it is handed: extra training losses (joined to the Segmenter's loss dict), FLOPs spent outside
+it is handed: extra training losses (joined to the Segmenter's loss dict; losses on the decoder's
+output, e.g. distillation, come from :meth:`TokenReducer.output_losses`), FLOPs spent outside
 the ViT blocks (auxiliary heads, a policy network; the blocks, embedding, final norm and decode
 head are counted by the framework), per-image cost fields, and token maps for pictures.
 """
@@ -33,7 +34,7 @@ from fvcore.common.registry import Registry
 from .token_set import TokenSet
 
 if TYPE_CHECKING:  # only for annotations: the backbone and heads import nothing from here
-    from ..backbone.vit import ViTBackbone
+    from ..backbone.vit import ViTBackbone, ViTFeatures
     from ..heads.vit_decode_head import ViTDecodeHead
 
 __all__ = [
@@ -182,6 +183,11 @@ class TokenReducer(nn.Module):
     # ------------------------------------------------------------------ training
     def on_train_iteration(self, iteration: int, max_iter: int) -> None:
         """Forwarded from the Segmenter before every training step (schedules)."""
+
+    def output_losses(self, head: "ViTDecodeHead", outputs: Dict[str, Any], features: "ViTFeatures", state: ReductionState) -> None:
+        """Training: losses on what the decoder made of the reduced encoder (e.g. distillation from
+        a teacher), into ``state.losses``. ``outputs`` are the main head's dense outputs (copied
+        back and overlaid), ``features`` its input. Default: none."""
 
 
 def overlay_final_logits(outputs: Dict[str, Any], tokens: TokenSet) -> Dict[str, Any]:

@@ -243,6 +243,8 @@ class TokenSet:
     def pool_cells(self, dense: torch.Tensor) -> torch.Tensor:
         """Dense per-cell values (B, G, D) -> (Tp, D), each live token the mean over the cells it
         stands for (e.g. a per-cell target or embedding for the live tokens)."""
+        if self.layout.num_patches == 0:
+            return dense.new_zeros((0,) + tuple(dense.shape[2:]))
         owned = (self.owner >= 0).view(-1)
         return _cell_mean(dense, self.owner.clamp(min=0).view(-1), self.layout.num_patches, owned)
 
@@ -311,6 +313,8 @@ class TokenSet:
     def _keep(self, mask: torch.Tensor, kept: Sequence[int], save_features: bool, save_logits: Optional[torch.Tensor]) -> "TokenSet":
         """Removal with host-known kept counts: (Tp,) bool mask -> the new set (no host sync)."""
         old = self.layout
+        if old.num_patches == 0:
+            return self  # every patch token has left already: nothing to remove
         p, dev = self.num_prefix, mask.device
         new = PackedLayout([p + n for n in kept], p, dev)
         # packed rows that stay, in order: prefix rows plus kept patch rows

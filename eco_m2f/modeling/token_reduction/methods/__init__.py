@@ -1,5 +1,6 @@
 """The built-in token-reduction methods; importing this package registers each of them in
 :data:`~eco_m2f.modeling.token_reduction.plugin.TOKEN_REDUCTION_REGISTRY`."""
+from .dovit import DoViT
 from .paumer import PAUMER
 
-__all__ = ["PAUMER"]
+__all__ = ["DoViT", "PAUMER"]
