@@ -6,6 +6,8 @@
 #   data    the synthetic semantic dataset at SIZE x SIZE (NTRAIN / NVAL images, all CPU cores)
 #   dense   train the dense Segmenter ViT-S, ITERS iterations, at most TRAIN_SECONDS
 #           (skipped when DENSE_WEIGHTS names a trained one)
+#   untrained  evaluate the dense Segmenter as initialised (random weights, SEED), the baseline
+#           of the trained one's mIoU
 #   paumer  fine-tune PAUMER from it (FT_ITERS, at most FT_SECONDS), pausing after PAUSE_LAYERS;
 #           then its sweep: dense, tau 0 (no pausing) and every tau of TAUS at each pause layer
 #   dovit   fine-tune DoViT from it (FT_ITERS, at most FT_SECONDS) with decisions after
@@ -14,7 +16,7 @@
 #   maps    token-map pictures of the PAUMER model at tau 0.4 and of the DoViT model at xi FT_XI
 #           (needs eco_m2f.visualization)
 #   report  the tables of every sweep done so far
-#   all     data dense paumer dovit maps report
+#   all     data dense untrained paumer dovit maps report
 # Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
 # DECISION_LAYERS FT_XI XIS DENSE_WEIGHTS WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
@@ -24,7 +26,7 @@
 # printed.
 # TINY=1: everything on the CPU with a tiny ViT and 64 x 64 images (a check of the script).
 set -euo pipefail
-stage=${1:?usage: $0 data|dense|paumer|dovit|maps|report|all [OUT_DIR]}
+stage=${1:?usage: $0 data|dense|untrained|paumer|dovit|maps|report|all [OUT_DIR]}
 out=$(mkdir -p "${2:-output/token_reduction_experiments}" && cd "${2:-output/token_reduction_experiments}" && pwd)
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-$(command -v python || command -v python3)}
@@ -103,7 +105,7 @@ sweep_tables() {
 
 case "$stage" in
 all)
-  for s in data dense paumer dovit maps report; do bash "$here/scripts/token_reduction_experiments.sh" "$s" "$out"; done
+  for s in data dense untrained paumer dovit maps report; do bash "$here/scripts/token_reduction_experiments.sh" "$s" "$out"; done
   ;;
 data)
   root="$DETECTRON2_DATASETS/synthetic_sem_seg"
@@ -117,6 +119,20 @@ dense)
   stamp "training the dense Segmenter from scratch: $ITERS iterations, at most $TRAIN_SECONDS s"
   train "$TRAIN_SECONDS" "$out/dense" --config-file "$dense_cfg" "${common[@]}" SOLVER.MAX_ITER "$ITERS" \
     SOLVER.BASE_LR "$LR" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+  ;;
+untrained)
+  if [ ! -f "$out/untrained/model_untrained.pth" ]; then
+    mkdir -p "$out/untrained"
+    "$py" -c 'import sys, torch
+from eco_m2f.architectures import build_model
+from eco_m2f.config import setup_cfg
+torch.manual_seed(0)
+torch.save({"model": build_model(setup_cfg(sys.argv[2], sys.argv[3:])).state_dict()}, sys.argv[1])' \
+      "$out/untrained/model_untrained.pth" "$dense_cfg" "${common[@]}" MODEL.DEVICE cpu
+  fi
+  stamp "evaluating the untrained dense Segmenter"
+  "$py" train_net.py --config-file "$dense_cfg" --eval-only "${common[@]}" \
+    MODEL.WEIGHTS "$out/untrained/model_untrained.pth" OUTPUT_DIR "$out/untrained" | grep -A3 "^sem_seg:" || true
   ;;
 paumer)
   stamp "fine-tuning PAUMER (pause layers $PAUSE_LAYERS) from $(dense_weights): $FT_ITERS iterations, at most $FT_SECONDS s"
@@ -153,5 +169,5 @@ report)
   sweep_tables
   ;;
 *)
-  echo "unknown stage '$stage' (data, dense, paumer, dovit, maps, report or all)" >&2; exit 2 ;;
+  echo "unknown stage '$stage' (data, dense, untrained, paumer, dovit, maps, report or all)" >&2; exit 2 ;;
 esac
