@@ -169,6 +169,8 @@ def main(argv=None) -> int:
         try:
             with torch.inference_mode():
                 dense_compiled(full)
+            if not dense_compiled.compiled:  # the runtime fell back to the uncompiled function (and warned why)
+                raise RuntimeError("the runtime runs the block function uncompiled")
             say(f"compiled the token-wise block function (shared by every block and row count): first warm-up {dense_compiled.stats['first_warmup_s']:.1f} s")
         except (Exception, _Stopped) as exc:
             why = f"over {COMPILE_LIMIT_S} s" if isinstance(exc, _Stopped) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"

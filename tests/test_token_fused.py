@@ -3,6 +3,7 @@ function, static layouts and the inference options, against the eager blocks."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -101,17 +102,44 @@ def test_blocks_the_fused_path_cannot_run_are_refused_by_name():
     assert "nn.GELU" in fusable(Block(48, 3, act_layer=nn.ReLU))
     with pytest.raises(TypeError, match="nn.GELU"):
         FusedBlocks([Block(48, 3, act_layer=nn.ReLU)])
-    with pytest.raises(TypeError, match="attn.norm"):
-        GraphedBlocks([Block(48, 3, scale_attn_norm=True)], compile=True)
+    # the graphs run such blocks uncompiled, and say why once
+    with pytest.warns(RuntimeWarning, match="uncompiled: Block: attn.norm"):
+        graphed = GraphedBlocks([Block(48, 3, scale_attn_norm=True)], compile=True)
+    assert not graphed.compiled and "running uncompiled" in repr(graphed)
+
+
+def test_a_failing_compiler_falls_back_to_the_uncompiled_function_with_one_warning():
+    def no_compiler(graph_module, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    blocks = tiny_blocks(depth=2).eval()
+    ts, _ = _reduced(_tokens())
+    with torch.no_grad():
+        ref = FusedBlocks(blocks)(ts.x, ts.layout, "padded")
+        fused = FusedBlocks(blocks, compile=no_compiler)
+        assert fused.compiled
+        with pytest.warns(RuntimeWarning, match="no compiler on this machine") as record:
+            got = fused(ts.x, ts.layout, "padded")
+        assert len(record) == 1 and not fused.compiled and torch.equal(got, ref)
+        # later stacks in the process do not try again, and do not warn again
+        again = FusedBlocks(blocks, compile=no_compiler)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not again.compiled and torch.equal(again(ts.x, ts.layout, "padded"), ref)
+        # an error that is not the compiler's still raises
+        with pytest.raises(ValueError, match="unknown attention implementation"):
+            FusedBlocks(blocks, compile=lambda gm, inputs: gm.forward)(ts.x, ts.layout, "fast")
 
 
 def test_inference_options_default_and_overrides(monkeypatch):
     blocks = tiny_blocks(depth=1)
-    assert GraphedBlocks(blocks).options == options_module.DEFAULT_INFERENCE
-    monkeypatch.setattr(options_module, "DEFAULT_INFERENCE", InferenceOptions(attention="cudnn", row_bucket=16))
+    graphed = GraphedBlocks(blocks)
+    assert graphed.options == options_module.DEFAULT_INFERENCE and graphed.compiled
+    assert graphed.options.label() == "flash rows/64 len/128 compiled"
+    monkeypatch.setattr(options_module, "DEFAULT_INFERENCE", InferenceOptions(attention="varlen", row_bucket=16, compile=False))
     graphed = GraphedBlocks(blocks, len_bucket=0)
-    assert (graphed.options.attention, graphed.options.row_bucket, graphed.options.len_bucket) == ("cudnn", 16, 0)
-    assert graphed.options.label() == "cudnn rows/16 len/full"
+    assert (graphed.options.attention, graphed.options.row_bucket, graphed.options.len_bucket) == ("varlen", 16, 0)
+    assert graphed.options.label() == "varlen rows/16 len/full" and not graphed.compiled
     assert GraphedBlocks(blocks, InferenceOptions(row_bucket=1, len_bucket=1, compile=True)).options.label() == "flash rows/exact len/exact compiled"
     for bad, match in [(dict(attention="padded"), "must be one of"), (dict(row_bucket=0), "row_bucket"), (dict(len_bucket=-1), "len_bucket")]:
         with pytest.raises(ValueError, match=match):

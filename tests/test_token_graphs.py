@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,19 @@ def _ragged(device, dtype, keep, seed):
 
 def test_falls_back_to_eager_where_graphs_do_not_apply():
     blocks = tiny_blocks(depth=2, dim=64, heads=4).eval()
-    graphed = GraphedBlocks(blocks)
+    graphed = GraphedBlocks(blocks)  # the default compiles: on CPU it runs eagerly, warning once
     ts = _ragged("cpu", torch.float32, [64, 10, 33, 0], seed=0)
     with torch.no_grad():
-        out, ref = graphed(ts), run_blocks(blocks, ts)
-    assert torch.equal(out.x, ref.x) and out.history == ref.history and len(graphed) == 0
+        ref = run_blocks(blocks, ts)
+        with pytest.warns(RuntimeWarning, match="eagerly and uncompiled on cpu torch.float32"):
+            out = graphed(ts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per process, not once per call or per stack
+            again = GraphedBlocks(blocks)(ts)
+    assert torch.equal(out.x, ref.x) and torch.equal(again.x, ref.x) and out.history == ref.history and len(graphed) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # training is the eager path: no warning
+        assert torch.equal(graphed(_ragged("cpu", torch.float32, [64, 10, 33, 0], seed=0)).x.detach(), ref.x)
     with pytest.raises(ValueError, match="must be one of"):
         GraphedBlocks(blocks, attention="padded")
 

@@ -50,16 +50,16 @@ CRITERION = 0.9  # share of the FLOP reduction that must become time
 #: before these options existed (ragged flash attention in 256-row buckets, also for uniform
 #: batches).
 GRAPH_CONFIGS: Dict[str, InferenceOptions] = {
-    "before": InferenceOptions(attention="flash", row_bucket=256, len_bucket=128, dense_when_uniform=False),
-    "flash-64": InferenceOptions(attention="flash", row_bucket=64),
-    "flash-64-full": InferenceOptions(attention="flash", row_bucket=64, len_bucket=0),
-    "flash-exact": InferenceOptions(attention="flash", row_bucket=1, len_bucket=1),
-    "cudnn-256": InferenceOptions(attention="cudnn", row_bucket=256),
-    "cudnn-64": InferenceOptions(attention="cudnn", row_bucket=64),
-    "cudnn-16": InferenceOptions(attention="cudnn", row_bucket=16),
-    "cudnn-64-full": InferenceOptions(attention="cudnn", row_bucket=64, len_bucket=0),
-    "cudnn-exact": InferenceOptions(attention="cudnn", row_bucket=1, len_bucket=1),
-    "cudnn-64-nocopy": InferenceOptions(attention="cudnn", row_bucket=64, copy_output=False),
+    "before": InferenceOptions(attention="flash", row_bucket=256, len_bucket=128, dense_when_uniform=False, compile=False),
+    "flash-64": InferenceOptions(attention="flash", row_bucket=64, compile=False),
+    "flash-64-full": InferenceOptions(attention="flash", row_bucket=64, len_bucket=0, compile=False),
+    "flash-exact": InferenceOptions(attention="flash", row_bucket=1, len_bucket=1, compile=False),
+    "cudnn-256": InferenceOptions(attention="cudnn", row_bucket=256, compile=False),
+    "cudnn-64": InferenceOptions(attention="cudnn", row_bucket=64, compile=False),
+    "cudnn-16": InferenceOptions(attention="cudnn", row_bucket=16, compile=False),
+    "cudnn-64-full": InferenceOptions(attention="cudnn", row_bucket=64, len_bucket=0, compile=False),
+    "cudnn-exact": InferenceOptions(attention="cudnn", row_bucket=1, len_bucket=1, compile=False),
+    "cudnn-64-nocopy": InferenceOptions(attention="cudnn", row_bucket=64, copy_output=False, compile=False),
     "flash-64-compiled": InferenceOptions(attention="flash", row_bucket=64, compile=True),
     "cudnn-64-compiled": InferenceOptions(attention="cudnn", row_bucket=64, compile=True),
 }

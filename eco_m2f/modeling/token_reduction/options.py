@@ -36,7 +36,8 @@ class InferenceOptions:
             removed keeps the bucket: its length changes from image to image.)
         compile: run the token-wise work between attentions (projection, residuals, norms, MLP)
             through one function compiled with ``torch.compile`` and shared by every block
-            (:mod:`.fused`).
+            (:mod:`.fused`). Where compiling fails, or the blocks are not the standard block
+            that function covers, the blocks run uncompiled, with one warning.
         copy_output: return a copy of the graph's output rows; False returns a view that the
             next call overwrites.
         max_graphs: captured graphs kept (least recently used first out).
@@ -46,7 +47,7 @@ class InferenceOptions:
     row_bucket: int = 64
     len_bucket: int = 128
     dense_when_uniform: bool = True
-    compile: bool = False
+    compile: bool = True
     copy_output: bool = True
     max_graphs: int = 16
 
@@ -74,8 +75,9 @@ class InferenceOptions:
         return " ".join(parts)
 
 
-#: The options every ``GraphedBlocks(blocks)`` gets (set from the benchmark's recommendation).
-DEFAULT_INFERENCE = InferenceOptions()
+#: The options every ``GraphedBlocks(blocks)`` gets: the recommendation of
+#: ``scripts/benchmark_token_runtime.py`` on one H200 (``results/token_runtime_h200/NOTES.md``, run 2).
+DEFAULT_INFERENCE = InferenceOptions(attention="flash", row_bucket=64, len_bucket=128, dense_when_uniform=True, compile=True)
 
 
 def default_inference() -> InferenceOptions:
