@@ -1,5 +1,5 @@
-"""The inference paths of the token runtime: packed qkv projection, the fused (compilable) block
-function, static layouts and the inference options, against the eager blocks."""
+"""The inference paths of the token runtime: the fused (compilable) block function, static
+layouts and the inference options, against the eager blocks."""
 from __future__ import annotations
 
 import sys
@@ -22,7 +22,6 @@ from eco_m2f.modeling.token_reduction import (  # noqa: E402
     TokenSet,
     fusable,
     packed_attention,
-    project_qkv,
     resolve_attention,
     run_blocks,
 )
@@ -40,27 +39,6 @@ def _reduced(tokens: torch.Tensor, keep=KEEP) -> tuple:
     scores = torch.rand(tokens.shape[0] * GRID[0] * GRID[1], generator=torch.Generator().manual_seed(2))
     ts = TokenSet.from_dense(tokens, GRID).keep_topk(scores, keep)
     return ts, [torch.nonzero(ts.owner[b] >= 0).view(-1) for b in range(len(keep))]
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_packed_qkv_projection_equals_the_fused_views(bias):
-    attn = tiny_blocks(depth=1, qkv_bias=bias)[0].attn
-    x = torch.randn(29, 48)
-    with torch.no_grad():
-        views = project_qkv(attn.qkv, x, attn.num_heads)
-        packed = project_qkv(attn.qkv, x, attn.num_heads, packed=True)
-    for v, p in zip(views, packed):
-        assert v.stride() == (3 * 48, 16, 1) and p.stride() == (48, 16, 1)  # strided views vs token-packed
-        assert (v - p).abs().max().item() <= 1e-6
-    # with autograd recording it keeps the differentiable views
-    q, _, _ = project_qkv(attn.qkv, x.requires_grad_(), attn.num_heads, packed=True)
-    assert q.stride()[0] == 3 * 48 and q.requires_grad
-    # under autocast the packed GEMMs run in the autocast dtype, as nn.Linear would
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = project_qkv(attn.qkv, x, attn.num_heads)
-        low = project_qkv(attn.qkv, x, attn.num_heads, packed=True)
-    assert low[0].dtype == ref[0].dtype == torch.bfloat16
-    assert all((a.float() - b.float()).abs().max().item() <= 2e-2 for a, b in zip(low, ref))
 
 
 @pytest.mark.parametrize("options", [dict(), dict(init_values=None, qk_norm=False, qkv_bias=False)])
@@ -158,12 +136,10 @@ def test_static_layouts_take_the_ragged_kernel_at_equal_lengths():
             packed_attention(q, k, v, static, "flash")
     with pytest.raises(ValueError, match="int32"):
         static.offsets(torch.long)
-    with pytest.raises(ValueError, match="'cudnn' needs CUDA"):
-        resolve_attention("cudnn", "cpu", torch.float32)
 
 
 @pytest.mark.gpu
-def test_cudnn_and_flash_attention_equal_each_image_alone_on_cuda():
+def test_flash_attention_equals_each_image_alone_on_cuda():
     blocks = tiny_blocks(depth=2, dim=128, heads=2).cuda().to(torch.bfloat16).eval()
     tokens = torch.randn(4, 1 + 300, 128, device="cuda", dtype=torch.bfloat16)
     scores = torch.rand(4 * 300, device="cuda")
@@ -171,7 +147,7 @@ def test_cudnn_and_flash_attention_equal_each_image_alone_on_cuda():
     cells = [torch.nonzero(ts.owner[b] >= 0).view(-1) for b in range(4)]
     with torch.no_grad():
         refs = dense_on_kept(blocks, tokens, cells)
-        for impl in ("cudnn", "flash"):
+        for impl in ("flash", "varlen"):
             got = run_blocks(blocks, ts, impl).x.split(list(ts.layout.lengths), 0)
             for g, r in zip(got, refs):
                 assert torch.isfinite(g).all() and (g.float() - r.float()).abs().max().item() <= 5e-2, impl
@@ -181,11 +157,11 @@ def test_cudnn_and_flash_attention_equal_each_image_alone_on_cuda():
 @pytest.mark.parametrize(
     "changes",
     [
-        dict(attention="cudnn", row_bucket=128),
-        dict(attention="cudnn", row_bucket=1, len_bucket=1),
+        dict(attention="flash", row_bucket=128, compile=False),
+        dict(attention="flash", row_bucket=1, len_bucket=1, compile=False),
         dict(attention="flash", row_bucket=64, len_bucket=0),
         dict(attention="flash", row_bucket=64, compile=True),
-        dict(attention="cudnn", row_bucket=64, compile=True, copy_output=False),
+        dict(attention="varlen", row_bucket=64, compile=True, copy_output=False),
     ],
 )
 def test_graph_options_replay_equal_eager(changes):

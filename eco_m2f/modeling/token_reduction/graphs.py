@@ -6,7 +6,7 @@ saved. A CUDA graph replays the whole run of blocks with one launch. One graph s
 batch whose packed rows fit its bucket: the image offsets live in a device buffer that the
 ragged attention kernel reads at run time; the rows past the last image form one more image of
 padding, attended within itself like the others (so that every row of every layer holds finite
-values, which cuDNN's kernel needs) and cut off at the end; the longest sequence only sizes the
+values) and cut off at the end; the longest sequence only sizes the
 kernel's grid, so it is rounded up as well. A batch of several images that all hold the same
 number of tokens (or one image holding all of them) replays a graph of the dense attention at
 its exact shape instead. Graphs are captured

@@ -21,8 +21,7 @@ class InferenceOptions:
 
     Attributes:
         attention: ragged attention inside the graphs, one that reads the image offsets from the
-            device: ``flash`` (flash varlen), ``varlen`` (``torch.nn.attention.varlen``) or
-            ``cudnn`` (cuDNN's ragged kernel, with q, k, v projected token-packed).
+            device: ``flash`` (flash varlen) or ``varlen`` (``torch.nn.attention.varlen``).
         row_bucket: packed row counts are rounded up to a multiple of this (1: exact rows, one
             graph per total). Padding rows cost what real rows cost in every token-wise layer;
             a smaller bucket wastes less and captures more graphs.
@@ -62,7 +61,7 @@ class InferenceOptions:
             raise ValueError(f"max_graphs must be >= 1, got {self.max_graphs}")
 
     def label(self) -> str:
-        """Short name for tables, e.g. ``cudnn rows/64 len/128 compiled``."""
+        """Short name for tables, e.g. ``flash rows/64 len/128 compiled``."""
         length = "len/full" if self.len_bucket == 0 else ("len/exact" if self.len_bucket == 1 else f"len/{self.len_bucket}")
         rows = "rows/exact" if self.row_bucket == 1 else f"rows/{self.row_bucket}"
         parts = [self.attention, rows, length]
