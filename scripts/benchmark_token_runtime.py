@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -77,42 +76,6 @@ def _capture_dense(blocks, tokens: torch.Tensor):
     return graph, out
 
 
-def _start_probe(args) -> subprocess.Popen:
-    """cuDNN's ragged attention (eager and graph-replayed) on this run's shapes in a child
-    process: an error there that kills the CUDA context must not take the other figures along."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", "--dim", str(args.dim), "--heads", str(args.heads),
-           "--batch", str(args.batch), "--tokens", str(args.tokens), "--dtype", args.dtype]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _probe_result(child: subprocess.Popen, timeout: float = 180.0) -> str:
-    """Why cuDNN runs must be left out (empty string when the probe passed)."""
-    try:
-        out, _ = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        return f"the cuDNN probe took over {timeout:.0f} s"
-    if child.returncode != 0:
-        last = [line for line in out.strip().splitlines() if line.strip()][-1:] or ["no output"]
-        return f"the cuDNN probe exited with {child.returncode}: {last[0][:200]}"
-    return ""
-
-
-def _probe(blocks, tokens, scores, keep) -> int:
-    """Child side of :func:`_start_probe`: 0 when cuDNN runs match each image alone."""
-    with torch.inference_mode():
-        reduced = tr.TokenSet.from_dense(tokens, (1, tokens.shape[1] - 1)).keep_topk(scores, keep)
-        reference = per_image_reference(blocks, tokens, reduced)
-        graphed = tr.GraphedBlocks(blocks, GRAPH_CONFIGS["cudnn-64"])
-        for label, run in (("eager", lambda ts: tr.run_blocks(blocks, ts, "cudnn")), ("graph", graphed), ("graph replay", graphed)):
-            err = relative_error(run(reduced).x, reference, reduced.layout.lengths)
-            say(f"cudnn {label}: relative error {err:.1e}")
-            if err > TOLERANCE:
-                return 1
-        torch.cuda.synchronize()
-    return 0
-
-
 def _uniform_key(opts: tr.InferenceOptions):
     """Configurations that behave alike on a batch of equal lengths share this."""
     return (True, opts.compile, opts.copy_output) if opts.dense_when_uniform else opts
@@ -121,11 +84,10 @@ def _uniform_key(opts: tr.InferenceOptions):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_stack_arguments(p, budget=0.25)
-    p.add_argument("--eager", nargs="+", default=None, help="eager attention implementations (default: flash cudnn varlen padded on CUDA; padded jagged flex on CPU)")
+    p.add_argument("--eager", nargs="+", default=None, help="eager attention implementations (default: flash varlen padded on CUDA; padded jagged flex on CPU)")
     p.add_argument("--configs", nargs="+", default=None, help=f"graph configurations (default: all of {list(GRAPH_CONFIGS)})")
     p.add_argument("--no-compile", action="store_true", help="leave out the compiled configurations and baseline")
     p.add_argument("--patterns", nargs="+", default=None, help="subset of the named keep patterns")
-    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the child of _start_probe
     args = p.parse_args(argv)
     device, dtype = stack_settings(p, args)
     cuda = device.type == "cuda"
@@ -136,17 +98,14 @@ def main(argv=None) -> int:
     unknown += [name for name in args.configs or [] if name not in GRAPH_CONFIGS]
     if unknown:
         p.error(f"unknown patterns or configurations {unknown}; patterns: {list(patterns)}; configurations: {list(GRAPH_CONFIGS)}")
-    wanted = args.eager or (["flash", "cudnn", "varlen", "padded"] if cuda else ["padded", "jagged", "flex"])
-    probe = _start_probe(args) if cuda and not args.probe and ("cudnn" in wanted or any(o.attention == "cudnn" for o in configs.values())) else None
+    wanted = args.eager or (["flash", "varlen", "padded"] if cuda else ["padded", "jagged", "flex"])
 
     n, b = args.tokens, args.batch
     grid = (1, n)  # the runtime never looks at the grid's shape, only at its cell count
-    blocks = build_stack(2 if args.probe else args.depth, args.dim, args.heads, device, dtype)
+    blocks = build_stack(args.depth, args.dim, args.heads, device, dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     tokens = torch.randn(b, 1 + n, args.dim, device=device, dtype=dtype, generator=gen)
     scores = torch.rand(b * n, device=device, generator=gen)
-    if args.probe:
-        return _probe(blocks, tokens, scores, keep_counts(patterns["mixed 25-100%"], n))
     import timm
 
     env = {
@@ -158,7 +117,7 @@ def main(argv=None) -> int:
     }
     say(f"device: {env['device']}; torch {env['torch']} (cuDNN {env['cudnn']}); timm {env['timm']}; {args.depth} blocks dim {args.dim} "
         f"heads {args.heads}; batch {b} x ({n} + 1) tokens; {args.dtype} weights and activations; medians per call, ~{args.budget}s of calls each")
-    # untimed set-up while the probe runs: the dense graph, and the compiled dense graph (compiling)
+    # untimed set-up: the dense graph, and the compiled dense graph (compiling)
     with torch.inference_mode():
         full = tr.TokenSet.from_dense(tokens, grid)
         dense_graph = _capture_dense(blocks, tokens) if cuda else None
@@ -169,6 +128,8 @@ def main(argv=None) -> int:
         try:
             with torch.inference_mode():
                 dense_compiled(full)
+            if not dense_compiled.compiled:  # the runtime fell back to the uncompiled function (and warned why)
+                raise RuntimeError("the runtime runs the block function uncompiled")
             say(f"compiled the token-wise block function (shared by every block and row count): first warm-up {dense_compiled.stats['first_warmup_s']:.1f} s")
         except (Exception, _Stopped) as exc:
             why = f"over {COMPILE_LIMIT_S} s" if isinstance(exc, _Stopped) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
@@ -177,13 +138,6 @@ def main(argv=None) -> int:
             configs = {name: opts for name, opts in configs.items() if not opts.compile}
         finally:
             signal.alarm(0)
-    reason = _probe_result(probe) if probe is not None else ""
-    if reason:
-        say(f"leaving out every cuDNN run: {reason}")
-        wanted = [impl for impl in wanted if impl != "cudnn"]
-        configs = {name: opts for name, opts in configs.items() if opts.attention != "cudnn"}
-    elif probe is not None:
-        say("cuDNN probe (child process, 2 blocks): passed")
     eager_impls = []
     for impl in wanted:
         why = tr.attention.attention_unavailable(impl, device, dtype)
@@ -191,7 +145,7 @@ def main(argv=None) -> int:
             say(f"skipping eager attention '{impl}': {why}")
         else:
             eager_impls.append(impl)
-    results: Dict[str, object] = {"env": env, "criterion": CRITERION, "tolerance": TOLERANCE, "cudnn_left_out": reason, "patterns": {}}
+    results: Dict[str, object] = {"env": env, "criterion": CRITERION, "tolerance": TOLERANCE, "patterns": {}}
 
     def dump() -> None:
         if args.json:

@@ -6,10 +6,11 @@
 
 Three parts, each timed on the device alone (CUDA-graph replays):
 1. attention alone on equal lengths (8 x 1025), the mixed 25-100% lengths and 8 x 257: dense
-   ``scaled_dot_product_attention`` on timm's views (default backend and each forced) against
-   every ragged kernel (flash varlen, cuDNN ragged, ``varlen_attn``) with the longest length
-   exact, rounded to 128 or the full length; TFLOP/s and relative error against float32;
-2. one block's token-wise layers (norm, qkv three ways, proj, fc1, GELU, fc2, residual add) at
+   ``scaled_dot_product_attention`` on timm's views (default backend and each forced: flash,
+   cuDNN, memory-efficient) against the ragged kernels (flash varlen, ``varlen_attn``) with the
+   longest length exact, rounded to 128 or the full length; TFLOP/s and relative error against
+   float32;
+2. one block's token-wise layers (norm, qkv, proj, fc1, GELU, fc2, residual add) at
    the packed row counts of those patterns, exact and rounded to 64 and 256 rows;
 3. torch.profiler kernel tables of the dense stack and of the reduced stack (mixed 25-100%)
    eager and through graph configurations: time per kernel class and per block, kernel time
@@ -41,7 +42,7 @@ from eco_m2f.evaluation.token_runtime import (  # noqa: E402
 )
 from eco_m2f.modeling import token_reduction as tr  # noqa: E402
 
-GRAPHS_PROFILED = ("before", "flash-64", "cudnn-64")
+GRAPHS_PROFILED = ("before", "flash-64", "flash-64-compiled")
 
 
 def main(argv=None) -> int:
@@ -107,8 +108,8 @@ def main(argv=None) -> int:
         for name in GRAPHS_PROFILED:
             runner = tr.GraphedBlocks(blocks, GRAPH_CONFIGS[name])
             runs[f"mixed 25-100% graph {name}"] = lambda runner=runner: runner(reduced)
-        dense_runner = tr.GraphedBlocks(blocks, GRAPH_CONFIGS["cudnn-64"])
-        runs["dense graph (runtime, dense SDPA)"] = lambda: dense_runner(full)
+        dense_runner = tr.GraphedBlocks(blocks, GRAPH_CONFIGS["flash-64-compiled"])
+        runs["dense graph (runtime compiled, dense SDPA)"] = lambda: dense_runner(full)
     for label, fn in runs.items():
         try:
             with torch.inference_mode():

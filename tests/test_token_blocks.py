@@ -1,6 +1,7 @@
 """timm ViT blocks on the token set: equal to the dense blocks, per image, for every CPU attention."""
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -10,7 +11,15 @@ from timm.models.vision_transformer import ResPostBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vit_blocks_reference import dense_on_kept, run_dense, tiny_blocks  # noqa: E402
+from vit_blocks_reference import (  # noqa: E402
+    BF16_TOLERANCE,
+    FLOAT32_TOLERANCE,
+    assert_close_per_token,
+    dense_on_kept,
+    float32_reference,
+    run_dense,
+    tiny_blocks,
+)
 from eco_m2f.modeling.token_reduction import TokenSet, packed_attention, resolve_attention, run_blocks  # noqa: E402
 
 GRID = (3, 4)  # 12 cells
@@ -26,7 +35,7 @@ def _tokens(batch: int = 4, dim: int = 48, seed: int = 1) -> torch.Tensor:
 def _reduced(tokens: torch.Tensor) -> tuple:
     """A token set keeping KEEP[b] tokens per image by random scores, and each image's kept cells."""
     g = torch.Generator().manual_seed(2)
-    scores = torch.rand(tokens.shape[0] * GRID[0] * GRID[1], generator=g)
+    scores = torch.rand(tokens.shape[0] * GRID[0] * GRID[1], generator=g).to(tokens.device)  # on the tokens' device
     ts = TokenSet.from_dense(tokens, GRID).keep_topk(scores, KEEP)
     cells = [torch.nonzero(ts.owner[b] >= 0).view(-1) for b in range(len(KEEP))]
     return ts, cells
@@ -151,20 +160,33 @@ def test_bad_blocks_and_attention_names_fail_clearly():
     assert resolve_attention("auto", "cpu", torch.bfloat16) == "padded"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["padded", "jagged", "flash", "varlen", "flex"])
-def test_cuda_backends_equal_dense_blocks_on_each_image_alone(impl):
-    blocks = tiny_blocks(depth=2, dim=64, heads=4).cuda().to(torch.bfloat16)
-    tokens = _tokens(dim=64).cuda().to(torch.bfloat16)
+# Each backend in its device's working precision against the dense blocks in float32 on each
+# image's kept tokens; on CPU the same check runs in float32 with float32's tolerance.
+PRECISION_CASES = [pytest.param("cpu", torch.float32, impl, id=f"cpu-float32-{impl}") for impl in CPU_IMPLS] + [
+    pytest.param("cuda", torch.bfloat16, impl, marks=pytest.mark.gpu, id=f"cuda-bfloat16-{impl}")
+    for impl in ("padded", "jagged", "flash", "varlen", "flex")
+]
+DIFFERENTIABLE = ("padded", "jagged", "flash")  # the training backends (flex: no CPU backward; varlen: no dropout)
+
+
+@pytest.mark.parametrize("device, dtype, impl", PRECISION_CASES)
+def test_backends_match_float32_dense_blocks_on_each_image_alone(device, dtype, impl):
+    tolerance = FLOAT32_TOLERANCE if dtype == torch.float32 else BF16_TOLERANCE
+    blocks = tiny_blocks(depth=2, dim=64, heads=4, sharpness=3.0).to(device, dtype).eval()
+    tokens = _tokens(dim=64).to(device, dtype)
     ts, cells = _reduced(tokens)
+    refs = float32_reference(blocks, tokens, cells)
     with torch.no_grad():
-        refs = dense_on_kept(blocks.eval(), tokens, cells)
         out = run_blocks(blocks, ts, impl)
-    for got, ref in zip(_per_image(out), refs):
-        assert (got.float() - ref.float()).abs().max().item() <= 3e-2, impl
-    if impl in ("flash", "jagged", "padded"):  # differentiable on CUDA, with bf16 tolerance
-        x = tokens.detach().requires_grad_()
-        ts, cells = _reduced(x)
-        grad = torch.autograd.grad(run_blocks(blocks.train(), ts, impl).x.float().sum(), x)[0]
-        ref = torch.autograd.grad(sum(r.float().sum() for r in dense_on_kept(blocks, x, cells)), x)[0]
-        assert (grad.float() - ref.float()).abs().max().item() <= 5e-2 * max(1.0, ref.abs().max().item())
+    assert_close_per_token(out.x, ts.layout.lengths, refs, tolerance, impl)
+    if impl not in DIFFERENTIABLE:
+        return
+    # gradients with respect to the tokens, against float32 autograd through the dense blocks
+    x = tokens.detach().requires_grad_()
+    ts, cells = _reduced(x)
+    grad = torch.autograd.grad(run_blocks(blocks.train(), ts, impl).x.float().sum(), x)[0]
+    wide = copy.deepcopy(blocks).cpu().float()
+    x32 = tokens.detach().cpu().float().requires_grad_()
+    ref = torch.autograd.grad(sum(r.sum() for r in dense_on_kept(wide, x32, [c.cpu() for c in cells])), x32)[0]
+    images = [x.shape[1]] * x.shape[0]
+    assert_close_per_token(grad.reshape(-1, x.shape[-1]), images, list(ref.reshape(-1, x.shape[-1]).split(images, 0)), tolerance, f"{impl} gradient")

@@ -89,13 +89,13 @@ def test_summary_picks_the_bucketed_configuration_that_passes_most_patterns(caps
     results = {"patterns": {
         # bound against the fastest dense baseline (3.9): 3.9 - 0.9 * 3.9 * 0.5 = 2.145
         "mixed": {"flop_ratio": 0.5, "baselines": base, "rows": [
-            graph("before", 2.5), graph("cudnn-64", 2.1), graph("cudnn-exact", 2.0), graph("flash-64", 1.0, err=0.5)]},
+            graph("before", 2.5), graph("flash-64-compiled", 2.1), graph("flash-exact", 2.0), graph("flash-64", 1.0, err=0.5)]},
         "all 100%": {"flop_ratio": 1.0, "baselines": base, "rows": [
-            graph("before", 4.2), graph("cudnn-64", 3.8), graph("cudnn-exact", 3.8, same_as="cudnn-64: x"), graph("flash-64", 3.8)]},
+            graph("before", 4.2), graph("flash-64-compiled", 3.8), graph("flash-exact", 3.8, same_as="flash-64-compiled: x"), graph("flash-64", 3.8)]},
     }}
     script._summary(results, ["mixed", "all 100%"])
     out = capsys.readouterr().out
-    assert results["summary"]["mixed"]["best"] == "cudnn-exact: x"  # fastest correct run (flash-64 is wrong there)
+    assert results["summary"]["mixed"]["best"] == "flash-exact: x"  # fastest correct run (flash-64 is wrong there)
     assert results["summary"]["mixed"]["ok_vs_best_dense"] and results["summary"]["mixed"]["best_dense"] == "graphed timm"
-    assert results["recommended"]["config"] == "cudnn-64"  # exact rows pass too, but are no default
-    assert 'InferenceOptions(attention="cudnn", row_bucket=64' in out
+    assert results["recommended"]["config"] == "flash-64-compiled"  # exact rows pass too, but are no default
+    assert 'InferenceOptions(attention="flash", row_bucket=64, len_bucket=128, dense_when_uniform=True, compile=True)' in out

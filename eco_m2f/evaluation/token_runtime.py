@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from eco_m2f.evaluation.throughput import DTYPES, CallTime, time_back_to_back, time_graph
-from eco_m2f.modeling.token_reduction import InferenceOptions, StaticLayout, TokenSet, blocks_flops, packed_attention, project_qkv
+from eco_m2f.modeling.token_reduction import InferenceOptions, StaticLayout, TokenSet, blocks_flops, packed_attention
 from eco_m2f.modeling.token_reduction.packing import host_ints
 
 __all__ = [
@@ -50,18 +50,12 @@ CRITERION = 0.9  # share of the FLOP reduction that must become time
 #: before these options existed (ragged flash attention in 256-row buckets, also for uniform
 #: batches).
 GRAPH_CONFIGS: Dict[str, InferenceOptions] = {
-    "before": InferenceOptions(attention="flash", row_bucket=256, len_bucket=128, dense_when_uniform=False),
-    "flash-64": InferenceOptions(attention="flash", row_bucket=64),
-    "flash-64-full": InferenceOptions(attention="flash", row_bucket=64, len_bucket=0),
-    "flash-exact": InferenceOptions(attention="flash", row_bucket=1, len_bucket=1),
-    "cudnn-256": InferenceOptions(attention="cudnn", row_bucket=256),
-    "cudnn-64": InferenceOptions(attention="cudnn", row_bucket=64),
-    "cudnn-16": InferenceOptions(attention="cudnn", row_bucket=16),
-    "cudnn-64-full": InferenceOptions(attention="cudnn", row_bucket=64, len_bucket=0),
-    "cudnn-exact": InferenceOptions(attention="cudnn", row_bucket=1, len_bucket=1),
-    "cudnn-64-nocopy": InferenceOptions(attention="cudnn", row_bucket=64, copy_output=False),
+    "before": InferenceOptions(attention="flash", row_bucket=256, len_bucket=128, dense_when_uniform=False, compile=False),
+    "flash-64": InferenceOptions(attention="flash", row_bucket=64, compile=False),
+    "flash-64-full": InferenceOptions(attention="flash", row_bucket=64, len_bucket=0, compile=False),
+    "flash-exact": InferenceOptions(attention="flash", row_bucket=1, len_bucket=1, compile=False),
     "flash-64-compiled": InferenceOptions(attention="flash", row_bucket=64, compile=True),
-    "cudnn-64-compiled": InferenceOptions(attention="cudnn", row_bucket=64, compile=True),
+    "flash-64-compiled-nocopy": InferenceOptions(attention="flash", row_bucket=64, compile=True, copy_output=False),
 }
 
 
@@ -245,8 +239,7 @@ def attention_alone(lengths: Sequence[int], heads: int, head_dim: int, full_len:
     """The attention core alone on images of ``lengths`` tokens: dense SDPA on timm's views
     (equal lengths only; default backend and each one forced) and each ragged kernel with the
     longest length exact, rounded up to 128 and the full ``full_len``. q, k, v are views of one
-    (T, 3, H, D) projection, as the blocks make them; ``cudnn`` gets them token-packed, and once
-    as the strided views themselves (whether this torch's cuDNN path honours their stride).
+    (T, 3, H, D) projection, as the blocks make them.
     Rows: case, device us per call, TFLOP/s, relative error against float32, or failed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -254,7 +247,6 @@ def attention_alone(lengths: Sequence[int], heads: int, head_dim: int, full_len:
     batch, total, longest = len(lengths), sum(lengths), max(lengths)
     qkv = torch.randn(total, 3, heads, head_dim, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(0))
     q, k, v = qkv.unbind(1)  # each (T, H, D), row stride 3 * H * D
-    packed = [t.contiguous() for t in (q, k, v)]
     scale = head_dim ** -0.5
     reference = _reference_attention(q, k, v, lengths, scale)
     offsets = host_ints([0] + [sum(lengths[: i + 1]) for i in range(batch)], device, torch.int32)
@@ -278,10 +270,7 @@ def attention_alone(lengths: Sequence[int], heads: int, head_dim: int, full_len:
     for label, max_len in (("exact", longest), ("len/128", -(-longest // 128) * 128), ("full", full_len)):
         layout = StaticLayout(offsets, max_len)
         cases[f"flash varlen, max {label} ({max_len})"] = lambda layout=layout: packed_attention(q, k, v, layout, "flash", 0.0, scale)
-        cases[f"cudnn ragged, packed qkv, max {label} ({max_len})"] = lambda layout=layout: packed_attention(*packed, layout, "cudnn", 0.0, scale)
     exact = StaticLayout(offsets, longest)
-    cases["cudnn ragged, strided qkv views as given"] = lambda: torch.ops.aten._cudnn_attention_forward(
-        q, k, v, None, offsets, offsets, longest, longest, False, 0.0, False, False, scale=scale)[0]
     cases["varlen_attn (torch.nn.attention.varlen)"] = lambda: packed_attention(q, k, v, exact, "varlen", 0.0, scale)
     flops = 4 * heads * head_dim * sum(n * n for n in lengths)
     rows = []
@@ -298,7 +287,7 @@ def attention_alone(lengths: Sequence[int], heads: int, head_dim: int, full_len:
 
 def token_wise_alone(block: nn.Module, rows: Sequence[int], budget_s: float = 0.05) -> Dict[int, Dict[str, float]]:
     """Device us per call of ``block``'s token-wise layers on ``rows`` packed rows (its own
-    modules and dtype), the three ways of projecting qkv, and their sum for one eager block."""
+    modules and dtype), and their sum for one eager block."""
     attn, mlp = block.attn, block.mlp
     weight = attn.qkv.weight
     out: Dict[int, Dict[str, float]] = {}
@@ -310,8 +299,6 @@ def token_wise_alone(block: nn.Module, rows: Sequence[int], budget_s: float = 0.
             ops = {
                 "norm": lambda: block.norm1(x),
                 "qkv": lambda: attn.qkv(x),
-                "qkv packed": lambda: project_qkv(attn.qkv, x, attn.num_heads, packed=True),
-                "qkv+copies": lambda: [t.contiguous() for t in project_qkv(attn.qkv, x, attn.num_heads)],
                 "proj": lambda: attn.proj(x),
                 "fc1": lambda: mlp.fc1(x),
                 "gelu": lambda: mlp.act(h),

@@ -12,17 +12,13 @@ the tokens of its own image only. They differ in how the ragged batch meets the 
   ``_flash_attention_forward`` without the nested-tensor wrapping (the least Python per
   block; CUDA, fp16/bf16; differentiable, with attention dropout);
 * ``varlen``: ``torch.nn.attention.varlen.varlen_attn``, the public wrapper of the same kernel
-  (cuDNN on some GPUs; CUDA, fp16/bf16, no attention dropout, torch >= 2.10);
-* ``cudnn``: cuDNN's ragged (THD) attention, the aten op ``_cudnn_attention_forward`` with
-  cumulative offsets: on Hopper the kernel that dense ``scaled_dot_product_attention`` itself
-  prefers. Its ragged offsets assume token-packed ``q, k, v`` (row stride ``H * D``), so views of
-  a fused qkv projection are copied unless they come packed (:func:`~.blocks.run_block` projects
-  them packed for this backend); layouts whose longest image holds at most 128 tokens go to
-  ``flash``, as ``varlen_attn`` does. Its tiles read rows past an image's end (weighted by
-  zero), so every row of the buffer must hold finite values: rows that belong to no image
-  (padding) must not be left as uninitialised memory (CUDA, fp16/bf16, no attention dropout);
+  (CUDA, fp16/bf16, no attention dropout, torch >= 2.10; with torch 2.11 on an H200 it ran the
+  flash kernel, later torch sends images over 128 tokens to cuDNN on Hopper and Blackwell);
 * ``flex``: FlexAttention on the whole packed sequence with a per-image block mask, built once
   per layout and compiled on CUDA (no attention dropout; forward only on CPU).
+
+cuDNN's ragged attention is not offered: with torch 2.11 on an H200 its capture into a CUDA
+graph fails and leaves the process's CUDA context broken (``results/token_runtime_h200/NOTES.md``).
 
 When all images hold the same number of tokens the packed rows already form a dense batch, so
 every backend runs plain ``scaled_dot_product_attention`` on a view, exactly as timm's
@@ -42,23 +38,17 @@ from .packing import PackedLayout
 
 __all__ = [
     "ATTENTION_IMPLS",
-    "CUDNN_MIN_LEN",
     "DEFAULT_CUDA_ATTENTION",
     "DEVICE_OFFSET_IMPLS",
-    "PACKED_QKV_IMPLS",
     "attention_unavailable",
     "packed_attention",
     "resolve_attention",
 ]
 
 #: Names accepted wherever an attention implementation is chosen.
-ATTENTION_IMPLS = ("auto", "padded", "jagged", "flash", "varlen", "cudnn", "flex")
-#: Backends that want ``q, k, v`` token-packed (each ``(T, H, D)`` contiguous), not strided views.
-PACKED_QKV_IMPLS = ("cudnn",)
+ATTENTION_IMPLS = ("auto", "padded", "jagged", "flash", "varlen", "flex")
 #: Backends that read the image offsets from a device tensor (so a CUDA graph can replay them).
-DEVICE_OFFSET_IMPLS = ("flash", "varlen", "cudnn")
-#: ``cudnn`` hands layouts whose longest image holds at most this many tokens to ``flash``.
-CUDNN_MIN_LEN = 128
+DEVICE_OFFSET_IMPLS = ("flash", "varlen")
 #: The ``auto`` choice on CUDA; fallbacks follow in order where it does not apply.
 DEFAULT_CUDA_ATTENTION = "flash"
 _CUDA_FALLBACKS = ("jagged", "padded")
@@ -141,24 +131,6 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLay
     return fn(q, k, v, cu, cu, layout.max_len, layout.max_len)
 
 
-def _token_packed(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (T, H, D) with row stride H * D (what cuDNN's ragged offsets assume)."""
-    h, d = t.shape[1:]
-    return t if t.stride() == (h * d, d, 1) else t.contiguous()
-
-
-def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, dropout_p: float, scale: float) -> torch.Tensor:
-    if dropout_p > 0:
-        raise ValueError("attention 'cudnn' has no attention dropout here; use 'flash' or 'padded' when training with attn_drop > 0")
-    if layout.max_len <= CUDNN_MIN_LEN:
-        return _flash(q, k, v, layout, dropout_p, scale)
-    cu = layout.offsets(torch.int32)
-    out = torch.ops.aten._cudnn_attention_forward(
-        _token_packed(q), _token_packed(k), _token_packed(v), None, cu, cu, layout.max_len, layout.max_len, False, 0.0, False, False, scale=scale
-    )
-    return out[0]  # (T, H, D)
-
-
 @functools.lru_cache(maxsize=None)
 def _flex_fn(device_type: str) -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
@@ -193,7 +165,7 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayou
     return out[0].transpose(0, 1)  # (T, H, D)
 
 
-_BACKENDS: Dict[str, AttentionFn] = {"padded": _padded, "jagged": _jagged, "flash": _flash, "varlen": _varlen, "cudnn": _cudnn, "flex": _flex}
+_BACKENDS: Dict[str, AttentionFn] = {"padded": _padded, "jagged": _jagged, "flash": _flash, "varlen": _varlen, "flex": _flex}
 
 
 # ---------------------------------------------------------------------- choice
@@ -203,11 +175,6 @@ def attention_unavailable(impl: str, device: torch.device, dtype: torch.dtype, d
         return f"unknown attention implementation '{impl}'; known: {list(ATTENTION_IMPLS)}"
     if impl in DEVICE_OFFSET_IMPLS and (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
         return f"'{impl}' needs CUDA fp16/bf16 tensors, got {device.type} {dtype}"
-    if impl == "cudnn":
-        if not hasattr(torch.ops.aten, "_cudnn_attention_forward"):
-            return f"'cudnn' needs aten._cudnn_attention_forward, which torch {torch.__version__} lacks"
-        if not torch.backends.cudnn.is_available():
-            return "'cudnn' needs cuDNN, which this torch build lacks"
     if impl == "varlen":
         try:
             _varlen_fn()
@@ -218,7 +185,7 @@ def attention_unavailable(impl: str, device: torch.device, dtype: torch.dtype, d
             _flex_fn(device.type)
         except ImportError:
             return f"'flex' needs torch.nn.attention.flex_attention (torch >= 2.5), this is torch {torch.__version__}"
-    if impl in ("varlen", "cudnn", "flex") and dropout:
+    if impl in ("varlen", "flex") and dropout:
         return f"'{impl}' has no attention dropout"
     return ""
 

@@ -17,11 +17,11 @@ import torch.nn as nn
 from timm.layers import DropPath
 from timm.models.vision_transformer import Attention, Block
 
-from .attention import PACKED_QKV_IMPLS, packed_attention, resolve_attention
+from .attention import packed_attention
 from .packing import PackedLayout
 from .token_set import TokenSet
 
-__all__ = ["check_block", "project_qkv", "run_block", "run_blocks", "wants_packed_qkv"]
+__all__ = ["check_block", "project_qkv", "run_block", "run_blocks"]
 
 
 def check_block(block: nn.Module) -> None:
@@ -47,45 +47,12 @@ def _drop_path(module: nn.Module, residual: torch.Tensor, layout: PackedLayout) 
     return residual * keep.index_select(0, layout.batch_index()).unsqueeze(1)
 
 
-def wants_packed_qkv(impl: str, x: torch.Tensor, dropout: bool = False) -> bool:
-    """Whether the attention that ``impl`` resolves to for the qkv projection of ``x`` (in the
-    autocast dtype, if autocast is on) reads token-packed q, k, v."""
-    if impl in PACKED_QKV_IMPLS:
-        return True
-    if impl != "auto":
-        return False
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    return resolve_attention(impl, device_type, dtype, dropout) in PACKED_QKV_IMPLS
-
-
-def project_qkv(qkv: nn.Linear, x: torch.Tensor, heads: int, packed: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """timm's fused qkv projection of packed rows ``x`` (T, C) -> q, k, v, each (T, H, D).
-
-    By default they are views of one (T, 3, H, D) product (row stride 3 * H * D). ``packed``
-    writes them instead into one (3, T, H, D) buffer with three GEMMs over the weight's thirds,
-    each with its bias in the GEMM epilogue, so every one is token-packed without a copy
-    (inference only: ``out=`` GEMMs record no gradient, so with autograd on this falls back to
-    the views, which the backend then copies).
-    """
+def project_qkv(qkv: nn.Linear, x: torch.Tensor, heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm's fused qkv projection of packed rows ``x`` (T, C) -> q, k, v, each (T, H, D): views
+    of one (T, 3, H, D) product (row stride 3 * H * D), which the ragged kernels read as given."""
     rows = x.shape[0]
-    inner = qkv.out_features // 3
-    head_dim = inner // heads
-    weight, bias = qkv.weight, qkv.bias
-    recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if not packed or recording:
-        return qkv(x).view(rows, 3, heads, head_dim).unbind(1)
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    with torch.autocast(device_type, enabled=False):  # the out= GEMMs take one dtype; cast as autocast would
-        x, weight = x.to(dtype), weight.to(dtype).view(3, inner, x.shape[1])  # weight thirds (3, inner, C)
-        out = x.new_empty(3, rows, inner)
-        for i in range(3):
-            if bias is None:
-                torch.mm(x, weight[i].t(), out=out[i])
-            else:
-                torch.addmm(bias[i * inner : (i + 1) * inner].to(dtype), x, weight[i].t(), out=out[i])
-    return out.view(3, rows, heads, head_dim).unbind(0)
+    head_dim = qkv.out_features // 3 // heads
+    return qkv(x).view(rows, 3, heads, head_dim).unbind(1)
 
 
 def _attention(attn: Attention, x: torch.Tensor, layout: PackedLayout, impl: str) -> torch.Tensor:
@@ -94,9 +61,7 @@ def _attention(attn: Attention, x: torch.Tensor, layout: PackedLayout, impl: str
     heads, head_dim = attn.num_heads, attn.head_dim
     gate = getattr(attn, "gate", None)
     gate = gate(x).sigmoid() if gate is not None else None
-    dropout = attn.training and attn.attn_drop.p > 0
-    packed = not layout.uniform and wants_packed_qkv(impl, x, dropout)
-    q, k, v = project_qkv(attn.qkv, x, heads, packed)  # each (T, H, D)
+    q, k, v = project_qkv(attn.qkv, x, heads)  # each (T, H, D)
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     out = packed_attention(q, k, v, layout, impl, dropout_p, attn.scale).reshape(rows, heads * head_dim)

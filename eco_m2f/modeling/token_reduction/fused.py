@@ -13,12 +13,15 @@ same width and every batch: the compile cost is paid once per process.
 the ragged attention stay eager (:func:`~.blocks.project_qkv`, :func:`~.attention.packed_attention`).
 Uncompiled it computes exactly what :func:`~.blocks.run_block` computes (tested on CPU); it
 covers the standard ViT block (LayerNorm norms, optional LayerScale, GELU MLP, no attention
-gate or extra norms) and refuses others with the module that does not fit.
+gate or extra norms) and refuses others with the module that does not fit. Where compiling
+fails (no working compiler, an unsupported torch), the stack runs the function uncompiled
+instead, with one warning per process; later stacks then do not try again.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -27,12 +30,15 @@ from timm.layers import DropPath, LayerScale, Mlp
 from timm.models.vision_transformer import Block
 
 from .attention import packed_attention
-from .blocks import check_block, project_qkv, wants_packed_qkv
+from .blocks import check_block, project_qkv
 from .packing import PackedLayout
 
 __all__ = ["FusedBlocks", "fusable", "residual_mlp"]
 
 Backend = Union[bool, str, Callable]
+
+#: Why compiling with a backend failed in this process (a failed backend is not tried again).
+_COMPILE_FAILURES: Dict[Union[str, Callable], str] = {}
 
 
 def residual_mlp(
@@ -163,22 +169,41 @@ class FusedBlocks:
             reason = fusable(block)
             if reason:
                 raise TypeError(f"FusedBlocks cannot run this block: {reason}")
-        self.compiled = compile is not False
-        self.fn = _compiled("inductor" if compile is True else compile) if self.compiled else residual_mlp
+        self._backend = "inductor" if compile is True else compile
+        #: True while the compiled function runs (False when not asked for, or after it failed)
+        self.compiled = compile is not False and self._backend not in _COMPILE_FAILURES
+        self.fn = _compiled(self._backend) if self.compiled else residual_mlp
 
     def __call__(self, x: torch.Tensor, layout: PackedLayout, attention: str = "auto") -> torch.Tensor:
         """Packed rows ``x`` (T, C) -> the rows after every block (T, C)."""
+        if not self.compiled:
+            return self._run(residual_mlp, x, layout, attention)
+        try:
+            return self._run(self.fn, x, layout, attention)
+        except Exception as exc:  # compiling failed, or an error of the call itself
+            out = self._run(residual_mlp, x, layout, attention)  # raises again unless it was the compiler
+            self._give_up_compiling(exc)
+            return out
+
+    def _give_up_compiling(self, exc: Exception) -> None:
+        self.compiled, self.fn = False, residual_mlp
+        if self._backend not in _COMPILE_FAILURES:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            _COMPILE_FAILURES[self._backend] = f"{type(exc).__name__}: {' '.join(lines[:2])[:240]}"  # dynamo: backend, then its error
+            warnings.warn(f"compiling the ViT block function failed ({_COMPILE_FAILURES[self._backend]}); "
+                          "the token runtime runs it uncompiled in this process", RuntimeWarning, stacklevel=3)
+
+    def _run(self, fn: Callable, x: torch.Tensor, layout: PackedLayout, attention: str) -> torch.Tensor:
         rows = x.shape[0]
         y = self.blocks[0].norm1(x)
         for i, block in enumerate(self.blocks):
             attn = block.attn
-            packed = not layout.uniform and wants_packed_qkv(attention, y)
-            q, k, v = project_qkv(attn.qkv, y, attn.num_heads, packed)  # each (T, H, D)
+            q, k, v = project_qkv(attn.qkv, y, attn.num_heads)  # each (T, H, D)
             q, k = attn.q_norm(q), attn.k_norm(k)
             o = packed_attention(q, k, v, layout, attention, 0.0, attn.scale).reshape(rows, -1)  # (T, H * D)
             following = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
-            if self.compiled:
+            if fn is not residual_mlp:
                 torch._dynamo.maybe_mark_dynamic(x, 0)
                 torch._dynamo.maybe_mark_dynamic(o, 0)
-            x, y = self.fn(x, o, *_tail_args(block, following))
+            x, y = fn(x, o, *_tail_args(block, following))
         return x

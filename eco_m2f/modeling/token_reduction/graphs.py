@@ -6,7 +6,7 @@ saved. A CUDA graph replays the whole run of blocks with one launch. One graph s
 batch whose packed rows fit its bucket: the image offsets live in a device buffer that the
 ragged attention kernel reads at run time; the rows past the last image form one more image of
 padding, attended within itself like the others (so that every row of every layer holds finite
-values, which cuDNN's kernel needs) and cut off at the end; the longest sequence only sizes the
+values) and cut off at the end; the longest sequence only sizes the
 kernel's grid, so it is rounded up as well. A batch of several images that all hold the same
 number of tokens (or one image holding all of them) replays a graph of the dense attention at
 its exact shape instead. Graphs are captured
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, Hashable, Optional, Sequence, Tuple
@@ -26,12 +27,21 @@ import torch
 import torch.nn as nn
 
 from .blocks import check_block, run_block, run_blocks
-from .fused import FusedBlocks
+from .fused import FusedBlocks, fusable
 from .options import InferenceOptions, default_inference
 from .packing import StaticLayout
 from .token_set import TokenSet
 
 __all__ = ["GraphedBlocks"]
+
+_WARNED = set()
+
+
+def _warn_once(key: Hashable, message: str) -> None:
+    """One warning per process and cause (a model holds several runs of blocks)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 @dataclass
@@ -46,8 +56,12 @@ class GraphedBlocks:
     """Run ``blocks`` (timm ViT ``Block`` s) on token sets through CUDA graphs in inference.
 
     Not a module: it holds the model's own blocks without registering them twice. Falls back to
-    :func:`~.blocks.run_blocks` (eager) for CPU tensors, when gradients are enabled or a block is
-    in training mode. Call :meth:`reset` after moving or replacing the blocks' parameters.
+    :func:`~.blocks.run_blocks` (eager, uncompiled) when gradients are enabled or a block is in
+    training mode (the training path), and, with one warning per process, for inference on
+    CPU tensors or CUDA tensors outside fp16/bf16 (and autocast). With ``compile`` the
+    token-wise work runs compiled where it can; blocks outside what :func:`~.fused.fusable`
+    accepts, and a compilation that fails, run uncompiled, with one warning. Call
+    :meth:`reset` after moving or replacing the blocks' parameters.
 
     Args:
         blocks: the run of blocks between two reductions.
@@ -63,7 +77,13 @@ class GraphedBlocks:
         self.blocks = list(blocks)
         for block in self.blocks:
             check_block(block)
-        self._fused = FusedBlocks(self.blocks, compile=True) if self.options.compile else None
+        self._fused = None
+        if self.options.compile:
+            reason = next((why for why in map(fusable, self.blocks) if why), "")
+            if reason:
+                _warn_once(("not fusable", reason), f"GraphedBlocks runs these blocks uncompiled: {reason}")
+            else:
+                self._fused = FusedBlocks(self.blocks, compile=True)
         self._graphs: "OrderedDict[Hashable, _Captured]" = OrderedDict()
         self._pool = None
         self.stats: Dict[str, float] = {"captures": 0, "warmup_s": 0.0, "capture_s": 0.0, "first_warmup_s": float("nan")}
@@ -73,14 +93,30 @@ class GraphedBlocks:
         self._graphs.clear()
         self._pool = None
 
+    @property
+    def compiled(self) -> bool:
+        """Whether graphs run the compiled token-wise function (False when not asked for, for
+        blocks it does not cover, or after compiling failed)."""
+        return self._fused is not None and self._fused.compiled
+
+    def _inference(self) -> bool:
+        return not torch.is_grad_enabled() and not any(b.training for b in self.blocks)
+
+    @staticmethod
+    def _graphable(x: torch.Tensor) -> bool:
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        return x.is_cuda and dtype in (torch.float16, torch.bfloat16)
+
     def applies(self, tokens: TokenSet) -> bool:
         """Whether a call with ``tokens`` replays a graph (else it runs eagerly)."""
-        x = tokens.x
-        half = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype) in (torch.float16, torch.bfloat16)
-        return x.is_cuda and half and not torch.is_grad_enabled() and not any(b.training for b in self.blocks)
+        return self._graphable(tokens.x) and self._inference()
 
     def __call__(self, tokens: TokenSet) -> TokenSet:
         if not self.applies(tokens):
+            if self._inference():
+                x = tokens.x
+                _warn_once(("eager", x.device.type, x.dtype), f"GraphedBlocks runs eagerly and uncompiled on {x.device.type} {x.dtype}: "
+                           "CUDA graphs and the compiled block function apply to CUDA inference in fp16/bf16 (or under autocast)")
             return run_blocks(self.blocks, tokens, "auto")
         layout = tokens.layout
         key = self._key(tokens)
@@ -172,4 +208,5 @@ class GraphedBlocks:
         return len(self._graphs)
 
     def __repr__(self) -> str:
-        return f"GraphedBlocks({len(self.blocks)} blocks, {self.options.label()}, graphs={len(self._graphs)})"
+        uncompiled = " (running uncompiled)" if self.options.compile and not self.compiled else ""
+        return f"GraphedBlocks({len(self.blocks)} blocks, {self.options.label()}{uncompiled}, graphs={len(self._graphs)})"

@@ -21,8 +21,7 @@ class InferenceOptions:
 
     Attributes:
         attention: ragged attention inside the graphs, one that reads the image offsets from the
-            device: ``flash`` (flash varlen), ``varlen`` (``torch.nn.attention.varlen``) or
-            ``cudnn`` (cuDNN's ragged kernel, with q, k, v projected token-packed).
+            device: ``flash`` (flash varlen) or ``varlen`` (``torch.nn.attention.varlen``).
         row_bucket: packed row counts are rounded up to a multiple of this (1: exact rows, one
             graph per total). Padding rows cost what real rows cost in every token-wise layer;
             a smaller bucket wastes less and captures more graphs.
@@ -36,7 +35,8 @@ class InferenceOptions:
             removed keeps the bucket: its length changes from image to image.)
         compile: run the token-wise work between attentions (projection, residuals, norms, MLP)
             through one function compiled with ``torch.compile`` and shared by every block
-            (:mod:`.fused`).
+            (:mod:`.fused`). Where compiling fails, or the blocks are not the standard block
+            that function covers, the blocks run uncompiled, with one warning.
         copy_output: return a copy of the graph's output rows; False returns a view that the
             next call overwrites.
         max_graphs: captured graphs kept (least recently used first out).
@@ -46,7 +46,7 @@ class InferenceOptions:
     row_bucket: int = 64
     len_bucket: int = 128
     dense_when_uniform: bool = True
-    compile: bool = False
+    compile: bool = True
     copy_output: bool = True
     max_graphs: int = 16
 
@@ -61,7 +61,7 @@ class InferenceOptions:
             raise ValueError(f"max_graphs must be >= 1, got {self.max_graphs}")
 
     def label(self) -> str:
-        """Short name for tables, e.g. ``cudnn rows/64 len/128 compiled``."""
+        """Short name for tables, e.g. ``flash rows/64 len/128 compiled``."""
         length = "len/full" if self.len_bucket == 0 else ("len/exact" if self.len_bucket == 1 else f"len/{self.len_bucket}")
         rows = "rows/exact" if self.row_bucket == 1 else f"rows/{self.row_bucket}"
         parts = [self.attention, rows, length]
@@ -74,8 +74,9 @@ class InferenceOptions:
         return " ".join(parts)
 
 
-#: The options every ``GraphedBlocks(blocks)`` gets (set from the benchmark's recommendation).
-DEFAULT_INFERENCE = InferenceOptions()
+#: The options every ``GraphedBlocks(blocks)`` gets: the recommendation of
+#: ``scripts/benchmark_token_runtime.py`` on one H200 (``results/token_runtime_h200/NOTES.md``, run 2).
+DEFAULT_INFERENCE = InferenceOptions(attention="flash", row_bucket=64, len_bucket=128, dense_when_uniform=True, compile=True)
 
 
 def default_inference() -> InferenceOptions:
