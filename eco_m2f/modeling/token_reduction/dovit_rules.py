@@ -57,17 +57,18 @@ class StoppedSum:
     reassembling the dense map: each decision adds its newly stopped tokens.
     """
 
-    total: torch.Tensor  # (B, C) sum of stopped features
-    count: torch.Tensor  # (B,) stopped tokens
+    total: torch.Tensor  # (B, C) float32 sum of stopped features
+    count: torch.Tensor  # (B,) float32 stopped tokens
 
     @classmethod
     def empty(cls, tokens: TokenSet) -> "StoppedSum":
         b, c = tokens.batch_size, tokens.x.shape[1]
-        return cls(tokens.x.new_zeros(b, c), tokens.x.new_zeros(b))
+        return cls(tokens.x.new_zeros(b, c, dtype=torch.float32), tokens.x.new_zeros(b, dtype=torch.float32))
 
     def add(self, tokens: TokenSet, stop: torch.Tensor) -> "StoppedSum":
-        """Add the live tokens of ``tokens`` selected by ``stop`` (Tp,) bool, with their current features."""
-        mean, count = tokens.segment_mean(tokens.patches(), stop)
+        """Add the live tokens of ``tokens`` selected by ``stop`` (Tp,) bool, with their current
+        features (summed in float32: thousands of half-precision features would lose digits)."""
+        mean, count = tokens.segment_mean(tokens.patches().float(), stop)
         return StoppedSum(self.total + mean * count.unsqueeze(1), self.count + count)
 
     def mean(self) -> torch.Tensor:
