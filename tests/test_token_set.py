@@ -157,3 +157,15 @@ def test_removal_from_a_set_without_live_patches_is_a_no_op():
         assert again.live_counts == (0, 0)
         assert torch.equal(again.to_dense(), tokens[:, 1:]) and torch.equal(again.prefix(), tokens[:, :1])
     assert empty.pool_cells(tokens[:, 1:]).shape == (0, 4)
+
+
+def test_keep_with_counts_the_caller_knows():
+    ts = TokenSet.from_dense(_cells(2), GRID)
+    mask = torch.tensor([0, 1, 0, 0, 1, 0, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    assert ts.count_per_image(mask).tolist() == [2, 4]
+    known = ts.keep(mask, save_features=True, kept=[2, 4])
+    counted = ts.keep(mask, save_features=True)
+    assert known.live_counts == counted.live_counts == (2, 4)
+    assert torch.equal(known.to_dense(), counted.to_dense()) and torch.equal(known.owner, counted.owner)
+    with pytest.raises(ValueError, match="one count per image"):
+        ts.keep(mask, kept=[2])

@@ -271,17 +271,29 @@ class TokenSet:
         return self.with_prefix(prefix)
 
     # ------------------------------------------------------------------ removal
-    def keep(self, mask: torch.Tensor, save_features: bool = False, save_logits: Optional[torch.Tensor] = None) -> "TokenSet":
+    def count_per_image(self, select: torch.Tensor) -> torch.Tensor:
+        """(B,) long: how many live patch tokens of each image ``select`` (Tp,) bool picks (on the device)."""
+        select = self._check_rows(select, "select").bool()
+        counts = torch.zeros(self.batch_size, dtype=torch.long, device=select.device)
+        return counts.index_add(0, self.layout.patch_batch_index(), select.long())
+
+    def keep(
+        self, mask: torch.Tensor, save_features: bool = False, save_logits: Optional[torch.Tensor] = None,
+        kept: Optional[Sequence[int]] = None,
+    ) -> "TokenSet":
         """Keep the live patch tokens where ``mask`` (Tp,) bool is True; the prefix always stays.
 
         Removed tokens are finalised with their current features (``save_features``) and/or
         with ``save_logits`` (Tp, K) rows; without either they simply leave (their cells then
-        read the ``fill`` of :meth:`to_dense`). One host sync learns the new lengths.
+        read the ``fill`` of :meth:`to_dense`). One host sync learns the new lengths, unless the
+        caller knows them already: ``kept``, the tokens ``mask`` keeps in each image (host ints).
         """
         mask = self._check_rows(mask, "mask").bool()
-        kept = torch.zeros(self.batch_size, dtype=torch.long, device=mask.device)
-        kept = kept.index_add(0, self.layout.patch_batch_index(), mask.long())
-        return self._keep(mask, kept.tolist(), save_features, save_logits)
+        if kept is None:
+            kept = self.count_per_image(mask).tolist()
+        elif len(kept) != self.batch_size:
+            raise ValueError(f"kept must give one count per image ({self.batch_size}), got {list(kept)}")
+        return self._keep(mask, [int(n) for n in kept], save_features, save_logits)
 
     def keep_topk(
         self,

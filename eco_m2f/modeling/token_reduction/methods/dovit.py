@@ -104,7 +104,6 @@ class DoViT(TokenReducer):
     def embed(self, backbone, images: torch.Tensor, state: ReductionState) -> TokenSet:
         tokens = super().embed(backbone, images, state)
         state.add_cost("stopped", [[0] * len(self.decision_layers) for _ in range(state.batch_size)])
-        state.scratch["dovit_stopped"] = StoppedSum.empty(tokens)
         return tokens
 
     def reduce(self, layer: int, tokens: TokenSet, state: ReductionState) -> TokenSet:
@@ -116,17 +115,22 @@ class DoViT(TokenReducer):
             logits = self._aux_training(index, head, tokens, state)
             threshold = self.current_threshold
         else:
+            threshold = self.threshold
+            if threshold >= 1.0:
+                return tokens  # no probability exceeds 1: nothing can stop, the head is not run
             logits = head(tokens.patches())  # (Tp, K): nothing for stopped tokens
             state.add_flops("token_reducer", [n * head.flops_per_token() for n in live])
-            threshold = self.threshold
         stop = stop_mask(logits.detach(), threshold)  # (Tp,)
-        stopped = state.scratch["dovit_stopped"] = state.scratch["dovit_stopped"].add(tokens, stop)
-        if self.merge:
+        stops = tokens.count_per_image(stop).tolist()  # the decision's one host sync
+        for record, n in zip(state.cost, stops):
+            record["stopped"][index] = n
+        stopped = state.scratch.get("dovit_stopped") or StoppedSum.empty(tokens)
+        stopped = state.scratch["dovit_stopped"] = stopped.add(tokens, stop, stops)
+        if self.merge and any(stopped.host):  # Eq. 8 at every decision once a token has stopped
             tokens = merge_stopped_into_cls(tokens, stopped, 0.5, self.merge_min_stopped)
-        tokens = tokens.keep(~stop, save_features=True)
-        for record, before, after in zip(state.cost, live, tokens.live_counts):
-            record["stopped"][index] = before - after
-        return tokens
+        if not any(stops):
+            return tokens
+        return tokens.keep(~stop, save_features=True, kept=[n - k for n, k in zip(live, stops)])
 
     def _aux_training(self, index: int, head: PointwiseAuxHead, tokens: TokenSet, state: ReductionState) -> torch.Tensor:
         """The auxiliary head in a training step: its weighted loss into ``state``; the live tokens' logits (Tp, K)."""
