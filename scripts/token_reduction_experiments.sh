@@ -105,7 +105,11 @@ sweep_tables() {
 
 case "$stage" in
 all)
-  for s in data dense untrained paumer dovit maps report; do bash "$here/scripts/token_reduction_experiments.sh" "$s" "$out"; done
+  failed=()  # a stage that fails does not stop the stages that do not need it
+  for s in data dense untrained paumer dovit maps report; do
+    bash "$here/scripts/token_reduction_experiments.sh" "$s" "$out" || failed+=("$s")
+  done
+  if [ ${#failed[@]} -gt 0 ]; then stamp "failed stages: ${failed[*]}"; exit 1; fi
   ;;
 data)
   root="$DETECTRON2_DATASETS/synthetic_sem_seg"
