@@ -83,6 +83,14 @@ class ATMDecoderLayer(nn.Module):
         return self.norm3(x + self.mlp(x)), mask
 
 
+def _blocks(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """B x C x h x w -> B x C x H x W, each cell's value over its block (nearest)."""
+    (h, w), (hh, ww) = maps.shape[-2:], (int(size[0]), int(size[1]))
+    if hh % h == 0 and ww % w == 0:
+        return maps.repeat_interleave(hh // h, dim=2).repeat_interleave(ww // w, dim=3)
+    return F.interpolate(maps, size=(hh, ww), mode="nearest")
+
+
 @SEM_SEG_HEADS_REGISTRY.register()
 class ATMHead(ViTDecodeHead):
     """Outputs ``"pred_logits"`` B x K x (K+1), ``"pred_masks"`` B x N x K (token axis 1) and
@@ -154,7 +162,7 @@ class ATMHead(ViTDecodeHead):
         if "final_cells" in outputs:
             final = tokens_to_map(outputs["final_scores"].float(), grid)  # B x K x h x w
             cells = tokens_to_map(outputs["final_cells"].unsqueeze(-1).float(), grid)  # B x 1 x h x w
-            final, cells = (F.interpolate(t, size=tuple(size), mode="nearest") for t in (final, cells))
+            final, cells = (_blocks(t, size) for t in (final, cells))
             scores = torch.where(cells > 0, final, scores)
         return scores
 
