@@ -62,12 +62,28 @@ def test_the_dense_segmenter_records_its_cost_exactly(opts):
     assert record["gflops_token_reducer"] == 0
 
 
-def test_a_head_without_a_flop_count_leaves_the_dense_gflops_to_a_counter():
-    model = tiny_segmenter("MODEL.SEM_SEG_HEAD.NAME", "ATMHead", "MODEL.SEM_SEG_HEAD.ATM.HIDDEN_DIM", "16",
-                           "MODEL.SEM_SEG_HEAD.ATM.NUM_HEADS", "2", "MODEL.SEM_SEG_HEAD.ATM.NUM_LAYERS", "1")
+def test_a_head_without_a_flop_count_leaves_the_dense_gflops_to_a_counter(monkeypatch):
+    model = tiny_segmenter(*LINEAR)
+
+    def uncounted(*args):
+        raise NotImplementedError("no FLOP count")
+
+    monkeypatch.setattr(model.sem_seg_head, "flops", uncounted)
     with torch.no_grad():
         record = model(_inputs(1))[0]["cost"]
     assert record["tokens"] == [16, 16, 16] and not any(k.startswith("gflops") for k in record)
+
+
+def test_the_atm_head_counts_its_flops_as_fvcore():
+    """ATM: its decoder on the tokens, the mask upsampling and the class x mask product; the
+    final norm, which nothing reads, is not charged."""
+    model = tiny_segmenter("MODEL.SEM_SEG_HEAD.NAME", "ATMHead", "MODEL.SEM_SEG_HEAD.ATM.HIDDEN_DIM", "16",
+                           "MODEL.SEM_SEG_HEAD.ATM.NUM_HEADS", "2", "MODEL.SEM_SEG_HEAD.ATM.NUM_LAYERS", "2",
+                           "MODEL.VIT.OUT_INDICES", "[0, 2]")
+    with torch.no_grad():
+        record = model(_inputs(1, 48, 80))[0]["cost"]
+    x = (_inputs(1, 48, 80)[0]["image"][None].float() - 127.5) / 127.5
+    assert record["gflops"] == pytest.approx(_fvcore_gflops(model, x), abs=1e-7)  # fvcore's einsum count is rounded
 
 
 @pytest.mark.parametrize("name,opts", [

@@ -5,6 +5,7 @@ from .config_node import CfgNode, ConfigKeyError
 from .deeplab import add_deeplab_config
 from .defaults import add_base_config
 from .dovit import add_dovit_config
+from .dtop import add_dtop_config
 from .eco import add_eco_config
 from .engine import add_engine_config
 from .mask_former import add_maskformer2_config
@@ -31,6 +32,7 @@ def get_cfg() -> CfgNode:
     add_vit_config(cfg)
     add_paumer_config(cfg)
     add_dovit_config(cfg)
+    add_dtop_config(cfg)
     add_policy_config(cfg)
     add_visualization_config(cfg)
     return cfg

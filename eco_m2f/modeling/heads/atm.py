@@ -15,12 +15,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Attention
 
 from ..registry import SEM_SEG_HEADS_REGISTRY, ShapeSpec
 from .atm_loss import ATMLoss
-from .vit_decode_head import ViTDecodeHead, resize_logits, tokens_to_map
+from .vit_decode_head import ViTDecodeHead, resize_logits, resize_logits_flops, tokens_to_map
 
 __all__ = ["ATMHead", "ATMDecoderLayer", "MaskCrossAttention"]
 
@@ -80,6 +81,14 @@ class ATMDecoderLayer(nn.Module):
         attended, mask = self.cross_attn(x, memory, padding_mask)
         x = self.norm2(x + self.dropout2(attended))
         return self.norm3(x + self.mlp(x)), mask
+
+
+def _blocks(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """B x C x h x w -> B x C x H x W, each cell's value over its block (nearest)."""
+    (h, w), (hh, ww) = maps.shape[-2:], (int(size[0]), int(size[1]))
+    if hh % h == 0 and ww % w == 0:
+        return maps.repeat_interleave(hh // h, dim=2).repeat_interleave(ww // w, dim=3)
+    return F.interpolate(maps, size=(hh, ww), mode="nearest")
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -142,10 +151,54 @@ class ATMHead(ViTDecodeHead):
         return resize_logits(tokens_to_map(pred_masks, grid), size)
 
     def semantic_logits(self, outputs: Dict[str, Any], grid: Tuple[int, int], size: Sequence[int]) -> torch.Tensor:
-        """B x K x H x W scores: sum over queries of softmax(class)[:-1] x sigmoid(mask upsampled to ``size``)."""
+        """B x K x H x W scores: sum over queries of softmax(class)[:-1] x sigmoid(mask upsampled to ``size``).
+
+        A token reducer that finalised cells with class scores of their own (DToP) leaves
+        ``"final_scores"`` B x G x K and ``"final_cells"`` B x G bool: those cells' blocks of
+        the map take their stored scores instead."""
         probs = outputs["pred_logits"].float().softmax(-1)[..., :-1]  # B x Q x K
         masks = self.mask_maps(outputs["pred_masks"].float(), grid, size).sigmoid()  # B x Q x H x W
-        return torch.einsum("bqk,bqhw->bkhw", probs, masks)
+        scores = torch.einsum("bqk,bqhw->bkhw", probs, masks)
+        if "final_cells" in outputs:
+            final = tokens_to_map(outputs["final_scores"].float(), grid)  # B x K x h x w
+            cells = tokens_to_map(outputs["final_cells"].unsqueeze(-1).float(), grid)  # B x 1 x h x w
+            final, cells = (_blocks(t, size) for t in (final, cells))
+            scores = torch.where(cells > 0, final, scores)
+        return scores
+
+    def token_scores(self, outputs: Dict[str, Any]) -> torch.Tensor:
+        """B x N x K per-token class scores (softmax(class)[:-1] x sigmoid(mask) summed over the
+        queries, at token resolution): what an ATM head inside the encoder predicts per token."""
+        probs = outputs["pred_logits"].float().softmax(-1)[..., :-1]  # B x Q x K
+        return torch.einsum("bqk,bnq->bnk", probs, outputs["pred_masks"].float().sigmoid())
+
+    def forward_flops(self, num_tokens: int) -> int:
+        """FLOPs of ``forward`` on one image's ``num_tokens`` tokens, by fvcore's rules: per level
+        the input projection and norm, then per decoder layer self-attention among the K
+        queries, cross-attention to the tokens (projections, scores and weighted sum), the FFN
+        and three norms; the class head on the last level's queries."""
+        from ..token_reduction.flops import token_wise_flops
+
+        n, k = int(num_tokens), self.num_classes
+        total = 0
+        for proj, norm, decoder in zip(self.input_proj, self.proj_norm, self.decoders):
+            total += n * (token_wise_flops(proj) + token_wise_flops(norm))
+            for layer in decoder:
+                attn, cross = layer.self_attn, layer.cross_attn
+                dim = cross.q.in_features
+                total += k * (token_wise_flops(attn.qkv) + token_wise_flops(attn.proj)) + 2 * k * k * dim
+                total += k * (token_wise_flops(cross.q) + token_wise_flops(cross.proj)) + n * (token_wise_flops(cross.k) + token_wise_flops(cross.v))
+                total += 2 * k * n * dim  # scores q k^T and the weighted sum of the values
+                total += k * (token_wise_flops(layer.mlp) + sum(token_wise_flops(m) for m in (layer.norm1, layer.norm2, layer.norm3)))
+        # the class head of the deepest level; the shallower levels' class scores feed only the
+        # training losses (a traced inference pass, as fvcore counts it, drops them)
+        return total + k * token_wise_flops(self.class_embed)
+
+    def flops(self, num_tokens: int, grid: Tuple[int, int], size: Sequence[int]) -> int:
+        """:meth:`forward_flops`, then :meth:`semantic_logits`: the mask upsampling (4 per output
+        element) and the class x mask product (K x K per pixel; softmax and sigmoid count none)."""
+        k = self.num_classes
+        return self.forward_flops(num_tokens) + resize_logits_flops(k, grid, size) + k * k * int(size[0]) * int(size[1])
 
     def losses(self, outputs: Dict[str, Any], targets: torch.Tensor, grid: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         """Per level CE + focal + dice (:class:`.atm_loss.ATMLoss`); shallower levels get suffix ``_i``."""

@@ -7,7 +7,7 @@ that they equal fvcore's count of ``model.network`` on that image alone:
 * ``backbone``: the embedding (patch projection, and the bilinear resize of the position
   embedding when the grid differs from the stored one: 4 flops per output element), every
   block on the tokens it saw (:func:`~.flops.blocks_flops` over ``TokenSet.history``) and the
-  final norm on the tokens it normalised;
+  final norm on the tokens it normalised (none for a head on block outputs, ATM: nothing reads it);
 * ``decode_head``: the head on the tokens it saw and the upsampling of its logits
   (:meth:`~eco_m2f.modeling.heads.vit_decode_head.ViTDecodeHead.flops`);
 * ``token_reducer``: what the method charged itself (auxiliary heads, a policy network).
@@ -71,6 +71,8 @@ def cost_records(
         clash = sorted(set(fields) & (set(_FRAMEWORK_FIELDS) | set(DERIVED_FIELDS)))
         if clash:
             raise ValueError(f"a token-reduction method may not set the framework's cost fields {clash}")
+    if head.input_kind == "levels":
+        norm_tokens = [0] * batch  # a head on block outputs never reads the final norm
     return _records(
         backbone, head, tokens.grid, size, tokens.history, tokens.num_prefix, norm_tokens, head_tokens,
         state.flops.get("backbone", [0] * batch), state.flops.get("token_reducer", [0] * batch), state.cost,
@@ -90,7 +92,8 @@ def dense_cost_records(backbone: "ViTBackbone", head: "ViTDecodeHead", batch: in
         counted = False
     history = ((p + cells,) * batch,) * len(backbone.blocks)
     embed = [patch_embedding_flops(backbone, grid)] * batch
-    records = _records(backbone, head if counted else None, grid, size, history, p, [p + cells] * batch, [cells] * batch,
+    normed = 0 if head.input_kind == "levels" else p + cells  # a head on block outputs never reads the final norm
+    records = _records(backbone, head if counted else None, grid, size, history, p, [normed] * batch, [cells] * batch,
                        embed, [0] * batch, None)
     return records if counted else [{k: v for k, v in r.items() if not k.startswith("gflops")} for r in records]
 

@@ -144,12 +144,8 @@ class ReductionLoop:
         uniform = len(set(tokens.live_counts)) == 1
         layers = {}
         for i, t in captured.items():
-            if t.owner is not tokens.owner:
-                raise ValueError(
-                    f"MODEL.VIT.OUT_INDICES block {i} precedes a reduction: {type(self.reducer).__name__} hands live "
-                    "tokens to the decoder, which then sees one token set only"
-                )
-            layers[i] = t.padded()[0]
+            # a block kept before a reduction: its features of the tokens that are still live
+            layers[i] = t.padded()[0] if t.owner is tokens.owner else tokens.padded(_rows_still_live(t, tokens))[0]
         features = ViTFeatures(
             tokens=patches, prefix=x.prefix(), grid=tokens.grid, layers=layers, padding_mask=None if uniform else ~real
         )
@@ -168,6 +164,18 @@ class ReductionLoop:
             for b in range(state.batch_size):
                 out[b][name] = TokenMap(values[b].view(h, w).cpu(), dict(state.token_map_labels[name]), title)
         return out
+
+
+def _rows_still_live(earlier: TokenSet, final: TokenSet) -> torch.Tensor:
+    """(Tp_final, C) rows of ``earlier.patches()`` for the live tokens of ``final``, a set that
+    ``earlier`` became by removals only (TokenSet.keep): each final token owns cells that one
+    earlier token owned. No host sync."""
+    owned = final.owner >= 0  # B x G
+    slots = final.layout.num_patches
+    target = torch.where(owned, final.owner, slots).view(-1)  # removed cells write to a spare slot
+    source = earlier.owner.clamp(min=0).view(-1)
+    rows = torch.zeros(slots + 1, dtype=torch.long, device=final.owner.device).scatter(0, target, source)[:slots]
+    return earlier.patches().index_select(0, rows)
 
 
 def grid_outputs(outputs: Dict[str, Any], head: "ViTDecodeHead", tokens: TokenSet) -> Dict[str, Any]:
