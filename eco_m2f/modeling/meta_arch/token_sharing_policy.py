@@ -107,6 +107,35 @@ class TokenSharingPolicy(SegmentationModel):
             out[n] = self.window_predictors[str(n)](pool_windows(features, n))
         return out
 
+    @torch.no_grad()
+    def flops(self, height: int, width: int) -> int:
+        """FLOPs of :meth:`window_logits` on one H x W image, by fvcore's conventions as the
+        project counts them: convolutions (``out_elements * in / groups * kh * kw``, bias not
+        counted), the window pooling one per pooled input element; BatchNorm and elementwise
+        operators none. Counted on one zero image through forward hooks (no trace)."""
+        total = [0]
+
+        def conv_hook(module: nn.Conv2d, inputs, output) -> None:
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total[0] += output.numel() * (module.in_channels // module.groups) * k
+
+        handles = [m.register_forward_hook(conv_hook) for m in self.modules() if isinstance(m, nn.Conv2d)]
+        try:
+            features = self.backbone(self.pixel_mean.new_zeros(1, self._in_channels(), int(height), int(width)))
+        finally:
+            for handle in handles:
+                handle.remove()
+        features = features[self.in_feature]
+        rows, cols = features.shape[-2:]
+        for n in self.window_sizes:
+            k = n // 2
+            total[0] += features.shape[1] * (rows // k) * (cols // k) * k * k if k > 1 and rows // k and cols // k else 0
+            total[0] += 2 * features.shape[1] * (rows // k) * (cols // k)  # the 1x1 head of this size
+        return int(total[0])
+
+    def _in_channels(self) -> int:
+        return int(self.pixel_mean.numel())
+
     def _own_normalisation(self, images: torch.Tensor, pixel_mean: PixelStats, pixel_std: PixelStats) -> torch.Tensor:
         if (pixel_mean is None) != (pixel_std is None):
             raise ValueError("superpatch_logits needs both pixel_mean and pixel_std, or neither")
