@@ -76,8 +76,9 @@ class CTS(WindowSharingReducer):
         s = self.budget(grid)
         flat = score.flatten(1)
         top = flat.topk(s, dim=1).indices  # B x S
-        chosen = torch.zeros_like(flat, dtype=torch.bool).scatter(1, top, True)
+        chosen = torch.zeros_like(flat, dtype=torch.bool).scatter(1, top, torch.ones_like(top, dtype=torch.bool))
         return {2: chosen.view_as(score)}, [[s]] * b
 
     def cost_fields(self, state, taken) -> None:
-        state.add_cost("shared", [int(row[0]) for row in taken])
+        state.add_cost("shared", [int(row[0]) for row in taken])  # superpatches shared per image
+        state.add_cost("shared_cells", [4 * int(row[0]) for row in taken])

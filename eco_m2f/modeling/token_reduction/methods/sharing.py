@@ -149,7 +149,7 @@ class WindowSharingReducer(TokenReducer):
 
     def embed(self, backbone, images: torch.Tensor, state: ReductionState) -> TokenSet:
         patch = backbone.patch_size
-        grid = (-(-images.shape[-2] // patch), -(-images.shape[-1] // patch))
+        grid = (-(-int(images.shape[-2]) // patch), -(-int(images.shape[-1]) // patch))  # ints, also when traced
         b = state.batch_size
         if not self.active() or all(grid[0] // n == 0 or grid[1] // n == 0 for n in self.window_sizes):
             return self._dense(backbone, images, state, [[0] * len(self.window_sizes)] * b)
