@@ -104,7 +104,11 @@ class TokenSharingPolicy(SegmentationModel):
         features = self.backbone(self._own_normalisation(images, pixel_mean, pixel_std))[self.in_feature]
         out = {2: self.predictor(features)}
         for n in self.window_sizes[1:]:
-            out[n] = self.window_predictors[str(n)](pool_windows(features, n))
+            pooled = pool_windows(features, n)
+            if pooled.shape[-1] == 0 or pooled.shape[-2] == 0:  # the image holds no window of this size
+                out[n] = pooled.new_zeros(pooled.shape[0], 2, *pooled.shape[-2:])
+            else:
+                out[n] = self.window_predictors[str(n)](pooled)
         return out
 
     @torch.no_grad()
