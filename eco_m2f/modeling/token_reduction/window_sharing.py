@@ -17,7 +17,7 @@ Two steps, both batched (the only loops run over window sizes):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

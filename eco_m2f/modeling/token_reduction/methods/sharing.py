@@ -138,8 +138,7 @@ class WindowSharingReducer(TokenReducer):
     def policy_scores(self, images: torch.Tensor, state: ReductionState) -> Dict[int, torch.Tensor]:
         """Side -> B x rows_n x cols_n P(one class) of the policy on the Segmenter's batch, its
         FLOPs charged."""
-        self.policy.eval()
-        with torch.no_grad():
+        with torch.no_grad():  # frozen: always in eval mode (TokenSharingPolicy.freeze)
             logits = self.policy.window_logits(images, self.seg_pixel_mean, self.seg_pixel_std)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         if size not in self._policy_flops:
