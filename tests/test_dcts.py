@@ -174,3 +174,34 @@ def test_named_settings():
 def test_bad_settings_fail_by_name(opts, match):
     with pytest.raises(ValueError, match=match):
         tiny_segmenter(*DCTS, *_thresholds(0.5, 0.5, 0.5), *opts)
+
+
+CONFIGS = sorted(str(p.relative_to(Path(__file__).resolve().parents[1])) for pattern in (
+    "configs/synthetic/*cts*.yaml", "configs/*/semantic-segmentation/cts/*.yaml",
+    "configs/*/semantic-segmentation/dcts/*.yaml", "configs/*/semantic-segmentation/cts_policy/*.yaml")
+    for p in Path(__file__).resolve().parents[1].glob(pattern))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_token_sharing_configs_agree_with_their_policy_configs(config, monkeypatch):
+    """Every CTS / dCTS config names a policy config whose structure it builds; the tiny ones build."""
+    from eco_m2f.config import setup_cfg
+    from eco_m2f.modeling.token_reduction.methods.sharing import WindowSharingReducer
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    cfg = setup_cfg(config)
+    if cfg.MODEL.META_ARCHITECTURE == "TokenSharingPolicy":
+        assert cfg.MODEL.POLICY.WINDOW_SIZES in ([2], [2, 4, 8], [2, 4, 8, 16])
+        return
+    assert cfg.MODEL.TOKEN_REDUCTION.NAME in ("CTS", "DCTS")
+    policy = setup_cfg(cfg.MODEL.TOKEN_SHARING.POLICY_CONFIG)
+    assert list(policy.MODEL.POLICY.WINDOW_SIZES) == list(cfg.MODEL.POLICY.WINDOW_SIZES)
+    assert list(policy.MODEL.PIXEL_MEAN) == list(cfg.MODEL.TOKEN_SHARING.POLICY_PIXEL_MEAN)
+    if "tiny_cpu" in config:
+        from eco_m2f.architectures import build_model
+
+        # build_model checks POLICY_CONFIG against the structure built (load_extra_weights)
+        model = build_model(setup_cfg(config, ["MODEL.TOKEN_SHARING.POLICY_WEIGHTS", ""]))
+        assert isinstance(model.token_reducer, WindowSharingReducer)
+        assert set(model.token_reducer.window_sizes) <= set(model.token_reducer.policy.window_sizes)
