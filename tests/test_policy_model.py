@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from eco_m2f.config import get_cfg, setup_cfg
 from eco_m2f.data.io import write_png
@@ -199,3 +200,58 @@ def test_frozen_policy_inside_another_model(trained) -> None:
                            "MODEL.TOKEN_SHARING.POLICY_WEIGHTS", str(trained / "model_final.pth")])
     with pytest.raises(ValueError, match="TokenSharingPolicy"):
         build_frozen_policy(wrong)
+
+
+# ----------------------------------------------------------------------------- larger windows (dCTS)
+
+
+def test_window_sizes_add_a_head_per_size_and_keep_the_2x2_names() -> None:
+    from eco_m2f.architectures import build_model
+    from eco_m2f.modeling.meta_arch.token_sharing_policy import pool_windows
+
+    torch.manual_seed(0)
+    base = build_model(_policy_cfg()).eval()
+    multi = build_model(_policy_cfg("MODEL.POLICY.WINDOW_SIZES", "[2, 4, 8]")).eval()
+    extra = set(multi.state_dict()) - set(base.state_dict())
+    assert extra == {f"window_predictors.{n}.{p}" for n in ("4", "8") for p in ("weight", "bias")}
+    assert set(base.state_dict()) <= set(multi.state_dict())  # a [2] checkpoint's names are unchanged
+    multi.load_state_dict(base.state_dict(), strict=False)
+    batch = _random_batch([(128, 192), (96, 64)])
+    with torch.no_grad():
+        images = multi.preprocess_image(batch).tensor  # 128 x 192
+        logits = multi.window_logits(images)
+        assert torch.equal(logits[2], base.superpatch_logits(images))
+        assert {n: tuple(v.shape) for n, v in logits.items()} == {2: (2, 2, 4, 6), 4: (2, 2, 2, 3), 8: (2, 2, 1, 1)}
+        features = multi.backbone(images)["res5"]
+        by_hand = multi.window_predictors["4"](F.avg_pool2d(features, 2))
+        assert torch.allclose(logits[4], by_hand, atol=1e-6)
+        assert torch.allclose(pool_windows(features, 8), features[..., :4, :4].mean((-2, -1), keepdim=True), atol=1e-6)
+        out = multi(batch)
+    assert tuple(out[0]["policy"].shape) == (4, 6) and {n: tuple(v.shape) for n, v in out[0]["policy_windows"].items()} == {
+        4: (2, 3), 8: (1, 1)}
+    assert {n: tuple(v.shape) for n, v in out[1]["policy_windows"].items()} == {4: (1, 1), 8: (0, 0)}
+    multi.train()
+    batch = [dict(b, sem_seg=torch.zeros(b["image"].shape[-2:], dtype=torch.int64)) for b in batch]
+    losses = multi(batch)
+    assert set(losses) == {"loss_policy", "loss_policy_w4", "loss_policy_w8"} and all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="WINDOW_SIZES"):
+        build_model(_policy_cfg("MODEL.POLICY.WINDOW_SIZES", "[2, 6]"))
+
+
+def test_evaluator_reports_every_window_size(tmp_path) -> None:
+    gt = np.zeros((128, 128), dtype=np.uint8)
+    gt[:64, 64:] = 1
+    gt[5, 100] = 2  # window (0, 1) of 4 x 4 is mixed; the others are uniform
+    write_png(tmp_path / "gt.png", gt)
+    inputs = [{"file_name": "x.jpg", "sem_seg_file_name": str(tmp_path / "gt.png"), "image": torch.zeros(3, 128, 128)}]
+    outputs = [{"policy": torch.full((4, 4), 0.9),
+                "policy_windows": {4: torch.tensor([[0.9, 0.9], [0.2, 0.9]]), 8: torch.tensor([[0.1]])}}]
+    evaluator = PolicyEvaluator("policy_windows", share_ratio=0.5, ignore_label=IGN)
+    evaluator.reset()
+    evaluator.process(inputs, outputs)
+    res = evaluator.evaluate()["policy"]
+    assert res["pACC_w4"] == pytest.approx(100 * 2 / 4)  # (0, 1) predicted uniform but mixed, (1, 0) the reverse
+    assert res["uniform_fraction_w4"] == pytest.approx(75.0)
+    assert res["pACC_w8"] == pytest.approx(100.0)  # the one 8 x 8 window is mixed, predicted mixed
+    with pytest.raises(ValueError, match="4x4 windows"):
+        evaluator.process(inputs, [{"policy": torch.zeros(4, 4), "policy_windows": {4: torch.zeros(3, 3)}}])

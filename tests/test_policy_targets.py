@@ -92,3 +92,26 @@ def test_model_targets_leave_batch_padding_out_of_the_loss(tmp_path) -> None:
     assert targets.tolist() == [[[1, 0, 1], [1, 0, 1]], [[1, -100, -100], [1, -100, -100]]]
     with pytest.raises(KeyError, match="sem_seg"):
         model.prepare_targets([{"image": inputs[0]["image"], "file_name": "x.png"}], images)
+
+
+# ----------------------------------------------------------------------------- larger windows (dCTS)
+
+
+def test_window_targets_per_size_on_constructed_label_maps() -> None:
+    from eco_m2f.modeling.policy import window_grid, window_targets
+
+    # 128 x 192 pixels: an 8 x 12 patch grid; 4 x 4 windows: 2 x 3; 8 x 8 windows: 1 x 1
+    labels = torch.zeros(128, 192, dtype=torch.int64)
+    labels[:64, 64:128] = 2          # window (0, 1) of 4 x 4: class 2 only
+    labels[10, 70] = 3               # ... but for one pixel: mixed
+    labels[64:, :64] = IGN           # window (1, 0): all ignore: one class
+    labels[64:, 128:] = 5            # window (1, 2): class 5 and ignore: one class (ignore is don't care)
+    labels[64:70, 128:] = IGN
+    assert window_grid(128, 192, 4) == (2, 3) and window_grid(128, 192, 8) == (1, 1) and window_grid(128, 192, 16) == (0, 0)
+    assert window_targets(labels, 4, IGN).tolist() == [[1, 0, 1], [1, 1, 1]]
+    assert window_targets(labels, 4, IGN, ignore_as_class=True).tolist() == [[1, 0, 1], [1, 1, 0]]
+    assert window_targets(labels, 8, IGN).tolist() == [[0]]  # classes 0, 2, 3 in the top-left 128 x 128
+    assert window_targets(labels, 2, IGN).tolist() == superpatch_targets(labels, IGN).tolist()
+    assert window_targets(labels, 16, IGN).shape == (0, 0)
+    # 96 x 96 pixels: 3 stride-32 cells a side, so one 4 x 4 window a side; the third cell is left out
+    assert window_grid(96, 96, 4) == (1, 1) and window_targets(torch.zeros(96, 96, dtype=torch.int64), 4).tolist() == [[1]]

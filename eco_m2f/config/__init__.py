@@ -11,6 +11,7 @@ from .engine import add_engine_config
 from .mask_former import add_maskformer2_config
 from .paumer import add_paumer_config
 from .policy import add_policy_config
+from .token_sharing import add_token_sharing_config
 from .vit import add_vit_config
 from .visualization import add_visualization_config
 
@@ -34,6 +35,7 @@ def get_cfg() -> CfgNode:
     add_dovit_config(cfg)
     add_dtop_config(cfg)
     add_policy_config(cfg)
+    add_token_sharing_config(cfg)
     add_visualization_config(cfg)
     return cfg
 

@@ -29,6 +29,10 @@ def add_policy_config(cfg: CN) -> None:
     # ignore label is a class of its own (ignore mixed with a class is two classes). In both, an
     # all-ignore superpatch counts as one class.
     cfg.MODEL.POLICY.IGNORE_AS_CLASS = False
+    # Window sides, in patches, that the policy scores: [2] = CTS's 2x2 superpatches (one head,
+    # "predictor"); dCTS [2, 4, 8, 16]: the stride-32 map average-pooled over each larger window
+    # (n / 2 cells a side), one Conv2d(C, 2, 1) head per size, targets and a loss per size.
+    cfg.MODEL.POLICY.WINDOW_SIZES = [2]
     cfg.MODEL.POLICY.TEST = CN()
     # The share budget that the policy evaluator's precision-at-S uses: S = round(SHARE_RATIO x
     # the image's superpatches). CTS's defaults: ADE20K 103 of the 256 superpatches of a 512 crop

@@ -13,6 +13,10 @@ of the label map to the network input (``input["image"]``), whose superpatch gri
   superpatches), so CTS's 103 of 256 (ADE20K, 512 crops) or 336 of 576 (Cityscapes, 768 crops)
   scale with the image; ``S_mean`` is the mean S per image;
 * ``uniform_fraction``: the share of uniform targets, the precision that random scores would get.
+
+A policy that scores larger windows too (dCTS, ``"policy_windows"``) gets the 2-class metrics and
+``uniform_fraction`` of every size n as well, under ``<metric>_w<n>`` (targets from
+:func:`eco_m2f.modeling.policy.window_targets`).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..modeling.policy.targets import superpatch_targets
+from ..modeling.policy.targets import superpatch_targets, window_targets
 from ..utils import comm
 from .evaluator import DatasetEvaluator
 from .semantic import confusion_matrix, load_sem_seg_png, sem_seg_metrics
@@ -78,12 +82,14 @@ class PolicyEvaluator(DatasetEvaluator):
 
     def reset(self) -> None:
         self._conf = np.zeros((3, 3), dtype=np.int64)  # [pred, target], 2 classes + the unused ignore column
+        self._window_conf: dict[int, np.ndarray] = {}  # larger window sizes: their own matrices
         self._top_hits = 0
         self._top_total = 0
         self._images = 0
 
-    def targets_for(self, inp: dict) -> torch.Tensor:
-        """rows x cols targets of one input: its ground truth at the size of ``inp["image"]``."""
+    def targets_for(self, inp: dict, window: int = 2) -> torch.Tensor:
+        """rows x cols targets of one input for windows of ``window`` patches: its ground truth at
+        the size of ``inp["image"]``."""
         path = inp.get("sem_seg_file_name")
         if not path:
             raise KeyError(f"{self._dataset_name}: input {inp.get('file_name')!r} has no sem_seg_file_name")
@@ -92,7 +98,9 @@ class PolicyEvaluator(DatasetEvaluator):
         if tuple(gt.shape) != size:  # the test mapper resized the image: resize its labels alike
             # pixel-centre nearest, as the mappers resize label maps
             gt = F.interpolate(gt[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(torch.int64)
-        return superpatch_targets(gt, self._ignore_label, self._ignore_as_class)
+        if window == 2:
+            return superpatch_targets(gt, self._ignore_label, self._ignore_as_class)
+        return window_targets(gt, window, self._ignore_label, self._ignore_as_class)
 
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         for inp, out in zip(inputs, outputs):
@@ -113,10 +121,22 @@ class PolicyEvaluator(DatasetEvaluator):
             self._top_hits += int(targets.flatten()[top].sum())
             self._top_total += share
             self._images += 1
+            for n, window_scores in out.get("policy_windows", {}).items():
+                window_scores = window_scores.detach().float().cpu()
+                window_targets_ = self.targets_for(inp, int(n))
+                if window_scores.shape != window_targets_.shape:
+                    raise ValueError(
+                        f"{inp.get('file_name')}: policy scores of {n}x{n} windows {tuple(window_scores.shape)} do not "
+                        f"cover their grid {tuple(window_targets_.shape)} of the input image"
+                    )
+                conf = self._window_conf.setdefault(int(n), np.zeros((3, 3), dtype=np.int64))
+                conf += confusion_matrix((window_scores > 0.5).to(torch.int64).numpy(), window_targets_.numpy(),
+                                         len(POLICY_CLASSES), ignore_label=self._ignore_label,
+                                         name=str(inp.get("file_name")))
 
     def evaluate(self) -> dict[str, Any] | None:
         comm.synchronize()
-        gathered = comm.all_gather((self._conf, self._top_hits, self._top_total, self._images))
+        gathered = comm.all_gather((self._conf, self._top_hits, self._top_total, self._images, self._window_conf))
         if not comm.is_main_process():
             return None
         conf = np.sum(np.stack([g[0] for g in gathered]), axis=0)
@@ -128,6 +148,13 @@ class PolicyEvaluator(DatasetEvaluator):
         res["precision_at_S"] = 100.0 * hits / total
         res["S_mean"] = total / images
         res["uniform_fraction"] = 100.0 * float(conf[:, 1].sum()) / float(conf[:, :2].sum())
+        for n in sorted({n for g in gathered for n in g[4]}):
+            window_conf = np.sum(np.stack([g[4][n] for g in gathered if n in g[4]]), axis=0)
+            if window_conf[:, :2].sum() == 0:
+                continue  # images too small for a single window of this size
+            for key, value in sem_seg_metrics(window_conf, POLICY_CLASSES).items():
+                res[f"{key}_w{n}"] = value
+            res[f"uniform_fraction_w{n}"] = 100.0 * float(window_conf[:, 1].sum()) / float(window_conf[:, :2].sum())
         if self._output_dir is not None:
             self._output_dir.mkdir(parents=True, exist_ok=True)
             with open(self._output_dir / "policy_evaluation.json", "w") as f:

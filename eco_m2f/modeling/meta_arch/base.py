@@ -14,6 +14,7 @@ a list with one dict per image holding the outputs of :attr:`tasks` at the origi
 * ``"instances"``: ``{"pred_masks": N x H x W bool, "scores": N, "pred_classes": N}``;
 * ``"policy"``: rows x cols probabilities that each 32x32 superpatch of the network input holds
   one class (the CTS policy network; the grid of the resized input, not of the original size);
+  a policy that also scores larger windows (dCTS) adds ``"policy_windows"``: side n -> its grid;
 * ``"cost"`` (optional): the per-image cost record, a flat dict of numbers and lists of
   numbers, e.g. ``{}`` (a static model: "count my FLOPs"), ``{"exit": 3}`` (ECO-M2F) or
   ``{"tokens": 812, "gflops": 12.3}`` (token reduction). One generic efficiency evaluator

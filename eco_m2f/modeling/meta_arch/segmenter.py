@@ -24,7 +24,7 @@ the dense model's too.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -338,6 +338,16 @@ class Segmenter(SegmentationModel):
         return out
 
     # ------------------------------------------------------------------ checkpoints
+    def load_extra_weights(self) -> None:
+        """The token reducer's own files (e.g. the frozen policy network of CTS / dCTS)."""
+        if self.token_reducer is not None:
+            self.token_reducer.load_extra_weights()
+
+    def keys_loaded_elsewhere(self) -> Set[str]:
+        if self.token_reducer is None:
+            return set()
+        return {f"token_reducer.{k}" for k in self.token_reducer.keys_loaded_elsewhere()}
+
     def checkpoint_layout_map(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Official Segmenter names (``encoder.*`` / ``decoder.*``) -> ours; other layouts pass unchanged."""
         if is_official_segmenter_state_dict(state_dict):

@@ -3,6 +3,7 @@ superpatch targets from semantic labels, and building a trained policy frozen in
 from __future__ import annotations
 
 from .frozen import build_frozen_policy, load_frozen_policy
-from .targets import SUPERPATCH_SIZE, superpatch_grid, superpatch_targets
+from .targets import SUPERPATCH_SIZE, superpatch_grid, superpatch_targets, window_grid, window_targets
 
-__all__ = ["SUPERPATCH_SIZE", "build_frozen_policy", "load_frozen_policy", "superpatch_grid", "superpatch_targets"]
+__all__ = ["SUPERPATCH_SIZE", "build_frozen_policy", "load_frozen_policy", "superpatch_grid", "superpatch_targets", "window_grid",
+           "window_targets"]

@@ -20,7 +20,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SUPERPATCH_SIZE", "superpatch_grid", "superpatch_targets"]
+__all__ = ["SUPERPATCH_SIZE", "superpatch_grid", "superpatch_targets", "window_grid", "window_targets"]
 
 #: Pixels per side of a superpatch: 2 x 2 patches of 16 pixels, the policy's output stride.
 SUPERPATCH_SIZE = 32
@@ -29,6 +29,25 @@ SUPERPATCH_SIZE = 32
 def superpatch_grid(height: int, width: int, size: int = SUPERPATCH_SIZE) -> Tuple[int, int]:
     """Rows and columns of superpatches that cover an image, a partly covered one included."""
     return -(-int(height) // size), -(-int(width) // size)
+
+
+def window_grid(height: int, width: int, window: int = 2) -> Tuple[int, int]:
+    """Rows and columns of windows of ``window`` x ``window`` patches that the policy scores on an
+    image: the stride-32 cells grouped ``window / 2`` a side, windows wholly on that grid only."""
+    rows, cols = superpatch_grid(height, width)
+    k = max(1, int(window) // 2)
+    return rows // k, cols // k
+
+
+def window_targets(
+    labels: torch.Tensor, window: int = 2, ignore_value: int = 255, ignore_as_class: bool = False
+) -> torch.Tensor:
+    """Semantic labels (..., H, W) -> (..., rows, cols) of :func:`window_grid`: 1 when the
+    window of ``window`` x ``window`` patches (16 pixels each) holds one class, by the rules of
+    :func:`superpatch_targets`; ``window`` 2 is the superpatch."""
+    rows, cols = window_grid(labels.shape[-2], labels.shape[-1], window)
+    targets = superpatch_targets(labels, ignore_value, ignore_as_class, size=16 * int(window))
+    return targets[..., :rows, :cols]
 
 
 def superpatch_targets(

@@ -25,7 +25,7 @@ head are counted by the framework), per-image cost fields, and token maps for pi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -179,6 +179,17 @@ class TokenReducer(nn.Module):
                 f"{type(self).__name__} hands live tokens to the decoder, but {type(head).__name__} needs the "
                 "dense grid; use a token-wise head (SegmenterLinearHead, SegmenterMaskTransformerHead, ATMHead)"
             )
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_extra_weights(self) -> None:
+        """Load the parts whose weights live in files of their own (e.g. a frozen policy
+        network), which the constructor only names; the Segmenter's ``load_extra_weights`` calls
+        it once, after construction."""
+
+    def keys_loaded_elsewhere(self) -> Set[str]:
+        """Keys of this module's state dict that :meth:`load_extra_weights` filled (a Segmenter
+        checkpoint may lack them)."""
+        return set()
 
     # ------------------------------------------------------------------ training
     def on_train_iteration(self, iteration: int, max_iter: int) -> None:
