@@ -5,5 +5,6 @@ from .dcts import DCTS
 from .dovit import DoViT
 from .dtop import DTOP
 from .paumer import PAUMER
+from .step import STEP
 
-__all__ = ["CTS", "DCTS", "DTOP", "DoViT", "PAUMER"]
+__all__ = ["CTS", "DCTS", "DTOP", "DoViT", "PAUMER", "STEP"]

@@ -145,7 +145,11 @@ class DTOP(TokenReducer):
 
     # ------------------------------------------------------------------ the loop
     def embed(self, backbone, images: torch.Tensor, state: ReductionState) -> TokenSet:
-        tokens = super().embed(backbone, images, state)
+        return self.start(super().embed(backbone, images, state), state)
+
+    def start(self, tokens: TokenSet, state: ReductionState) -> TokenSet:
+        """The pass's pruning records, on the token set the first block sees (any embedding:
+        STEP's shared windows too)."""
         state.add_cost("pruned", [[0] * len(self.prune_layers) for _ in range(state.batch_size)])
         if state.record_maps:
             state.token_maps[PRUNED_MAP] = torch.zeros_like(tokens.owner)
