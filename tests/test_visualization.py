@@ -184,3 +184,24 @@ def test_save_picture_png_is_exact_and_jpeg_by_name(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "x.png")), image)
     with Image.open(tmp_path / "b" / "x.jpg") as jpg:
         assert (jpg.format, jpg.size) == ("JPEG", (30, 20))
+
+
+def test_label_grid_cells_of_a_padded_input_are_cut_at_the_border():
+    from fractions import Fraction
+
+    grid = np.array([[0, 1, 2], [2, 1, 0]])  # 2 x 3 cells of 16 network pixels; the image is 24 x 40 of them
+    labels = [GridLabel(0, "a", (255, 0, 0)), GridLabel(1, "b", (0, 255, 0)), GridLabel(2, "c", (0, 0, 255))]
+    # drawn at half the network's size: 8 pixels per cell, the last row and column cut to 4
+    panel = label_grid_panel(grid, labels, size=(12, 20), cell_size=(8, 8), cell_lines=False)
+    colors = np.array([g.color for g in labels], dtype=np.uint8)
+    rows = np.minimum(np.arange(12) // 8, 1)
+    cols = np.minimum(np.arange(20) // 8, 2)
+    expected = colors[grid[rows[:, None], cols[None, :]]]
+    assert np.array_equal(panel.image, expected)
+    assert panel.image[11, 19].tolist() == [255, 0, 0] and panel.image[7, 16].tolist() == [0, 0, 255]
+    # stretched instead (no cell size), the last cells would be as large as the others
+    assert label_grid_panel(grid, labels, size=(12, 20), cell_lines=False).image[7, 16].tolist() == [255, 0, 0]
+    thirds = label_grid_panel(grid, labels, size=(12, 20), cell_size=(Fraction(20, 3), 7), cell_lines=False).image
+    assert thirds[6, 0].tolist() == [255, 0, 0] and thirds[7, 0].tolist() == [0, 0, 255]  # 7 >= 20/3
+    with pytest.raises(ValueError, match="whole cells outside"):
+        label_grid_panel(grid, labels, size=(12, 20), cell_size=(12, 8))
