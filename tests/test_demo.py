@@ -250,3 +250,30 @@ def test_show_tokens_without_token_maps_warns_once_and_writes_the_plain_result(t
     assert len(warned) == 1 and "Segmenter records none" in warned[0] and "\n" not in warned[0]
     assert np.array_equal(np.asarray(Image.open(outs[0] / "x.png")), np.asarray(Image.open(outs[1] / "x.png")))
     assert (outs[0] / "x.json").read_text() == (outs[1] / "x.json").read_text()
+
+
+def test_demo_draws_the_policy_networks_superpatches(tmp_path):
+    from eco_m2f.modeling.policy import superpatch_grid
+    from eco_m2f.visualization.policy import policy_panel
+
+    config = str(REPO / "configs/synthetic/cts_policy_tiny_cpu.yaml")
+    files = _random_images(tmp_path / "images", {"p": (40, 56)})
+    torch.manual_seed(0)
+    path = tmp_path / "policy.pth"
+    torch.save({"model": build_model(setup_cfg(config, ["MODEL.DEVICE", "cpu"])).state_dict()}, path)
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(path)]
+    out_dir = tmp_path / "out"
+    assert _script("demo").main(["--config-file", config, "--input", str(files[0]), "--output", str(out_dir), "--opts", *opts]) == 0
+    cfg = setup_cfg(config, opts)
+    model = build_inference_model(cfg)
+    x = build_test_mapper(cfg)({"file_name": str(files[0])})
+    with torch.no_grad():
+        out = model([x])[0]
+    record = json.loads((out_dir / "p.json").read_text())
+    rows, cols = superpatch_grid(*x["image"].shape[-2:])
+    assert record["drawn"] == "policy" and (record["policy"]["rows"], record["policy"]["cols"]) == (rows, cols)
+    assert np.allclose(record["policy"]["scores"], out["policy"].numpy(), atol=5e-5)
+    assert record["policy"]["shared"] == int((out["policy"] >= 0.5).sum())
+    assert record["cost"]["gflops"] > 0
+    panel = policy_panel(out["policy"], read_image(files[0], "RGB"), tuple(x["image"].shape[-2:]))
+    assert _contains(np.asarray(Image.open(out_dir / "p.png")), panel.image)

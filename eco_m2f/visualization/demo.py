@@ -4,7 +4,8 @@ What ``demo/demo.py`` does, as a function: the inputs are expanded to files (see
 :mod:`.inputs`), read lazily and mapped as the test loader maps dataset images, run in
 batches, drawn over the original image with the dataset's class colours and the image's
 cost record (for ECO-M2F: the encoder exit and its encoder GFLOPs; for a token-reduction
-Segmenter: its live tokens per block and GFLOPs), and written as ``OUTPUT/<name>.png`` +
+Segmenter: its live tokens per block and GFLOPs; the CTS policy network's superpatches that it
+would share, and their probabilities, instead of segments), and written as ``OUTPUT/<name>.png`` +
 ``OUTPUT/<name>.json``. With ``show_tokens`` a model that records token maps (any
 token-reduction Segmenter) gets, beside the result, one panel per map of what became of each
 patch token (:mod:`.token_maps`), from a second encoder pass over the same padded batch; the
@@ -27,11 +28,12 @@ from ..data.build import trivial_batch_collator
 from ..data.io import png_bytes, read_image
 from ..data.mappers import build_test_mapper
 from .classes import ClassPalette
-from .cost import GFLOPS, ImageGflops, cost_record
+from .cost import GFLOPS, ImageGflops, cost_notes, cost_record
 from .drawing import prediction_panel
 from .inference import dataset_palette
 from .inputs import ImageFiles, InputFailure, expand_inputs
 from .panels import Panel, render_figure
+from .policy import policy_panel, policy_record
 from .segments import TASK_ORDER, prediction_layers
 from .token_maps import model_token_maps, token_map_counts, token_map_panels
 
@@ -75,15 +77,17 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def _result_record(mapped: Mapping[str, Any], layers: Mapping[str, Any], cost: Optional[dict],
-                   token_maps: Optional[dict] = None) -> dict[str, Any]:
+                   token_maps: Optional[dict] = None, policy: Optional[dict] = None) -> dict[str, Any]:
     record: dict[str, Any] = {
         "file_name": mapped["file_name"],
         "height": int(mapped["height"]),
         "width": int(mapped["width"]),
-        "drawn": next(t for t in TASK_ORDER if t in layers),
+        "drawn": next((t for t in TASK_ORDER if t in layers), "policy"),
     }
     for task, layer in layers.items():
         record[task] = [s.to_json() for s in layer.segments]
+    if policy is not None:
+        record["policy"] = policy
     if cost is not None:
         record["cost"] = cost
     if token_maps is not None:
@@ -169,17 +173,23 @@ def run_demo(cfg: Any, model: nn.Module, inputs: Sequence[str], output_dir: str,
                 cost = cost_record(out)
                 if cost is not None and gflops is not None and GFLOPS not in cost:
                     cost.update(gflops(x, cost))
-                panels = [prediction_panel(image, layers, classes, cost=cost)]
+                network_size = tuple(x["image"].shape[-2:])  # the mapped image, before padding
+                policy = None
+                if not layers and "policy" in out:  # the CTS policy network: superpatches, no segments
+                    panels = [policy_panel(out["policy"], image, network_size)]
+                    panels[0].notes.extend(cost_notes(cost) if cost else [])
+                    policy = policy_record(out["policy"])
+                else:
+                    panels = [prediction_panel(image, layers, classes, cost=cost)]
                 counts = None
                 if maps is not None:
-                    network_size = tuple(x["image"].shape[-2:])  # the mapped image, before padding
                     panels.extend(token_map_panels(maps[k], image, network_size, padded))
                     counts = token_map_counts(maps[k], network_size, padded)
                 if extra_panels is not None:
                     panels.extend(extra_panels(x, out))
                 png = os.path.join(output_dir, f"{name}.png")
                 _write_atomically(png, png_bytes(render_figure([panels]).image))
-                record = _json_text(_result_record(x, layers, cost, counts))
+                record = _json_text(_result_record(x, layers, cost, counts, policy))
                 _write_atomically(os.path.join(output_dir, f"{name}.json"), record.encode("utf-8"))
                 report.written.append(png)
             bar.update(len(batch))
