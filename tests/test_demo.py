@@ -161,6 +161,12 @@ def test_visualize_dataset_renders_input_truth_and_prediction(tiny_datasets, wei
     assert _contains(fig, read_image(val[0])) and _contains(fig, read_image(val[1]))
     assert not _contains(fig, read_image(val[2]))
     assert fig.shape[0] > 2 * 64 and fig.shape[1] > 3 * 64
+    small = tmp_path / "small.jpg"
+    rc = _script("visualize_dataset").main(["--config-file", TINY, "--weights", weights, "--num", "2", "--min-size", "64",
+                                            "--max-width", "200", "--output", str(small), "--opts", *OPTS])
+    assert rc == 0
+    with Image.open(small) as im:
+        assert im.format == "JPEG" and fig.shape[1] > 200 and im.size == (200, round(fig.shape[0] * 200 / fig.shape[1]))
 
 
 PAUMER_TINY = str(REPO / "configs/synthetic/paumer_tiny_cpu.yaml")
