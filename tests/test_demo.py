@@ -283,3 +283,30 @@ def test_demo_draws_the_policy_networks_superpatches(tmp_path):
     assert record["cost"]["gflops"] > 0
     panel = policy_panel(out["policy"], read_image(files[0], "RGB"), tuple(x["image"].shape[-2:]))
     assert _contains(np.asarray(Image.open(out_dir / "p.png")), panel.image)
+
+
+def test_demo_reads_each_image_only_when_its_batch_comes(tmp_path, monkeypatch):
+    import eco_m2f.visualization.demo as demo_lib
+
+    files = _random_images(tmp_path / "images", {f"im{i:02d}": (32, 40) for i in range(7)})
+    events: list[str] = []
+    make_mapper = demo_lib.build_test_mapper
+
+    def counting_mapper(cfg):
+        mapper = make_mapper(cfg)
+
+        def read(record):
+            events.append("read")
+            return mapper(record)
+        return read
+
+    monkeypatch.setattr(demo_lib, "build_test_mapper", counting_mapper)
+    cfg = setup_cfg(TINY, TINY_OPTS)
+    torch.manual_seed(0)
+    model = build_inference_model(cfg)
+    model.register_forward_pre_hook(lambda module, args: events.append("forward"))
+    report = demo_lib.run_demo(cfg, model, [str(tmp_path / "images")], str(tmp_path / "out"), batch_size=3,
+                               count_gflops=False, progress=False)
+    assert len(report.written) == len(files) and not report.failures
+    # read 3, run 3, read 3, run 3, read 1, run 1: never more than one batch of images held
+    assert events == ["read"] * 3 + ["forward"] + ["read"] * 3 + ["forward"] + ["read", "forward"]

@@ -139,6 +139,13 @@ def test_cost_record_and_its_notes():
     assert cost_record({"cost": {"tokens": torch.tensor([3, 4])}}) == {"tokens": [3, 4]}
     assert cost_notes({"exit": 3, "gflops_encoder": 2.0145, "gflops": 13.8, "tokens": 812}) == [
         "encoder exit: layer 3", "GFLOPs: 13.80", "encoder GFLOPs: 2.01", "tokens: 812"]
+    # the demo's and the evaluation's prediction panel writes them under the result
+    from eco_m2f.visualization.drawing import prediction_panel
+
+    classes = ClassPalette.generic(3)
+    layers = {"sem_seg": semantic_layer(np.zeros((4, 4), dtype=np.int64), classes)}
+    panel = prediction_panel(np.zeros((4, 4, 3), dtype=np.uint8), layers, classes, cost={"exit": 2, "gflops_encoder": 1.5})
+    assert panel.notes == ["encoder exit: layer 2", "encoder GFLOPs: 1.50"]
 
 
 def test_visualization_evaluator_saves_the_first_n(tiny_datasets, tmp_path):
