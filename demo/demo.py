@@ -2,12 +2,16 @@
 """Run a model on your own images and see what it did (Detectron2's demo flags).
 
     python demo/demo.py --config-file CONFIG --input IMG [IMG ... | DIR | 'glob/*.jpg'] --output OUT_DIR
-                        [--confidence-threshold 0.5] [--batch-size 4] [--no-gflops] [--opts KEY VALUE ...]
+                        [--confidence-threshold 0.5] [--batch-size 4] [--no-gflops] [--show-tokens]
+                        [--opts KEY VALUE ...]
 
 Writes OUT_DIR/<name>.png (the panoptic, instance or semantic result over the image, with a
-legend; for ECO-M2F the encoder exit and GFLOPs of that image) and OUT_DIR/<name>.json (the
-segments: class, id, score where there is one, area, box). Inputs that cannot be read are
-reported and skipped; the exit status is then 1.
+legend; under it the image's cost: for ECO-M2F the encoder exit and GFLOPs, for a
+token-reduction Segmenter its live tokens and GFLOPs) and OUT_DIR/<name>.json (the segments:
+class, id, score where there is one, area, box; the cost record). --show-tokens adds, for a
+token-reduction Segmenter (PAUMER, DoViT, ...), a token map per map beside the result: which
+tokens were paused / stopped / shared / pruned after which layer, with a legend. Inputs that
+cannot be read are reported and skipped; the exit status is then 1.
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "so 1 reproduces the evaluation's per-image result exactly")
     p.add_argument("--no-gflops", action="store_true",
                    help="do not count the encoder GFLOPs of each image's exit (one FLOP count per input size)")
+    p.add_argument("--show-tokens", action="store_true",
+                   help="draw beside the result what became of each patch token (token-reduction models; "
+                        "a warning and the plain result for others)")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p
 
@@ -46,7 +53,7 @@ def main(argv=None) -> int:
     cfg = setup_cfg(args.config_file, args.opts)
     model = build_inference_model(cfg)
     report = run_demo(cfg, model, args.input, args.output, confidence_threshold=args.confidence_threshold,
-                      batch_size=args.batch_size, count_gflops=not args.no_gflops)
+                      batch_size=args.batch_size, count_gflops=not args.no_gflops, show_tokens=args.show_tokens)
     print(f"Wrote {len(report.written)} results (PNG + JSON) to {args.output}")
     if report.failures:
         print(f"{len(report.failures)} inputs failed and were skipped:", file=sys.stderr)

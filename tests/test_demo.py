@@ -161,3 +161,152 @@ def test_visualize_dataset_renders_input_truth_and_prediction(tiny_datasets, wei
     assert _contains(fig, read_image(val[0])) and _contains(fig, read_image(val[1]))
     assert not _contains(fig, read_image(val[2]))
     assert fig.shape[0] > 2 * 64 and fig.shape[1] > 3 * 64
+    small = tmp_path / "small.jpg"
+    rc = _script("visualize_dataset").main(["--config-file", TINY, "--weights", weights, "--num", "2", "--min-size", "64",
+                                            "--max-width", "200", "--output", str(small), "--opts", *OPTS])
+    assert rc == 0
+    with Image.open(small) as im:
+        assert im.format == "JPEG" and fig.shape[1] > 200 and im.size == (200, round(fig.shape[0] * 200 / fig.shape[1]))
+
+
+PAUMER_TINY = str(REPO / "configs/synthetic/paumer_tiny_cpu.yaml")
+DOVIT_TINY = str(REPO / "configs/synthetic/dovit_tiny_cpu.yaml")
+SEGMENTER_TINY = str(REPO / "configs/synthetic/segmenter_tiny_cpu.yaml")
+
+
+def _random_images(folder: Path, sizes: dict[str, tuple[int, int]]) -> list[Path]:
+    rng = np.random.default_rng(1)
+    folder.mkdir()
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    return sorted(folder.glob("*.png"))
+
+
+@pytest.mark.parametrize("config", [PAUMER_TINY, DOVIT_TINY], ids=["paumer", "dovit"])
+def test_show_tokens_draws_the_token_maps_of_the_pass_beside_the_result(config, tmp_path):
+    from eco_m2f.visualization.cost import cost_record
+    from eco_m2f.visualization.token_maps import model_token_maps, token_map_panels
+
+    torch.manual_seed(0)
+    path = tmp_path / "model.pth"
+    torch.save({"model": build_model(setup_cfg(config, ["MODEL.DEVICE", "cpu"])).state_dict()}, path)
+    opts = ["MODEL.WEIGHTS", str(path)]
+    # mapped to 128 x 179 (12 cells wide, the last one partly padding) and 128 x 128 (8 of the
+    # batch's 12 cells wide): one batch, padded to 128 x 192
+    files = _random_images(tmp_path / "images", {"a_wide": (40, 56), "b_square": (64, 64)})
+    plain, shown = tmp_path / "plain", tmp_path / "shown"
+    demo = _script("demo")
+    common = ["--config-file", config, "--input", str(tmp_path / "images"), "--batch-size", "2", "--opts", *opts]
+    assert demo.main(["--output", str(plain), *common]) == 0
+    assert demo.main(["--output", str(shown), "--show-tokens", *common]) == 0
+
+    cfg = setup_cfg(config, opts)
+    model = build_inference_model(cfg)
+    mapper = build_test_mapper(cfg)
+    inputs = [mapper({"file_name": str(p)}) for p in files]
+    assert [tuple(x["image"].shape[-2:]) for x in inputs] == [(128, 179), (128, 128)]
+    outputs = model(inputs)
+    maps, padded = model_token_maps(model, inputs)
+    assert padded == (128, 192)
+    depth = cfg.MODEL.VIT.DEPTH
+    labels = maps[0]["blocks"].labels
+    for k, (file, out) in enumerate(zip(files, outputs)):
+        without = np.asarray(Image.open(plain / f"{file.stem}.png"))
+        picture = np.asarray(Image.open(shown / f"{file.stem}.png"))
+        assert picture.shape[1] > without.shape[1] + file_width(file)  # a map panel at least the image's width
+        image = read_image(file, "RGB")
+        panels = token_map_panels(maps[k], image, tuple(inputs[k]["image"].shape[-2:]), padded)
+        assert [p.title for p in panels] == ["blocks per token"]
+        assert _contains(picture, panels[0].image), f"{file.stem}: the token map of the pass is not drawn"
+        assert not _contains(without, panels[0].image)
+
+        record = json.loads((shown / f"{file.stem}.json").read_text())
+        assert "token_maps" not in json.loads((plain / f"{file.stem}.json").read_text())
+        assert record["cost"] == cost_record(out)  # tokens per block, GFLOPs per scope: the model's own
+        assert record["cost"]["gflops"] > 0 and len(record["cost"]["tokens"]) == depth
+        counts = record["token_maps"]["blocks per token"]
+        assert set(counts) <= set(labels.values())
+        cells = 8 * (12 if k == 0 else 8)
+        assert sum(counts.values()) == cells
+        if k == 0:  # the image covers the whole grid: its map and its cost record count the same tokens
+            tokens = record["cost"]["tokens"]
+            assert counts.get(labels[depth], 0) == record["cost"]["final_tokens"] == tokens[-1]
+            for layer in range(1, depth):
+                left = sum(n for v, text in labels.items() if v <= layer for t, n in counts.items() if t == text)
+                assert left == cells - tokens[layer]
+
+
+def file_width(path: Path) -> int:
+    with Image.open(path) as im:
+        return im.width
+
+
+def test_show_tokens_without_token_maps_warns_once_and_writes_the_plain_result(tmp_path, caplog):
+    files = _random_images(tmp_path / "images", {"x": (48, 40)})
+    outs = []
+    for flag in ([], ["--show-tokens"]):
+        out = tmp_path / f"out{len(flag)}"
+        caplog.clear()
+        torch.manual_seed(0)  # no weights: the same random model both times
+        with caplog.at_level(logging.WARNING):
+            assert _script("demo").main(["--config-file", SEGMENTER_TINY, "--input", str(files[0]), "--output", str(out),
+                                         *flag, "--opts", "MODEL.DEVICE", "cpu"]) == 0
+        warned = [r.getMessage() for r in caplog.records if "token maps" in r.getMessage().lower()]
+        outs.append(out)
+    assert len(warned) == 1 and "Segmenter records none" in warned[0] and "\n" not in warned[0]
+    assert np.array_equal(np.asarray(Image.open(outs[0] / "x.png")), np.asarray(Image.open(outs[1] / "x.png")))
+    assert (outs[0] / "x.json").read_text() == (outs[1] / "x.json").read_text()
+
+
+def test_demo_draws_the_policy_networks_superpatches(tmp_path):
+    from eco_m2f.modeling.policy import superpatch_grid
+    from eco_m2f.visualization.policy import policy_panel
+
+    config = str(REPO / "configs/synthetic/cts_policy_tiny_cpu.yaml")
+    files = _random_images(tmp_path / "images", {"p": (40, 56)})
+    torch.manual_seed(0)
+    path = tmp_path / "policy.pth"
+    torch.save({"model": build_model(setup_cfg(config, ["MODEL.DEVICE", "cpu"])).state_dict()}, path)
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(path)]
+    out_dir = tmp_path / "out"
+    assert _script("demo").main(["--config-file", config, "--input", str(files[0]), "--output", str(out_dir), "--opts", *opts]) == 0
+    cfg = setup_cfg(config, opts)
+    model = build_inference_model(cfg)
+    x = build_test_mapper(cfg)({"file_name": str(files[0])})
+    with torch.no_grad():
+        out = model([x])[0]
+    record = json.loads((out_dir / "p.json").read_text())
+    rows, cols = superpatch_grid(*x["image"].shape[-2:])
+    assert record["drawn"] == "policy" and (record["policy"]["rows"], record["policy"]["cols"]) == (rows, cols)
+    assert np.allclose(record["policy"]["scores"], out["policy"].numpy(), atol=5e-5)
+    assert record["policy"]["shared"] == int((out["policy"] >= 0.5).sum())
+    assert record["cost"]["gflops"] > 0
+    panel = policy_panel(out["policy"], read_image(files[0], "RGB"), tuple(x["image"].shape[-2:]))
+    assert _contains(np.asarray(Image.open(out_dir / "p.png")), panel.image)
+
+
+def test_demo_reads_each_image_only_when_its_batch_comes(tmp_path, monkeypatch):
+    import eco_m2f.visualization.demo as demo_lib
+
+    files = _random_images(tmp_path / "images", {f"im{i:02d}": (32, 40) for i in range(7)})
+    events: list[str] = []
+    make_mapper = demo_lib.build_test_mapper
+
+    def counting_mapper(cfg):
+        mapper = make_mapper(cfg)
+
+        def read(record):
+            events.append("read")
+            return mapper(record)
+        return read
+
+    monkeypatch.setattr(demo_lib, "build_test_mapper", counting_mapper)
+    cfg = setup_cfg(TINY, TINY_OPTS)
+    torch.manual_seed(0)
+    model = build_inference_model(cfg)
+    model.register_forward_pre_hook(lambda module, args: events.append("forward"))
+    report = demo_lib.run_demo(cfg, model, [str(tmp_path / "images")], str(tmp_path / "out"), batch_size=3,
+                               count_gflops=False, progress=False)
+    assert len(report.written) == len(files) and not report.failures
+    # read 3, run 3, read 3, run 3, read 1, run 1: never more than one batch of images held
+    assert events == ["read"] * 3 + ["forward"] + ["read"] * 3 + ["forward"] + ["read", "forward"]

@@ -139,6 +139,13 @@ def test_cost_record_and_its_notes():
     assert cost_record({"cost": {"tokens": torch.tensor([3, 4])}}) == {"tokens": [3, 4]}
     assert cost_notes({"exit": 3, "gflops_encoder": 2.0145, "gflops": 13.8, "tokens": 812}) == [
         "encoder exit: layer 3", "GFLOPs: 13.80", "encoder GFLOPs: 2.01", "tokens: 812"]
+    # the demo's and the evaluation's prediction panel writes them under the result
+    from eco_m2f.visualization.drawing import prediction_panel
+
+    classes = ClassPalette.generic(3)
+    layers = {"sem_seg": semantic_layer(np.zeros((4, 4), dtype=np.int64), classes)}
+    panel = prediction_panel(np.zeros((4, 4, 3), dtype=np.uint8), layers, classes, cost={"exit": 2, "gflops_encoder": 1.5})
+    assert panel.notes == ["encoder exit: layer 2", "encoder GFLOPs: 1.50"]
 
 
 def test_visualization_evaluator_saves_the_first_n(tiny_datasets, tmp_path):
@@ -184,3 +191,24 @@ def test_save_picture_png_is_exact_and_jpeg_by_name(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "x.png")), image)
     with Image.open(tmp_path / "b" / "x.jpg") as jpg:
         assert (jpg.format, jpg.size) == ("JPEG", (30, 20))
+
+
+def test_label_grid_cells_of_a_padded_input_are_cut_at_the_border():
+    from fractions import Fraction
+
+    grid = np.array([[0, 1, 2], [2, 1, 0]])  # 2 x 3 cells of 16 network pixels; the image is 24 x 40 of them
+    labels = [GridLabel(0, "a", (255, 0, 0)), GridLabel(1, "b", (0, 255, 0)), GridLabel(2, "c", (0, 0, 255))]
+    # drawn at half the network's size: 8 pixels per cell, the last row and column cut to 4
+    panel = label_grid_panel(grid, labels, size=(12, 20), cell_size=(8, 8), cell_lines=False)
+    colors = np.array([g.color for g in labels], dtype=np.uint8)
+    rows = np.minimum(np.arange(12) // 8, 1)
+    cols = np.minimum(np.arange(20) // 8, 2)
+    expected = colors[grid[rows[:, None], cols[None, :]]]
+    assert np.array_equal(panel.image, expected)
+    assert panel.image[11, 19].tolist() == [255, 0, 0] and panel.image[7, 16].tolist() == [0, 0, 255]
+    # stretched instead (no cell size), the last cells would be as large as the others
+    assert label_grid_panel(grid, labels, size=(12, 20), cell_lines=False).image[7, 16].tolist() == [255, 0, 0]
+    thirds = label_grid_panel(grid, labels, size=(12, 20), cell_size=(Fraction(20, 3), 7), cell_lines=False).image
+    assert thirds[6, 0].tolist() == [255, 0, 0] and thirds[7, 0].tolist() == [0, 0, 255]  # 7 >= 20/3
+    with pytest.raises(ValueError, match="whole cells outside"):
+        label_grid_panel(grid, labels, size=(12, 20), cell_size=(12, 8))

@@ -5,6 +5,8 @@ Drawing is deterministic (integer blending, PIL's built-in font), so tests check
 * :func:`draw_layer` / :func:`prediction_panel`: a panoptic, instance or semantic result over
   its image, in the dataset's class colours (:class:`ClassPalette`), outlined, with a legend;
 * :func:`label_grid_panel`: a small labelled grid (per-stage token maps) at the result's size;
+  :func:`token_map_panels`: a token-reduction model's maps over the image (``--show-tokens``);
+  :func:`policy_panel`: the CTS policy network's shared superpatches;
 * :func:`render_figure`: panels side by side and in rows; :func:`save_picture` writes PNG or JPEG;
 * :func:`run_demo`: ``demo/demo.py``; :func:`render_dataset_figure`: ``demo/visualize_dataset.py``;
 * :func:`build_visualization_evaluator`: pictures of the first ``TEST.VIS_NUM_IMAGES`` predictions
@@ -23,8 +25,10 @@ from .ground_truth import ground_truth_layer
 from .inference import build_inference_model, dataset_palette
 from .inputs import expand_inputs
 from .label_grid import GridLabel, label_grid_panel
-from .panels import Figure, LegendEntry, Panel, render_figure, save_picture
+from .panels import Figure, LegendEntry, Panel, downscaled, render_figure, save_picture
+from .policy import policy_panel, policy_record
 from .raster import blend, paint_segments
+from .token_maps import model_token_maps, token_map_counts, token_map_panels
 from .segments import (
     TASK_ORDER,
     Segment,
@@ -54,12 +58,16 @@ __all__ = [
     "cost_notes",
     "cost_record",
     "dataset_palette",
+    "downscaled",
     "draw_layer",
     "expand_inputs",
     "ground_truth_layer",
     "instance_layer",
     "label_grid_panel",
+    "model_token_maps",
     "paint_segments",
+    "policy_panel",
+    "policy_record",
     "panoptic_layer",
     "prediction_layers",
     "prediction_panel",
@@ -68,4 +76,6 @@ __all__ = [
     "run_demo",
     "save_picture",
     "semantic_layer",
+    "token_map_counts",
+    "token_map_panels",
 ]

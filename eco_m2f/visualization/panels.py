@@ -15,7 +15,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["Figure", "LegendEntry", "Panel", "font_size_for", "render_figure", "save_picture"]
+__all__ = ["Figure", "LegendEntry", "Panel", "downscaled", "font_size_for", "render_figure", "save_picture"]
 
 Color = tuple[int, int, int]
 Box = tuple[int, int, int, int]
@@ -173,3 +173,13 @@ def save_picture(path: str | os.PathLike, image: np.ndarray) -> None:
         Image.fromarray(np.ascontiguousarray(image)).save(path, format="JPEG", quality=90)
     else:
         write_png(path, image)
+
+
+def downscaled(image: np.ndarray, width: int) -> np.ndarray:
+    """``image`` scaled (Lanczos) to ``width`` pixels, the aspect ratio kept: a figure small enough
+    for a web page (pixels are then no longer exact)."""
+    h, w = image.shape[:2]
+    if width < 1:
+        raise ValueError(f"the width must be positive, got {width}")
+    size = (int(width), max(1, round(h * width / w)))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(size, Image.LANCZOS), dtype=np.uint8)

@@ -126,6 +126,19 @@ class SegmentationModel(nn.Module):
         """
         return None
 
+    # ------------------------------------------------------------------ pictures
+    @property
+    def records_token_maps(self) -> bool:
+        """True when :meth:`token_maps` can say what became of each patch token of an image
+        (a token-reduction encoder: paused, stopped, shared, pruned); the demo draws them."""
+        return False
+
+    def token_maps(self, images: torch.Tensor) -> List[Dict[str, Any]]:
+        """Per image of a normalised padded batch, name -> ``TokenMap`` (an h x w grid of values
+        over the batch's patch grid, what each value means, a title); see
+        :attr:`records_token_maps`."""
+        raise NotImplementedError(f"{type(self).__name__} records no token maps")
+
     def benchmark_stages(self) -> Dict[str, Tuple[nn.Module, str]]:
         """Stage name -> (module, method name) whose GPU time the benchmark reports apart."""
         return {}

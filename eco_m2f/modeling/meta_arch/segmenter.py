@@ -209,6 +209,11 @@ class Segmenter(SegmentationModel):
             self.backbone, self.sem_seg_head, reduced.tokens, reduced.state, size, reduced.norm_tokens, reduced.head_tokens
         )
 
+    @property
+    def records_token_maps(self) -> bool:
+        """Every token-reduction method records at least the framework's ``"blocks"`` map."""
+        return self._reduction is not None
+
     @torch.no_grad()
     def token_maps(self, images: torch.Tensor) -> List[Dict[str, TokenMap]]:
         """Per image of a normalised padded batch, what became of each cell's token: the
