@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 
 from ...meta_arch.token_sharing_policy import TokenSharingPolicy, check_window_sizes
+from ...policy.inference import FastPolicy
 from ..plugin import ReductionState, TokenReducer
 from ..token_set import TokenSet
 from ..window_sharing import SharedWindows, embed_windows, resolve_windows
@@ -78,6 +79,7 @@ class WindowSharingReducer(TokenReducer):
         self.register_buffer("seg_pixel_mean", torch.tensor(list(cfg.MODEL.PIXEL_MEAN), dtype=torch.float32), False)
         self.register_buffer("seg_pixel_std", torch.tensor(list(cfg.MODEL.PIXEL_STD), dtype=torch.float32), False)
         self._policy_flops: Dict[Tuple[int, int], int] = {}
+        self._fast_policy = FastPolicy()  # not a module: no state-dict keys
 
     # ------------------------------------------------------------------ what subclasses decide
     def active(self) -> bool:
@@ -139,7 +141,12 @@ class WindowSharingReducer(TokenReducer):
         """Side -> B x rows_n x cols_n P(one class) of the policy on the Segmenter's batch, its
         FLOPs charged."""
         with torch.no_grad():  # frozen: always in eval mode (TokenSharingPolicy.freeze)
-            logits = self.policy.window_logits(images, self.seg_pixel_mean, self.seg_pixel_std)
+            if images.is_cuda:  # BatchNorm folded, channels-last: what cuDNN runs fast (policy/inference.py)
+                fast = self._fast_policy.get(self.policy, images.device)
+                x = images.contiguous(memory_format=torch.channels_last)
+                logits = fast.window_logits(x, self.seg_pixel_mean, self.seg_pixel_std)
+            else:
+                logits = self.policy.window_logits(images, self.seg_pixel_mean, self.seg_pixel_std)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         if size not in self._policy_flops:
             self._policy_flops[size] = self.policy.flops(*size)

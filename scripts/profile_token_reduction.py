@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Where a token-reduction Segmenter's inference time goes, against the dense Segmenter.
+
+    python scripts/profile_token_reduction.py --config-file configs/synthetic/dcts_vit_s_mask.yaml \\
+        --size 1024 1024 --batch 8 1 --setting cts-S MODEL.TOKEN_REDUCTION.NAME CTS \\
+        --setting dtop-theta1 MODEL.TOKEN_REDUCTION.NAME DTOP MODEL.TOKEN_REDUCTION.DTOP.THETA 1.0 \\
+        [--json OUT.json] [KEY VALUE ...]
+    python scripts/profile_token_reduction.py --device cpu --tiny     # a quick check of the script
+
+Random weights (the time of a fixed configuration does not depend on them: fixed-S CTS shares S
+superpatches of any policy, theta 1 prunes nothing): for the dense model, the dense model with
+its attention forced to the flash kernel (the kernel the ragged runtime uses), and every
+setting, the latency of ``model.network`` in bf16 at each batch size and the GPU time inside
+each stage (CUDA events around the policy, the embedding, the runs of blocks, the reductions,
+the decode head and the final upsampling; when a pass is launch-bound the stages add up to less
+than its latency), and the top kernels of each pass.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eco_m2f.architectures import build_model  # noqa: E402
+from eco_m2f.config import setup_cfg  # noqa: E402
+from eco_m2f.evaluation.throughput import profile_kernels, stage_times, time_forward  # noqa: E402
+
+TINY = ["MODEL.VIT.EMBED_DIM", "64", "MODEL.VIT.DEPTH", "4", "MODEL.VIT.NUM_HEADS", "2",
+        "MODEL.SEM_SEG_HEAD.MASK_TRANSFORMER.NUM_LAYERS", "1", "MODEL.SEM_SEG_HEAD.MASK_TRANSFORMER.NUM_HEADS", "2"]
+
+
+def _stages(model) -> Dict[str, tuple]:
+    """name -> (object, method) of the stages of ``model.network``."""
+    head = model.sem_seg_head
+    if getattr(model, "_reduction", None) is None:
+        return {"encoder": (model, "encode"), "decode head": (model, "run_head"), "upsampling": (head, "semantic_logits")}
+    reducer, loop = model.token_reducer, model._reduction
+    stages = {"embedding (+ policy)": (reducer, "embed"), "blocks": (loop, "_run")}
+    sharing = getattr(reducer, "sharing", reducer)
+    if hasattr(sharing, "policy_scores"):
+        stages["policy"] = (sharing, "policy_scores")
+    if reducer.decision_layers:
+        stages["reductions"] = (reducer, "reduce")
+    stages.update({"decode head": (model, "head_outputs"), "upsampling": (head, "semantic_logits")})
+    return stages
+
+
+def profile(cfg, name: str, sizes: List[int], batches: List[int], device: str, flash_only: bool = False, kernels: int = 0) -> Dict[str, Any]:
+    """Latency, images/s and stage times of one model at each batch size."""
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).eval()
+    row: Dict[str, Any] = {"name": name}
+    context = contextlib.nullcontext()
+    if flash_only:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        context = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    g = torch.Generator().manual_seed(1)
+    with context:
+        for b in batches:
+            x = torch.randn(b, 3, *sizes, generator=g).to(device)
+            ms, ips = time_forward(model.network, x, "bf16" if device == "cuda" else "fp32", warmup=10, iters=30)
+            row[f"b{b}"] = {"ms": ms, "img/s": ips}
+            if device == "cuda":
+                row[f"b{b}"]["stages_ms"] = stage_times(model.network, x, "bf16", _stages(model), iters=10)
+                if kernels:
+                    row[f"b{b}"]["kernels"] = profile_kernels(model.network, x, "bf16", top=kernels)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default="configs/synthetic/dcts_vit_s_mask.yaml")
+    parser.add_argument("--size", type=int, nargs=2, default=[1024, 1024])
+    parser.add_argument("--batch", type=int, nargs="+", default=[8, 1])
+    parser.add_argument("--setting", nargs="+", action="append", default=[], metavar="NAME KEY VALUE",
+                        help="a named setting: config overrides (repeatable)")
+    parser.add_argument("--kernels", type=int, default=0, help="print the top N kernels of each pass at the first batch size")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a tiny ViT and 64 x 64 inputs (a check of the script)")
+    parser.add_argument("--json", default="")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every model")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (use --device cpu for a check of the script)")
+    for spec in args.setting:
+        if len(spec) < 3 or len(spec) % 2 == 0:
+            parser.error(f"--setting {' '.join(spec)}: a name, then KEY VALUE pairs")
+    sizes = [64, 64] if args.tiny else args.size
+    common = [*(TINY if args.tiny else []), "MODEL.DEVICE", args.device, "MODEL.WEIGHTS", "", "MODEL.TOKEN_SHARING.POLICY_WEIGHTS", "",
+              "MODEL.VIT.IMG_SIZE", str(sizes[0]), *args.opts]
+    base = [("dense", ["MODEL.TOKEN_REDUCTION.NAME", ""], False)]
+    if args.device == "cuda":
+        base.append(("dense, flash attention", ["MODEL.TOKEN_REDUCTION.NAME", ""], True))
+    rows = []
+    for name, opts, flash in base + [(s[0], s[1:], False) for s in args.setting]:
+        cfg = setup_cfg(args.config_file, common + opts)
+        row = profile(cfg, name, sizes, args.batch, args.device, flash, args.kernels)
+        rows.append(row)
+        cells = []
+        for b in args.batch:
+            r = row[f"b{b}"]
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in r.get("stages_ms", {}).items())
+            cells.append(f"b{b}: {r['ms']:.2f} ms ({r['img/s']:.1f} img/s){'; ' + stages if stages else ''}")
+        print(f"{name:24s} " + " | ".join(cells), flush=True)
+        if args.kernels and "kernels" in row[f"b{args.batch[0]}"]:
+            print(row[f"b{args.batch[0]}"].pop("kernels"), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": args.config_file, "size": sizes, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The frozen policy's inference copy: BatchNorm folded into the convolutions (exact up to
+rounding, every BatchNorm of EfficientNet-Lite0 folded), channels-last, rebuilt when the policy's
+weights change in place or it moves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from eco_m2f.config import setup_cfg
+from eco_m2f.modeling.meta_arch.token_sharing_policy import TokenSharingPolicy
+from eco_m2f.modeling.policy.inference import FastPolicy, fold_batchnorm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _policy(seed: int = 0) -> TokenSharingPolicy:
+    cfg = setup_cfg(str(REPO / "configs/synthetic/cts_policy_tiny_cpu.yaml"),
+                    ["MODEL.BACKBONE.PRETRAINED", "False", "MODEL.POLICY.WINDOW_SIZES", "[2, 4]"])
+    torch.manual_seed(seed)
+    policy = TokenSharingPolicy(cfg)
+    with torch.no_grad():  # statistics and affine parameters far from the identity, so that folding matters
+        for m in policy.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return policy.freeze()
+
+
+def test_folding_every_batchnorm_keeps_the_scores():
+    policy = _policy()
+    x = torch.randn(2, 3, 128, 96)
+    fused, folds = fold_batchnorm(policy)
+    assert folds == sum(isinstance(m, nn.BatchNorm2d) for m in policy.modules()) > 40
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    with torch.no_grad():
+        want = policy.window_logits(x)
+        got = fused.to(memory_format=torch.channels_last).window_logits(x.contiguous(memory_format=torch.channels_last))
+    assert set(got) == set(want) == {2, 4}
+    for n in want:
+        assert (got[n] - want[n]).abs().max().item() <= 1e-4 * max(1.0, want[n].abs().max().item())
+    assert set(policy.state_dict()) != set(fused.state_dict())  # the copy, not the policy, changed
+
+
+def test_the_fast_copy_follows_the_policy_weights():
+    policy, other = _policy(0), _policy(1)
+    fast = FastPolicy()
+    x = torch.randn(1, 3, 64, 64)
+    first = fast.get(policy, torch.device("cpu"))
+    assert fast.get(policy, torch.device("cpu")) is first  # unchanged weights: the same copy
+    policy.load_state_dict(other.state_dict())  # in place, as checkpoint loading does
+    second = fast.get(policy, torch.device("cpu"))
+    assert second is not first
+    with torch.no_grad():
+        assert (second.window_logits(x)[2] - other.window_logits(x)[2]).abs().max().item() <= 1e-4
