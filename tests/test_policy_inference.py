@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -56,3 +57,18 @@ def test_the_fast_copy_follows_the_policy_weights():
     assert second is not first
     with torch.no_grad():
         assert (second.window_logits(x)[2] - other.window_logits(x)[2]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cts_on_cuda_uses_the_fast_copy_with_the_same_scores():
+    """The CUDA path (folded, channels-last) against the policy as trained, under bf16 autocast."""
+    policy = _policy().cuda()
+    fast = FastPolicy().get(policy, torch.device("cuda"))
+    x = torch.randn(2, 3, 256, 192, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want = policy.window_logits(x)
+        got = fast.window_logits(x.contiguous(memory_format=torch.channels_last))
+    for n in want:
+        p, q = want[n].float().softmax(1), got[n].float().softmax(1)
+        assert (p - q).abs().max().item() <= 5e-2

@@ -1,11 +1,11 @@
 """A frozen policy network made fast for inference: BatchNorm folded into the convolutions before
 it, weights and activations in channels-last memory.
 
-Measured on one H200 (``scripts/profile_token_reduction.py``, 8 images of 1024 x 1024, bf16):
-the EfficientNet-Lite0 policy as trained spent 12.4 ms of a CTS Segmenter's 23 ms per batch,
-about a quarter of it in separate BatchNorm kernels and most of the rest in PyTorch's own NCHW
-depthwise convolution; folded and channels-last, cuDNN runs each convolution with its
-normalisation as one kernel. A frozen policy never updates its statistics, so the fold is exact
+Why: on one H200 (``scripts/profile_token_reduction.py``, 8 images of 1024 x 1024, bf16) the
+EfficientNet-Lite0 policy as trained spent 12.4 ms of a CTS Segmenter's 23 ms per batch, about a
+quarter of it in separate BatchNorm kernels and most of the rest in PyTorch's own NCHW depthwise
+convolution. Folding removes the BatchNorm kernels; channels-last memory is the layout cuDNN's
+fast depthwise kernels take. A frozen policy never updates its statistics, so the fold is exact
 up to rounding.
 
 :class:`FastPolicy` keeps the folded copy outside the module tree (no extra state-dict keys) and
