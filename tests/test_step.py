@@ -174,3 +174,20 @@ def test_shipped_configs(path, layers, setting, depth):
     assert cfg.MODEL.TOKEN_SHARING.POLICY_WEIGHTS and cfg.MODEL.TOKEN_SHARING.POLICY_CONFIG
     policy = setup_cfg(str(REPO / cfg.MODEL.TOKEN_SHARING.POLICY_CONFIG))
     assert policy.MODEL.META_ARCHITECTURE == "TokenSharingPolicy" and list(policy.MODEL.POLICY.WINDOW_SIZES) == [2, 4, 8, 16]
+
+
+def test_step_on_the_segvit_atm_base_shares_prunes_and_matches_single_images():
+    from test_dtop import ATM
+
+    model = tiny_segmenter(*_opts("STEP"), *ATM, seed=1)
+    with torch.no_grad():
+        for head in model.token_reducer.heads.values():
+            head[1].weight.mul_(40.0)
+        x = _batch()
+        scores, reduced = model.reduced_network(x)
+        records = reduced.state.cost
+        assert any(sum(r["shared"]) for r in records) and any(sum(r["pruned"]) for r in records)
+        assert scores.min().item() >= 0.0  # SegViT's scores: probabilities, finalised cells too
+        for b in range(x.shape[0]):
+            alone, _ = model.reduced_network(x[b : b + 1])
+            assert (alone[0] - scores[b]).abs().max().item() <= 1e-5
