@@ -1,7 +1,8 @@
 """STEP (papers/003) = dCTS + DToP: each half switched off is the other method exactly, DToP's
 checkpoints load, ragged batches (images sharing and pruning differently) equal single images,
 a pruned shared token's auxiliary prediction covers all its cells, the cost records equal
-fvcore, training reaches the auxiliary heads with the policy frozen, the shipped configs."""
+fvcore, training reaches the auxiliary heads with the policy frozen, the SegViT (ATM) base, the
+shipped configs."""
 from __future__ import annotations
 
 import sys
