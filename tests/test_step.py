@@ -192,3 +192,38 @@ def test_step_on_the_segvit_atm_base_shares_prunes_and_matches_single_images():
         for b in range(x.shape[0]):
             alone, _ = model.reduced_network(x[b : b + 1])
             assert (alone[0] - scores[b]).abs().max().item() <= 1e-5
+
+
+def test_the_tiny_config_fine_tunes_through_the_trainer_from_a_dtop_checkpoint(tiny_datasets, tmp_path):
+    """configs/synthetic/step_tiny_cpu.yaml, a few iterations of train_net.py's path, initialised
+    from a DToP checkpoint (its heads load as they are), the policy from its own file, frozen."""
+    import json
+
+    from eco_m2f.architectures import build_model
+    from eco_m2f.engine import default_argument_parser, main
+
+    policy_cfg = REPO / "configs/synthetic/cts_policy_dcts_tiny_cpu.yaml"
+    torch.manual_seed(3)
+    policy = build_model(setup_cfg(str(policy_cfg), ["MODEL.BACKBONE.PRETRAINED", "False"]))
+    policy_path = tmp_path / "policy.pth"
+    torch.save({"model": policy.state_dict()}, policy_path)
+    sizes = ["MODEL.VIT.IMG_SIZE", "64", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "8"]
+    dtop = build_model(setup_cfg(str(REPO / "configs/synthetic/dtop_tiny_cpu.yaml"), ["MODEL.WEIGHTS", "", *sizes]))
+    dtop_path = tmp_path / "dtop.pth"
+    torch.save({"model": dtop.state_dict()}, dtop_path)
+    out = tmp_path / "step"
+    opts = ["--config-file", str(REPO / "configs/synthetic/step_tiny_cpu.yaml"), "MODEL.WEIGHTS", str(dtop_path),
+            "MODEL.TOKEN_SHARING.POLICY_WEIGHTS", str(policy_path), "MODEL.TOKEN_SHARING.POLICY_CONFIG", str(policy_cfg),
+            "DATASETS.TRAIN", "('synthetic_panoptic_train',)", "DATASETS.TEST", "()",
+            "INPUT.DATASET_MAPPER_NAME", "mask_former_semantic", *sizes,
+            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TRAIN_SAMPLING", "choice", "INPUT.MAX_SIZE_TRAIN", "64",
+            "INPUT.CROP.ENABLED", "False", "INPUT.SIZE_DIVISIBILITY", "-1", "MODEL.TOKEN_REDUCTION.DTOP.THETA", "0.3",
+            "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1000", "LOG_PERIOD", "1", "OUTPUT_DIR", str(out)]
+    main(default_argument_parser().parse_args(opts))
+    rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "total_loss" in r]
+    assert len(rows) == 3 and {"loss_dtop_aux1", "loss_dtop_aux2"} <= set(rows[-1])
+    trained = torch.load(out / "model_final.pth", weights_only=False)["model"]
+    for k, v in policy.state_dict().items():
+        assert torch.equal(trained[f"token_reducer.sharing.policy.{k}"].cpu(), v), k
+    assert not torch.equal(trained["token_reducer.heads.layer1.1.weight"].cpu(), dtop.state_dict()["token_reducer.heads.layer1.1.weight"])
