@@ -44,6 +44,7 @@ __all__ = [
     "TokenMap",
     "TokenReducer",
     "overlay_final_logits",
+    "paper_layers",
 ]
 
 TOKEN_REDUCTION_REGISTRY = Registry("TOKEN_REDUCTION")
@@ -199,6 +200,19 @@ class TokenReducer(nn.Module):
         """Training: losses on what the decoder made of the reduced encoder (e.g. distillation from
         a teacher), into ``state.losses``. ``outputs`` are the main head's dense outputs (copied
         back and overlaid), ``features`` its input. Default: none."""
+
+
+def paper_layers(values: Sequence[Any], depth: int, key: str) -> Tuple[int, ...]:
+    """Layers in the papers' numbering (layer l = the l-th of ``depth`` blocks, 1-based; a method
+    acting "after layer l" reads its output) -> the 0-based blocks after which it acts. ``key``
+    names the config list in the error (distinct, ascending, within 1..depth - 1)."""
+    layers = [int(v) for v in values]
+    if not layers or layers != sorted(set(layers)) or not all(1 <= v < depth for v in layers):
+        raise ValueError(
+            f"{key} {list(values)}: distinct ascending layers in 1..{depth - 1} "
+            f"(the papers' numbering: layer l is block l - 1 of the {depth})"
+        )
+    return tuple(v - 1 for v in layers)
 
 
 def overlay_final_logits(outputs: Dict[str, Any], tokens: TokenSet) -> Dict[str, Any]:

@@ -29,7 +29,7 @@ from ...heads.vit_decode_head import pixel_cross_entropy, resize_logits
 from ..distillation import KL_DIRECTIONS, feature_mse, pixel_kl
 from ..dovit_aux_head import PointwiseAuxHead
 from ..dovit_rules import StoppedSum, merge_stopped_into_cls, ramped_threshold, stop_mask
-from ..plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenReducer
+from ..plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenReducer, paper_layers
 from ..teacher import FrozenTeacher, build_teacher_model
 from ..token_set import TokenSet
 from ..token_targets import cell_class_counts, live_token_cross_entropy
@@ -49,13 +49,7 @@ class DoViT(TokenReducer):
         super().__init__(cfg, backbone, head)
         d = cfg.MODEL.TOKEN_REDUCTION.DOVIT
         key = "MODEL.TOKEN_REDUCTION.DOVIT"
-        layers = [int(v) for v in d.DECISION_LAYERS]
-        if not layers or layers != sorted(set(layers)) or any(not 1 <= v < backbone.depth for v in layers):
-            raise ValueError(
-                f"{key}.DECISION_LAYERS {list(d.DECISION_LAYERS)}: need distinct ascending layer counts in "
-                f"1..{backbone.depth - 1} (the paper's numbering: a decision after layer 3 reads block 2's output)"
-            )
-        self.decision_layers = tuple(v - 1 for v in layers)
+        self.decision_layers = paper_layers(d.DECISION_LAYERS, backbone.depth, f"{key}.DECISION_LAYERS")
         self.threshold = float(d.THRESHOLD)
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"{key}.THRESHOLD must lie in [0, 1] (1.0 stops nothing), got {d.THRESHOLD}")
@@ -83,7 +77,7 @@ class DoViT(TokenReducer):
         self.ignore_value = int(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
         self.patch_size = int(backbone.patch_size)
         self.aux_heads = nn.ModuleList(
-            PointwiseAuxHead(backbone.embed_dim, self.num_classes, int(d.AUX_HIDDEN)) for _ in layers
+            PointwiseAuxHead(backbone.embed_dim, self.num_classes, int(d.AUX_HIDDEN)) for _ in self.decision_layers
         )
         self._teacher = None
         if self.distill_weight > 0 or self.feature_distill_weight > 0:

@@ -49,7 +49,7 @@ from timm.layers import trunc_normal_
 
 from ...heads.vit_decode_head import tokens_to_map
 from ..flops import token_wise_flops
-from ..plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenReducer, overlay_final_logits
+from ..plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenReducer, overlay_final_logits, paper_layers
 from ..token_set import TokenSet
 from ..token_targets import cell_class_counts, live_token_cross_entropy
 
@@ -97,12 +97,8 @@ class DTOP(TokenReducer):
     def __init__(self, cfg: Any, backbone, head) -> None:
         super().__init__(cfg, backbone, head)
         d = cfg.MODEL.TOKEN_REDUCTION.DTOP
-        layers = [int(v) for v in d.PRUNE_LAYERS]
-        if not layers or layers != sorted(set(layers)) or not all(1 <= v < backbone.depth for v in layers):
-            raise ValueError(
-                f"{_KEY}.PRUNE_LAYERS {list(d.PRUNE_LAYERS)}: distinct ascending layers in 1..{backbone.depth - 1} "
-                f"(the papers' numbering: layer l is block l - 1 of the {backbone.depth})"
-            )
+        self.decision_layers = paper_layers(d.PRUNE_LAYERS, backbone.depth, f"{_KEY}.PRUNE_LAYERS")
+        layers = [v + 1 for v in self.decision_layers]
         self.theta = float(d.THETA)
         if not self.theta > 0:
             raise ValueError(f"{_KEY}.THETA must be > 0 (1.0 or more prunes nothing), got {d.THETA}")
@@ -118,7 +114,6 @@ class DTOP(TokenReducer):
         self.prune_in_training = bool(d.PRUNE_IN_TRAINING)
         #: prune layers in the papers' numbering
         self.prune_layers: Tuple[int, ...] = tuple(layers)
-        self.decision_layers = tuple(v - 1 for v in layers)
         self.output_kind = "dense" if head.input_kind == "grid" else "tokens"
         #: False when the main head's scores are probabilities already (ATM): finalised cells then hold probabilities
         self.logit_space = bool(head.scores_are_logits)

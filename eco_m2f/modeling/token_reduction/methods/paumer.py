@@ -27,7 +27,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from ..flops import token_wise_flops
-from ..plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenReducer
+from ..plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenReducer, paper_layers
 from ..token_set import TokenSet
 from ..token_targets import cell_class_counts, live_token_cross_entropy
 
@@ -63,12 +63,8 @@ class PAUMER(TokenReducer):
     def __init__(self, cfg: Any, backbone, head) -> None:
         super().__init__(cfg, backbone, head)
         p = cfg.MODEL.TOKEN_REDUCTION.PAUMER
-        layers = [int(v) for v in p.PAUSE_LAYERS]
-        if not layers or layers != sorted(set(layers)) or not all(1 <= v < backbone.depth for v in layers):
-            raise ValueError(
-                f"{_KEY}.PAUSE_LAYERS {layers}: distinct ascending layers in 1..{backbone.depth - 1} "
-                f"(the paper's numbering: layer l is block l - 1 of the {backbone.depth})"
-            )
+        self.decision_layers = paper_layers(p.PAUSE_LAYERS, backbone.depth, f"{_KEY}.PAUSE_LAYERS")
+        layers = [v + 1 for v in self.decision_layers]
         ratios = [_check_ratio(v, "PAUSE_RATIOS") for v in p.PAUSE_RATIOS]
         if len(ratios) == 1:
             ratios = ratios * len(layers)
@@ -81,7 +77,6 @@ class PAUMER(TokenReducer):
         self.pause_layers = tuple(layers)
         self.pause_ratios = tuple(ratios)
         self.train_ratio_range = (low, high)
-        self.decision_layers = tuple(v - 1 for v in layers)
         self.aux_loss_weight = float(p.AUX_LOSS_WEIGHT)
         self.early_exit = bool(p.EARLY_EXIT)
         # early exit with a token-wise head: the decoder sees only the tokens that reached the end
