@@ -113,6 +113,14 @@ train() {
   stamp "trained weights: $ckpt"
 }
 
+# finetune SECONDS NAME CONFIG WEIGHTS ARGS...: train OUT_DIR/NAME from WEIGHTS with the fine-tuning
+# schedule (FT_ITERS at FT_LR, WARMUP, checkpoints every CKPT), at most SECONDS.
+finetune() {
+  local seconds=$1 name=$2 cfg=$3 weights=$4; shift 4
+  train "$seconds" "$out/$name" --config-file "$cfg" "$@" MODEL.WEIGHTS "$weights" SOLVER.MAX_ITER "$FT_ITERS" \
+    SOLVER.BASE_LR "$FT_LR" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+}
+
 dense_weights() { echo "${DENSE_WEIGHTS:-$out/dense/model_trained.pth}"; }
 policy_weights() { echo "${POLICY_WEIGHTS:-$out/policy/model_trained.pth}"; }
 dcts_policy_weights() { echo "${DCTS_POLICY_WEIGHTS:-$out/policy_dcts/model_trained.pth}"; }
@@ -176,8 +184,7 @@ torch.save({"model": build_model(setup_cfg(sys.argv[2], sys.argv[3:])).state_dic
   ;;
 paumer)
   stamp "fine-tuning PAUMER (pause layers $PAUSE_LAYERS) from $(dense_weights): $FT_ITERS iterations, at most $FT_SECONDS s"
-  train "$FT_SECONDS" "$out/paumer" --config-file "$paumer_cfg" "${paumer[@]}" MODEL.WEIGHTS "$(dense_weights)" \
-    SOLVER.MAX_ITER "$FT_ITERS" SOLVER.BASE_LR "$FT_LR" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+  finetune "$FT_SECONDS" paumer "$paumer_cfg" "$(dense_weights)" "${paumer[@]}"
   settings=(--setting tau0 MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[0.0]")
   for tau in $TAUS; do settings+=(--setting "tau$tau" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[$tau]"); done
   sweep paumer "$paumer_cfg" "PAUMER pausing after layers $PAUSE_LAYERS at the same tau each, ${SIZE}x${SIZE}" "${settings[@]}"
@@ -185,9 +192,7 @@ paumer)
 dovit)
   # the teacher is the dense model it starts from (TEACHER.WEIGHTS "" = MODEL.WEIGHTS)
   stamp "fine-tuning DoViT (decisions after layers $DECISION_LAYERS, xi $FT_XI) from $(dense_weights): $FT_ITERS iterations, at most $FT_SECONDS s"
-  train "$FT_SECONDS" "$out/dovit" --config-file "$dovit_cfg" "${dovit[@]}" MODEL.WEIGHTS "$(dense_weights)" \
-    MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$FT_XI" SOLVER.MAX_ITER "$FT_ITERS" SOLVER.BASE_LR "$FT_LR" \
-    SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+  finetune "$FT_SECONDS" dovit "$dovit_cfg" "$(dense_weights)" "${dovit[@]}" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$FT_XI"
   settings=(--setting xi1.0 MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD 1.0)
   for xi in $XIS; do settings+=(--setting "xi$xi" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$xi"); done
   sweep dovit "$dovit_cfg" "DoViT deciding after layers $DECISION_LAYERS (trained at xi $FT_XI), ${SIZE}x${SIZE}" "${settings[@]}"
@@ -228,9 +233,7 @@ sharing)
   ;;
 dtop)
   stamp "fine-tuning DToP (prune layers $DTOP_LAYERS, theta $FT_THETA) from $(dense_weights): $FT_ITERS iterations, at most $FT_SECONDS s"
-  train "$FT_SECONDS" "$out/dtop" --config-file "$dtop_cfg" "${dtop[@]}" MODEL.WEIGHTS "$(dense_weights)" \
-    MODEL.TOKEN_REDUCTION.DTOP.THETA "$FT_THETA" SOLVER.MAX_ITER "$FT_ITERS" SOLVER.BASE_LR "$FT_LR" \
-    SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+  finetune "$FT_SECONDS" dtop "$dtop_cfg" "$(dense_weights)" "${dtop[@]}" MODEL.TOKEN_REDUCTION.DTOP.THETA "$FT_THETA"
   settings=(--setting theta1.0 MODEL.TOKEN_REDUCTION.DTOP.THETA 1.0)
   for t in $THETAS; do settings+=(--setting "theta$t" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t"); done
   sweep dtop "$dtop_cfg" "DToP pruning after layers $DTOP_LAYERS (trained at theta $FT_THETA), ${SIZE}x${SIZE}" "${settings[@]}"
@@ -240,9 +243,7 @@ step)
   weights="$out/dtop/model_trained.pth"
   if [ "$STEP_FT_SECONDS" -gt 0 ]; then
     stamp "fine-tuning STEP from the DToP model: $FT_ITERS iterations, at most $STEP_FT_SECONDS s"
-    train "$STEP_FT_SECONDS" "$out/step" --config-file "$step_cfg" "${step[@]}" MODEL.WEIGHTS "$weights" \
-      MODEL.TOKEN_REDUCTION.DTOP.THETA "$FT_THETA" SOLVER.MAX_ITER "$FT_ITERS" SOLVER.BASE_LR "$FT_LR" \
-      SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+    finetune "$STEP_FT_SECONDS" step "$step_cfg" "$weights" "${step[@]}" MODEL.TOKEN_REDUCTION.DTOP.THETA "$FT_THETA"
     weights="$out/step/model_trained.pth"
   fi
   settings=()
