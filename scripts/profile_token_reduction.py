@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eco_m2f.architectures import build_model  # noqa: E402
 from eco_m2f.config import setup_cfg  # noqa: E402
+from eco_m2f.evaluation.reduction_sweep import parse_settings  # noqa: E402
 from eco_m2f.evaluation.throughput import profile_kernels, stage_times, time_forward  # noqa: E402
 
 TINY = ["MODEL.VIT.EMBED_DIM", "64", "MODEL.VIT.DEPTH", "4", "MODEL.VIT.NUM_HEADS", "2",
@@ -90,9 +91,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (use --device cpu for a check of the script)")
-    for spec in args.setting:
-        if len(spec) < 3 or len(spec) % 2 == 0:
-            parser.error(f"--setting {' '.join(spec)}: a name, then KEY VALUE pairs")
+    try:
+        settings = parse_settings(args.setting)
+    except ValueError as exc:
+        parser.error(f"--setting: {exc}")
     sizes = [64, 64] if args.tiny else args.size
     common = [*(TINY if args.tiny else []), "MODEL.DEVICE", args.device, "MODEL.WEIGHTS", "", "MODEL.TOKEN_SHARING.POLICY_WEIGHTS", "",
               "MODEL.VIT.IMG_SIZE", str(sizes[0]), *args.opts]
@@ -100,7 +102,7 @@ def main() -> None:
     if args.device == "cuda":
         base.append(("dense, flash attention", ["MODEL.TOKEN_REDUCTION.NAME", ""], True))
     rows = []
-    for name, opts, flash in base + [(s[0], s[1:], False) for s in args.setting]:
+    for name, opts, flash in base + [(s.name, s.overrides, False) for s in settings]:
         cfg = setup_cfg(args.config_file, common + opts)
         row = profile(cfg, name, sizes, args.batch, args.device, flash, args.kernels)
         rows.append(row)

@@ -227,3 +227,21 @@ def test_the_tiny_config_fine_tunes_through_the_trainer_from_a_dtop_checkpoint(t
     for k, v in policy.state_dict().items():
         assert torch.equal(trained[f"token_reducer.sharing.policy.{k}"].cpu(), v), k
     assert not torch.equal(trained["token_reducer.heads.layer1.1.weight"].cpu(), dtop.state_dict()["token_reducer.heads.layer1.1.weight"])
+
+
+def test_the_profile_script_times_dense_and_each_setting(tmp_path):
+    """scripts/profile_token_reduction.py on the CPU (--tiny): one row per model, latency per batch size."""
+    import json
+    import subprocess
+
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, str(REPO / "scripts/profile_token_reduction.py"), "--device", "cpu", "--tiny", "--batch", "2", "1",
+           "--json", str(out), "--setting", "cts-S", "MODEL.TOKEN_REDUCTION.NAME", "CTS",
+           "--setting", "step", "MODEL.TOKEN_REDUCTION.NAME", "STEP", "MODEL.TOKEN_REDUCTION.DTOP.PRUNE_LAYERS", "[1, 2]",
+           "MODEL.TOKEN_REDUCTION.DCTS.SETTING", "", "MODEL.TOKEN_REDUCTION.DCTS.THRESHOLDS", "[0.4, 0.9, 0.9, 0.9]"]
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["dense", "cts-S", "step"]
+    assert all(r[f"b{b}"]["ms"] > 0 and r[f"b{b}"]["img/s"] > 0 for r in rows for b in (2, 1))
+    bad = subprocess.run(cmd[:5] + ["--setting", "dense", "KEY", "VALUE"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "setting names must be distinct" in bad.stderr
