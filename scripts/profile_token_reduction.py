@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eco_m2f.architectures import build_model  # noqa: E402
 from eco_m2f.config import setup_cfg  # noqa: E402
 from eco_m2f.evaluation.reduction_sweep import parse_settings  # noqa: E402
-from eco_m2f.evaluation.throughput import profile_kernels, stage_times, time_forward  # noqa: E402
+from eco_m2f.evaluation.throughput import host_profile, profile_kernels, stage_times, sync_points, time_forward  # noqa: E402
 
 TINY = ["MODEL.VIT.EMBED_DIM", "64", "MODEL.VIT.DEPTH", "4", "MODEL.VIT.NUM_HEADS", "2",
         "MODEL.SEM_SEG_HEAD.MASK_TRANSFORMER.NUM_LAYERS", "1", "MODEL.SEM_SEG_HEAD.MASK_TRANSFORMER.NUM_HEADS", "2"]
@@ -53,7 +53,10 @@ def _stages(model) -> Dict[str, tuple]:
     return stages
 
 
-def profile(cfg, name: str, sizes: List[int], batches: List[int], device: str, flash_only: bool = False, kernels: int = 0) -> Dict[str, Any]:
+def profile(
+    cfg, name: str, sizes: List[int], batches: List[int], device: str, flash_only: bool = False, kernels: int = 0,
+    host: int = 0, syncs: bool = False,
+) -> Dict[str, Any]:
     """Latency, images/s and stage times of one model at each batch size."""
     torch.manual_seed(0)
     model = build_model(cfg).to(device).eval()
@@ -73,6 +76,10 @@ def profile(cfg, name: str, sizes: List[int], batches: List[int], device: str, f
                 row[f"b{b}"]["stages_ms"] = stage_times(model.network, x, "bf16", _stages(model), iters=10)
                 if kernels:
                     row[f"b{b}"]["kernels"] = profile_kernels(model.network, x, "bf16", top=kernels)
+                if syncs:
+                    row[f"b{b}"]["syncs"] = sync_points(model.network, x, "bf16")
+            if host and b == batches[0]:
+                row[f"b{b}"]["host"] = host_profile(model.network, x, "bf16" if device == "cuda" else "fp32", top=host)
     return row
 
 
@@ -84,6 +91,8 @@ def main() -> None:
     parser.add_argument("--setting", nargs="+", action="append", default=[], metavar="NAME KEY VALUE",
                         help="a named setting: config overrides (repeatable)")
     parser.add_argument("--kernels", type=int, default=0, help="print the top N kernels of each pass at the first batch size")
+    parser.add_argument("--host", type=int, default=0, help="print the top N Python functions by host time (cProfile) at the first batch size")
+    parser.add_argument("--syncs", action="store_true", help="list the host syncs of one pass at every batch size (CUDA)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny ViT and 64 x 64 inputs (a check of the script)")
     parser.add_argument("--json", default="")
@@ -104,7 +113,7 @@ def main() -> None:
     rows = []
     for name, opts, flash in base + [(s.name, s.overrides, False) for s in settings]:
         cfg = setup_cfg(args.config_file, common + opts)
-        row = profile(cfg, name, sizes, args.batch, args.device, flash, args.kernels)
+        row = profile(cfg, name, sizes, args.batch, args.device, flash, args.kernels, args.host, args.syncs)
         rows.append(row)
         cells = []
         for b in args.batch:
@@ -112,8 +121,14 @@ def main() -> None:
             stages = ", ".join(f"{k} {v:.2f}" for k, v in r.get("stages_ms", {}).items())
             cells.append(f"b{b}: {r['ms']:.2f} ms ({r['img/s']:.1f} img/s){'; ' + stages if stages else ''}")
         print(f"{name:24s} " + " | ".join(cells), flush=True)
-        if args.kernels and "kernels" in row[f"b{args.batch[0]}"]:
-            print(row[f"b{args.batch[0]}"].pop("kernels"), flush=True)
+        first = row[f"b{args.batch[0]}"]
+        for key in ("kernels", "host"):
+            if key in first:
+                print(first.pop(key), flush=True)
+        for b in args.batch:
+            if "syncs" in row[f"b{b}"]:
+                points = row[f"b{b}"]["syncs"]
+                print(f"  b{b}: {len(points)} host sync(s)" + "".join(f"\n    {p}" for p in points), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config_file, "size": sizes, "rows": rows}, indent=1))
 

@@ -236,12 +236,13 @@ def test_the_profile_script_times_dense_and_each_setting(tmp_path):
 
     out = tmp_path / "profile.json"
     cmd = [sys.executable, str(REPO / "scripts/profile_token_reduction.py"), "--device", "cpu", "--tiny", "--batch", "2", "1",
-           "--json", str(out), "--setting", "cts-S", "MODEL.TOKEN_REDUCTION.NAME", "CTS",
+           "--host", "5", "--json", str(out), "--setting", "cts-S", "MODEL.TOKEN_REDUCTION.NAME", "CTS",
            "--setting", "step", "MODEL.TOKEN_REDUCTION.NAME", "STEP", "MODEL.TOKEN_REDUCTION.DTOP.PRUNE_LAYERS", "[1, 2]",
            "MODEL.TOKEN_REDUCTION.DCTS.SETTING", "", "MODEL.TOKEN_REDUCTION.DCTS.THRESHOLDS", "[0.4, 0.9, 0.9, 0.9]"]
-    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=600)
+    done = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.stdout.count("host time of 5 passes") == 3 and "tottime" in done.stdout  # --host: one cProfile table per model
     rows = json.loads(out.read_text())["rows"]
     assert [r["name"] for r in rows] == ["dense", "cts-S", "step"]
     assert all(r[f"b{b}"]["ms"] > 0 and r[f"b{b}"]["img/s"] > 0 for r in rows for b in (2, 1))
-    bad = subprocess.run(cmd[:5] + ["--setting", "dense", "KEY", "VALUE"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(cmd[:7] + ["--setting", "dense", "KEY", "VALUE"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "setting names must be distinct" in bad.stderr

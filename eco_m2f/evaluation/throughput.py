@@ -270,3 +270,57 @@ def format_timings(rows: List[Timing], baseline: str, ours) -> str:
             ratio = f"{r.images_per_s / index[(baseline, r.batch, r.dtype)].images_per_s:.2f}x"
         lines.append(f"{r.name:<{width}}{r.batch:>6}{r.dtype:>7}{r.latency_ms:>12.2f}{r.images_per_s:>11.1f}{ratio:>10}")
     return "\n".join(lines)
+
+
+def host_profile(fn: Callable[[torch.Tensor], object], images: torch.Tensor, dtype: str, top: int = 20, iters: int = 5) -> str:
+    """Where the CPU spends a pass: cProfile's table of the ``top`` Python functions by their own
+    time over ``iters`` passes (after warm-up). A pass whose latency exceeds its GPU time is
+    host-bound; this names the functions that keep the GPU waiting."""
+    import cProfile
+    import io
+    import pstats
+
+    time_forward(fn, images, dtype, warmup=2, iters=0)
+    profiler = cProfile.Profile()
+    with torch.inference_mode(), torch.autocast(images.device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+        profiler.enable()
+        for _ in range(iters):
+            fn(images)
+        _sync(images.device)
+        profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    return f"host time of {iters} passes (cProfile, sorted by own time)\n" + text.getvalue().split("Ordered by:", 1)[-1]
+
+
+def sync_points(fn: Callable[[torch.Tensor], object], images: torch.Tensor, dtype: str, package: str = "eco_m2f") -> List[str]:
+    """The host syncs of one pass (after warm-up): for every CUDA operation that made the CPU
+    wait for the GPU, the innermost frame of ``package`` that called it ("file:line function")."""
+    import traceback
+    import warnings
+
+    if images.device.type != "cuda":
+        raise ValueError("sync_points needs a CUDA device")
+    time_forward(fn, images, dtype, warmup=2, iters=0)
+    found: List[str] = []
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchronizing" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack() if f"/{package}/" in f.filename.replace("\\", "/")]
+        where = frames[-1] if frames else traceback.extract_stack()[-3]
+        found.append(f"{where.filename.split(f'/{package}/')[-1]}:{where.lineno} {where.name}")
+
+    old_show = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+                fn(images)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = old_show
+    return found

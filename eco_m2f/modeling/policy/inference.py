@@ -6,15 +6,20 @@ EfficientNet-Lite0 policy as trained spent 12.4 ms of a CTS Segmenter's 23 ms pe
 quarter of it in separate BatchNorm kernels and most of the rest in PyTorch's own NCHW depthwise
 convolution. Folding removes the BatchNorm kernels; channels-last memory is the layout cuDNN's
 fast depthwise kernels take. A frozen policy never updates its statistics, so the fold is exact
-up to rounding.
+up to rounding. At batch 1 the network is launch-bound (some 250 kernels for a few ms of GPU work):
+in fp16/bf16 inference :meth:`FastPolicy.window_logits` replays it as one CUDA graph per input
+shape instead.
 
 :class:`FastPolicy` keeps the folded copy outside the module tree (no extra state-dict keys) and
-rebuilds it whenever a tensor of the policy changed in place (loading weights) or the device did.
+rebuilds it (dropping its graphs) whenever a tensor of the policy changed in place (loading
+weights) or the device did.
 """
 from __future__ import annotations
 
 import copy
-from typing import Optional, Tuple
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, Hashable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -54,17 +59,36 @@ def fold_batchnorm(module: nn.Module) -> Tuple[nn.Module, int]:
     return fused, folds
 
 
-class FastPolicy:
-    """Holds the folded, channels-last copy of ``policy`` for CUDA inference (see the module docstring)."""
+@dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph"
+    images: torch.Tensor  # static input
+    logits: Dict[int, torch.Tensor]  # static outputs
 
-    def __init__(self) -> None:
+
+class FastPolicy:
+    """Holds the folded, channels-last copy of ``policy`` for CUDA inference (see the module
+    docstring) and its CUDA graphs, at most ``max_graphs`` input shapes (least recently used out)."""
+
+    def __init__(self, max_graphs: int = 8) -> None:
         self._copy: Optional[nn.Module] = None
         self._key: Optional[Tuple] = None
+        self._tensors: Optional[list] = None
+        self._source: Optional[nn.Module] = None
+        self.max_graphs = int(max_graphs)
+        self._graphs: "OrderedDict[Hashable, _Captured]" = OrderedDict()
+        self._pool = None
+        #: graphs captured so far (benchmarks check that timed passes capture none)
+        self.captures = 0
 
-    @staticmethod
-    def _stamp(policy: nn.Module, device: torch.device) -> Tuple:
-        versions = tuple(t._version for t in list(policy.parameters()) + list(policy.buffers()))
-        return (str(device), versions, tuple(t.data_ptr() for t in policy.parameters()))
+    def _stamp(self, policy: nn.Module, device: torch.device) -> Tuple:
+        """What the copy was built from: the device, and the versions and storage of every tensor
+        of ``policy`` (bumped by in-place loading, changed by moves). The tensor list is gathered
+        once per policy (walking the module tree costs milliseconds per call); replacing a
+        parameter object needs :meth:`reset`, which a module move already triggers."""
+        if self._tensors is None or self._source is not policy:
+            self._tensors, self._source = list(policy.parameters()) + list(policy.buffers()), policy
+        return (str(device), tuple(t._version for t in self._tensors), tuple(t.data_ptr() for t in self._tensors))
 
     def get(self, policy: nn.Module, device: torch.device) -> nn.Module:
         """The fast copy of ``policy`` on ``device``, rebuilt when the policy's tensors changed."""
@@ -73,8 +97,57 @@ class FastPolicy:
             fused, _ = fold_batchnorm(policy)
             self._copy = fused.to(device=device, memory_format=torch.channels_last)
             self._key = key
+            self._graphs.clear()  # they read the old copy's weights
+            self._pool = None
         return self._copy
 
+    def window_logits(self, policy: nn.Module, images: torch.Tensor, pixel_mean: torch.Tensor,
+                      pixel_std: torch.Tensor) -> Dict[int, torch.Tensor]:
+        """``policy.window_logits`` (side -> B x 2 x rows x cols) by the fast copy, on CUDA images
+        with gradients off; replayed from a CUDA graph under fp16/bf16 autocast or on half inputs."""
+        fast = self.get(policy, images.device)
+        x = images.contiguous(memory_format=torch.channels_last)
+        cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        if torch.is_grad_enabled() or (cast or x.dtype) not in (torch.float16, torch.bfloat16):
+            return fast.window_logits(x, pixel_mean, pixel_std)
+        key = (tuple(x.shape), x.dtype, str(x.device), cast, pixel_mean.data_ptr(), pixel_std.data_ptr())
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._capture(key, fast, x, pixel_mean, pixel_std, cast)
+        else:
+            self._graphs.move_to_end(key)
+            captured.images.copy_(x)
+        captured.graph.replay()
+        return {n: t.clone() for n, t in captured.logits.items()}  # the next replay overwrites them
+
+    def _capture(self, key: Hashable, fast: nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                 cast: Optional[torch.dtype]) -> _Captured:
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode(False), torch.no_grad():  # plain buffers, writable in any mode
+            images = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+
+            def forward() -> Dict[int, torch.Tensor]:
+                with torch.autocast("cuda", dtype=cast or torch.bfloat16, enabled=cast is not None, cache_enabled=False):
+                    return fast.window_logits(images, mean, std)
+
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN picks its kernels here
+                forward()
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = forward()
+        self.captures += 1
+        captured = self._graphs[key] = _Captured(graph, images, logits)
+        return captured
+
     def reset(self) -> None:
-        self._copy, self._key = None, None
+        """Drop the copy and its graphs (after the policy's parameters moved or were replaced)."""
+        self._copy, self._key, self._tensors, self._source = None, None, None, None
+        self._graphs.clear()
+        self._pool = None
 

@@ -126,7 +126,13 @@ class WindowSharingReducer(TokenReducer):
 
         load_weights(self.policy, self._policy_weights)
         self.policy.freeze()
+        self._fast_policy.reset()
         self._policy_loaded = True
+
+    def _apply(self, fn, *args, **kwargs):
+        if "_fast_policy" in self.__dict__:  # the policy's tensors move or change: rebuild its fast copy
+            self._fast_policy.reset()
+        return super()._apply(fn, *args, **kwargs)
 
     def keys_loaded_elsewhere(self) -> Set[str]:
         if not self._policy_loaded:
@@ -141,10 +147,8 @@ class WindowSharingReducer(TokenReducer):
         """Side -> B x rows_n x cols_n P(one class) of the policy on the Segmenter's batch, its
         FLOPs charged."""
         with torch.no_grad():  # frozen: always in eval mode (TokenSharingPolicy.freeze)
-            if images.is_cuda:  # BatchNorm folded, channels-last: what cuDNN runs fast (policy/inference.py)
-                fast = self._fast_policy.get(self.policy, images.device)
-                x = images.contiguous(memory_format=torch.channels_last)
-                logits = fast.window_logits(x, self.seg_pixel_mean, self.seg_pixel_std)
+            if images.is_cuda:  # BatchNorm folded, channels-last, CUDA graphs (policy/inference.py)
+                logits = self._fast_policy.window_logits(self.policy, images, self.seg_pixel_mean, self.seg_pixel_std)
             else:
                 logits = self.policy.window_logits(images, self.seg_pixel_mean, self.seg_pixel_std)
         size = (int(images.shape[-2]), int(images.shape[-1]))
