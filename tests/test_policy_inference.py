@@ -68,21 +68,25 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cts_on_cuda_uses_the_fast_copy_with_the_same_scores():
     """The CUDA path (folded, channels-last) against the policy as trained: in fp32 (TF32 off)
-    to rounding, under bf16 autocast to bf16's rounding over some fifty layers."""
+    equal to rounding; under bf16 autocast no further from the fp32 scores than the policy as
+    trained is under bf16 (some fifty layers of bf16 rounding either way)."""
     policy = _policy().cuda()
     fast = FastPolicy().get(policy, torch.device("cuda"))
     x = torch.randn(2, 3, 256, 192, device="cuda")
+    xc = x.contiguous(memory_format=torch.channels_last)
     flags = dict(enabled=True, benchmark=False, deterministic=False)
     with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False, **flags):
         want = policy.window_logits(x)
-        got = fast.window_logits(x.contiguous(memory_format=torch.channels_last))
+        got = fast.window_logits(xc)
     for n in want:
         assert _close(got[n], want[n], 1e-3), n
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        want = policy.window_logits(x)
-        got = fast.window_logits(x.contiguous(memory_format=torch.channels_last))
+        trained, folded = policy.window_logits(x), fast.window_logits(xc)
     for n in want:
-        assert _close(got[n], want[n], 5e-2), n
+        scale = want[n].abs().max().item()
+        error_trained = (trained[n].float() - want[n]).abs().max().item()
+        error_folded = (folded[n].float() - want[n]).abs().max().item()
+        assert error_folded <= 2 * error_trained + 1e-2 * scale, (n, error_folded, error_trained, scale)
 
 
 @pytest.mark.gpu
@@ -106,7 +110,10 @@ def test_the_graphed_policy_replays_the_fast_copy_and_follows_new_weights():
         assert fast.captures == 2
         policy.load_state_dict(other.state_dict())
         moved = fast.window_logits(policy, y, mean, std)
-        want = other.window_logits(y, mean, std)
+        yc = y.contiguous(memory_format=torch.channels_last)
+        want = fast.get(policy, y.device).window_logits(yc, mean, std)  # the eager copy of the new weights
+        old = FastPolicy().get(_policy(0).cuda(), y.device).window_logits(yc, mean, std)
     assert fast.captures == 3
     for n in want:
-        assert _close(moved[n], want[n], 5e-2), n
+        assert _close(moved[n], want[n], 1e-2), n  # the new weights' scores,
+        assert not _close(moved[n], old[n], 1e-2), n  # not the old ones'
