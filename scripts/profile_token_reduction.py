@@ -53,6 +53,17 @@ def _stages(model) -> Dict[str, tuple]:
     return stages
 
 
+def _captures(model) -> int:
+    """CUDA graphs captured so far by the model's runs of blocks and its policy (a capture inside
+    the timed passes would be timed too)."""
+    loop = getattr(model, "_reduction", None)
+    if loop is None:
+        return 0
+    count = sum(int(g.stats["captures"]) for g in loop._graphs.values())
+    fast = getattr(getattr(model.token_reducer, "sharing", model.token_reducer), "_fast_policy", None)
+    return count + (fast.captures if fast is not None else 0)
+
+
 def profile(
     cfg, name: str, sizes: List[int], batches: List[int], device: str, flash_only: bool = False, kernels: int = 0,
     host: int = 0, syncs: bool = False,
@@ -70,8 +81,10 @@ def profile(
     with context:
         for b in batches:
             x = torch.randn(b, 3, *sizes, generator=g).to(device)
-            ms, ips = time_forward(model.network, x, "bf16" if device == "cuda" else "fp32", warmup=10, iters=30)
-            row[f"b{b}"] = {"ms": ms, "img/s": ips}
+            time_forward(model.network, x, "bf16" if device == "cuda" else "fp32", warmup=10, iters=0)
+            before = _captures(model)
+            ms, ips = time_forward(model.network, x, "bf16" if device == "cuda" else "fp32", warmup=0, iters=30)
+            row[f"b{b}"] = {"ms": ms, "img/s": ips, "captures_while_timed": _captures(model) - before}
             if device == "cuda":
                 row[f"b{b}"]["stages_ms"] = stage_times(model.network, x, "bf16", _stages(model), iters=10)
                 if kernels:
@@ -119,7 +132,8 @@ def main() -> None:
         for b in args.batch:
             r = row[f"b{b}"]
             stages = ", ".join(f"{k} {v:.2f}" for k, v in r.get("stages_ms", {}).items())
-            cells.append(f"b{b}: {r['ms']:.2f} ms ({r['img/s']:.1f} img/s){'; ' + stages if stages else ''}")
+            captured = f", {r['captures_while_timed']} graph capture(s) while timed" if r["captures_while_timed"] else ""
+            cells.append(f"b{b}: {r['ms']:.2f} ms ({r['img/s']:.1f} img/s{captured}){'; ' + stages if stages else ''}")
         print(f"{name:24s} " + " | ".join(cells), flush=True)
         first = row[f"b{args.batch[0]}"]
         for key in ("kernels", "host"):
