@@ -7,8 +7,10 @@
         [--json OUT.json] [KEY VALUE ...]
     python scripts/profile_token_reduction.py --device cpu --tiny     # a quick check of the script
 
-Random weights (the time of a fixed configuration does not depend on them: fixed-S CTS shares S
-superpatches of any policy, theta 1 prunes nothing): for the dense model, the dense model with
+Random weights and random images by default (the time of a fixed configuration does not depend on
+them: fixed-S CTS shares S superpatches of any policy, theta 1 prunes nothing); ``--weights W
+--real-images`` profiles trained models on the sweep's timed batch instead, for settings whose
+decisions depend on the content (thresholds, theta). For the dense model, the dense model with
 its attention forced to the flash kernel (the kernel the ragged runtime uses), and every
 setting, the latency of ``model.network`` in bf16 at each batch size and the GPU time inside
 each stage (CUDA events around the policy, the embedding, the runs of blocks, the reductions,
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eco_m2f.architectures import build_model  # noqa: E402
 from eco_m2f.config import setup_cfg  # noqa: E402
-from eco_m2f.evaluation.reduction_sweep import parse_settings  # noqa: E402
+from eco_m2f.evaluation.reduction_sweep import build_trained, parse_settings, timed_inputs  # noqa: E402
 from eco_m2f.evaluation.throughput import host_profile, profile_kernels, stage_times, sync_points, time_forward  # noqa: E402
 
 TINY = ["MODEL.VIT.EMBED_DIM", "64", "MODEL.VIT.DEPTH", "4", "MODEL.VIT.NUM_HEADS", "2",
@@ -66,11 +68,12 @@ def _captures(model) -> int:
 
 def profile(
     cfg, name: str, sizes: List[int], batches: List[int], device: str, flash_only: bool = False, kernels: int = 0,
-    host: int = 0, syncs: bool = False,
+    host: int = 0, syncs: bool = False, real_images: bool = False,
 ) -> Dict[str, Any]:
     """Latency, images/s and stage times of one model at each batch size."""
     torch.manual_seed(0)
-    model = build_model(cfg).to(device).eval()
+    model = build_trained(cfg, device) if cfg.MODEL.WEIGHTS else build_model(cfg).to(device).eval()
+    real = timed_inputs(cfg, max(batches)) if real_images else None
     row: Dict[str, Any] = {"name": name}
     context = contextlib.nullcontext()
     if flash_only:
@@ -80,7 +83,10 @@ def profile(
     g = torch.Generator().manual_seed(1)
     with context:
         for b in batches:
-            x = torch.randn(b, 3, *sizes, generator=g).to(device)
+            if real is None:
+                x = torch.randn(b, 3, *sizes, generator=g).to(device)
+            else:  # the sweep's timed batch: the first validation images, as the model pads them
+                x = model.preprocess_image(real[:b]).tensor
             time_forward(model.network, x, "bf16" if device == "cuda" else "fp32", warmup=10, iters=0)
             before = _captures(model)
             ms, ips = time_forward(model.network, x, "bf16" if device == "cuda" else "fp32", warmup=0, iters=30)
@@ -106,6 +112,10 @@ def main() -> None:
     parser.add_argument("--kernels", type=int, default=0, help="print the top N kernels of each pass at the first batch size")
     parser.add_argument("--host", type=int, default=0, help="print the top N Python functions by host time (cProfile) at the first batch size")
     parser.add_argument("--syncs", action="store_true", help="list the host syncs of one pass at every batch size (CUDA)")
+    parser.add_argument("--weights", default="", help="trained weights of every model, loaded as the sweep loads them "
+                        "(a model without a token reducer ignores token_reducer.* keys); default: random weights")
+    parser.add_argument("--real-images", action="store_true",
+                        help="time the first validation images of DATASETS.TEST[0] (the sweep's batch) instead of random ones")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny ViT and 64 x 64 inputs (a check of the script)")
     parser.add_argument("--json", default="")
@@ -118,7 +128,8 @@ def main() -> None:
     except ValueError as exc:
         parser.error(f"--setting: {exc}")
     sizes = [64, 64] if args.tiny else args.size
-    common = [*(TINY if args.tiny else []), "MODEL.DEVICE", args.device, "MODEL.WEIGHTS", "", "MODEL.TOKEN_SHARING.POLICY_WEIGHTS", "",
+    no_policy = [] if args.weights else ["MODEL.TOKEN_SHARING.POLICY_WEIGHTS", ""]
+    common = [*(TINY if args.tiny else []), "MODEL.DEVICE", args.device, "MODEL.WEIGHTS", args.weights, *no_policy,
               "MODEL.VIT.IMG_SIZE", str(sizes[0]), *args.opts]
     base = [("dense", ["MODEL.TOKEN_REDUCTION.NAME", ""], False)]
     if args.device == "cuda":
@@ -126,7 +137,7 @@ def main() -> None:
     rows = []
     for name, opts, flash in base + [(s.name, s.overrides, False) for s in settings]:
         cfg = setup_cfg(args.config_file, common + opts)
-        row = profile(cfg, name, sizes, args.batch, args.device, flash, args.kernels, args.host, args.syncs)
+        row = profile(cfg, name, sizes, args.batch, args.device, flash, args.kernels, args.host, args.syncs, args.real_images)
         rows.append(row)
         cells = []
         for b in args.batch:

@@ -85,7 +85,7 @@ def flop_time_share(t_dense: float, t: float, flop_ratio: float) -> float:
 COST_FIELDS = ("gflops", "live_tokens_mean", "token_fraction_mean")
 
 
-def _build(cfg, device: str):
+def build_trained(cfg, device: str):
     """The model of ``cfg`` on ``device`` in eval mode, from ``MODEL.WEIGHTS`` (a model without a
     token reducer ignores a checkpoint's ``token_reducer.*`` keys; anything else must match)."""
     from ..checkpoint import load_weights
@@ -119,7 +119,7 @@ def _evaluate(cfg, model, out_dir: str) -> Dict[str, float]:
     return {"miou": float(results["sem_seg"]["mIoU"]), **{f.replace("_mean", ""): float(cost[f]) for f in COST_FIELDS}}
 
 
-def _timed_inputs(cfg, count: int) -> List[Dict[str, Any]]:
+def timed_inputs(cfg, count: int) -> List[Dict[str, Any]]:
     """The first ``count`` images of ``DATASETS.TEST[0]`` as the test mapper gives them."""
     from ..data import build_detection_test_loader
 
@@ -170,7 +170,7 @@ def run_sweep(
     timed: List[Dict[str, Any]] = []
     for setting in [dense, *settings]:
         cfg = setup_cfg(config_file, list(opts) + setting.overrides + ["OUTPUT_DIR", os.path.join(out_dir, setting.name)])
-        model = _build(cfg, device)
+        model = build_trained(cfg, device)
         key = json.dumps([setting.name, setting.overrides, list(opts), cfg.MODEL.WEIGHTS])
         if key not in cache:
             log(f"[sweep] evaluating {setting.name} {' '.join(setting.overrides)}")
@@ -178,7 +178,7 @@ def run_sweep(
             _append_cache(cache_path, key, cache[key])
         row = SweepRow(setting.name, setting.overrides, **{k: cache[key][k] for k in ("miou", "gflops", "live_tokens", "token_fraction")})
         log(f"[sweep] timing {setting.name}")
-        timed = timed or _timed_inputs(cfg, 8)  # the same images for every setting
+        timed = timed or timed_inputs(cfg, 8)  # the same images for every setting
         for name, value in _time(model, timed, (8, 1), dtype, warmup, iters).items():
             setattr(row, name, value)
         rows.append(row)
