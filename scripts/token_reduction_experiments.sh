@@ -35,7 +35,8 @@
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
 # DECISION_LAYERS FT_XI XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS
 # DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS
-# STEP_FT_SECONDS WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
+# STEP_FT_SECONDS HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
+# fine-tunings, SOLVER.LR_MULTIPLIERS) WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
 # "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"). A stage that finished is not redone (a trained
 # model is kept, the sweep reuses finished evaluations); a training stopped by its time bound
 # continues from its last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is
@@ -76,7 +77,7 @@ TRAIN_SECONDS=${TRAIN_SECONDS:-220}; FT_SECONDS=${FT_SECONDS:-110}; TAUS=${TAUS:
 FT_XI=${FT_XI:-0.98}; XIS=${XIS:-"0.95 0.98 0.99"}; POLICY_SECONDS=${POLICY_SECONDS:-100}
 DCTS_POLICY_SECONDS=${DCTS_POLICY_SECONDS:-60}; CTS_THRESHOLDS=${CTS_THRESHOLDS:-"0.5 0.8"}
 FT_THETA=${FT_THETA:-0.9}; THETAS=${THETAS:-"0.95 0.9 0.8"}; STEP_FT_SECONDS=${STEP_FT_SECONDS:-0}
-STEP_THETAS=${STEP_THETAS:-"0.9"}
+STEP_THETAS=${STEP_THETAS:-"0.9"}; HEAD_LR_MULT=${HEAD_LR_MULT:-1}
 export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-$out/datasets_${SIZE}}
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 cd "$here"
@@ -117,8 +118,10 @@ train() {
 # schedule (FT_ITERS at FT_LR, WARMUP, checkpoints every CKPT), at most SECONDS.
 finetune() {
   local seconds=$1 name=$2 cfg=$3 weights=$4; shift 4
+  local heads=()
+  [ "$HEAD_LR_MULT" = 1 ] || heads=(SOLVER.LR_MULTIPLIERS "[['token_reducer.', $HEAD_LR_MULT]]")
   train "$seconds" "$out/$name" --config-file "$cfg" "$@" MODEL.WEIGHTS "$weights" SOLVER.MAX_ITER "$FT_ITERS" \
-    SOLVER.BASE_LR "$FT_LR" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT"
+    SOLVER.BASE_LR "$FT_LR" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT" "${heads[@]}"
 }
 
 dense_weights() { echo "${DENSE_WEIGHTS:-$out/dense/model_trained.pth}"; }

@@ -3,6 +3,7 @@ rounding, every BatchNorm of EfficientNet-Lite0 folded), channels-last, rebuilt 
 weights change in place or it moves."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,36 @@ def test_the_graphed_policy_replays_the_fast_copy_and_follows_new_weights():
     for n in want:
         assert _close(moved[n], want[n], 1e-2), n  # the new weights' scores,
         assert not _close(moved[n], old[n], 1e-2), n  # not the old ones'
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_compiled_policy_gives_the_eager_copys_scores():
+    """MODEL.TOKEN_SHARING.COMPILE_POLICY: the graph replays the compiled copy, whose bf16 scores
+    are as close to the fp32 scores as the uncompiled copy's bf16 scores (fused kernels round in
+    other places, so the two bf16 results differ by about their own error; a wrong computation
+    is off by the scale of the logits)."""
+    policy = _policy(0).cuda()
+    plain, compiled = FastPolicy(), FastPolicy(compile=True)
+    mean, std = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
+    x = torch.randn(2, 3, 256, 192, device="cuda")
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            exact = plain.get(policy, x.device).window_logits(x.contiguous(memory_format=torch.channels_last), mean, std)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "compiling the policy network failed" fails the test
+        want = plain.window_logits(policy, x, mean, std)
+        got = compiled.window_logits(policy, x, mean, std)
+        again = compiled.window_logits(policy, x, mean, std)
+    assert compiled.captures == 1
+    for n in exact:
+        scale = exact[n].abs().max().item()
+        err_plain = (want[n].float() - exact[n]).abs().max().item()
+        err_compiled = (got[n].float() - exact[n]).abs().max().item()
+        assert err_compiled <= 2.0 * err_plain + 1e-2 * scale, (n, err_compiled, err_plain, scale)
+        assert err_compiled <= 0.25 * scale, (n, err_compiled, scale)
+        assert torch.equal(got[n], again[n]), n  # replays are deterministic

@@ -96,6 +96,33 @@ def test_param_groups_are_merged_and_ordered():
     assert [g["param_names"] for g in groups] == [g["param_names"] for g in again]
 
 
+def test_lr_multipliers_by_prefix():
+    # the longest prefix wins and multiplies on top of the backbone multiplier
+    cfg = _cfg(LR_MULTIPLIERS=[["head.", 10.0], ["backbone.", 2.0], ["backbone.0.", 5.0]])
+    h = _hyper_by_name(build_optimizer(cfg, ToyModel()))
+    assert h["head.weight"][0] == pytest.approx(1e-3)
+    assert h["head.bias"][0] == pytest.approx(1e-3)
+    assert h["backbone.0.weight"][0] == pytest.approx(1e-5 * 5.0)
+    assert h["backbone.1.weight"][0] == pytest.approx(1e-5 * 2.0)
+    assert h["ln.weight"][0] == pytest.approx(1e-4)  # no prefix: unchanged
+    assert h["backbone_like.weight"][0] == pytest.approx(1e-4)  # "backbone." does not match it
+    # the key exists in the default config and is read from the command-line form
+    cfg = get_cfg()
+    cfg.merge_from_list(["SOLVER.LR_MULTIPLIERS", "[['head.', 3.0]]"])
+    assert cfg.SOLVER.LR_MULTIPLIERS == [["head.", 3.0]]
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ([["hed.", 10.0]], "prefix 'hed.' names no trainable parameter"),
+    ([["frozen.", 10.0]], "prefix 'frozen.' names no trainable parameter"),
+    ([["head.", 0.0]], "a factor > 0"),
+    ([["head."]], "each entry is \\[prefix, factor\\]"),
+])
+def test_lr_multipliers_refuse_bad_entries(pairs, message):
+    with pytest.raises(ValueError, match=message):
+        build_optimizer(_cfg(LR_MULTIPLIERS=pairs), ToyModel())
+
+
 def test_sgd_and_unknown_optimizer():
     opt = build_optimizer(_cfg(OPTIMIZER="SGD", MOMENTUM=0.8), ToyModel())
     assert isinstance(opt, torch.optim.SGD)

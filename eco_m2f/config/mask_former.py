@@ -32,6 +32,9 @@ def add_maskformer2_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # learning-rate factor of the parameters under model.backbone
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # further learning-rate factors by parameter-name prefix, [[prefix, factor], ...], e.g.
+    # [["token_reducer.", 10.0]] for the new heads of a fine-tuning; the longest prefix wins
+    cfg.SOLVER.LR_MULTIPLIERS = []
 
     # ---------------------------------------------------------- mask former
     cfg.MODEL.MASK_FORMER = CN()

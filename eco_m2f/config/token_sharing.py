@@ -15,6 +15,10 @@ def add_token_sharing_config(cfg: CN) -> None:
     # TensorFlow's EfficientNet-Lite normalisation, as in the policy configs.
     ts.POLICY_PIXEL_MEAN = [127.0, 127.0, 127.0]
     ts.POLICY_PIXEL_STD = [128.0, 128.0, 128.0]
+    # CUDA fp16/bf16 inference: also compile the folded policy (torch.compile) before its CUDA
+    # graph is captured (eco_m2f/modeling/policy/inference.py); the first batch of each input
+    # shape then takes the compilation's time.
+    ts.COMPILE_POLICY = False
 
     c = cfg.MODEL.TOKEN_REDUCTION.CTS = CN()
     # "fixed": the NUM_SHARED highest-scoring 2x2 superpatches of every image share one token

@@ -1,7 +1,8 @@
 """Optimizer, learning-rate schedule and gradient clipping built from ``cfg.SOLVER``.
 
 The choices are Mask2Former's (``SOLVER.OPTIMIZER`` ADAMW, backbone learning rate scaled by
-``SOLVER.BACKBONE_MULTIPLIER``, no weight decay on normalisation layers and embeddings, a poly
+``SOLVER.BACKBONE_MULTIPLIER``, further factors by parameter-name prefix from
+``SOLVER.LR_MULTIPLIERS``, no weight decay on normalisation layers and embeddings, a poly
 schedule with warmup, full-model gradient-norm clipping), so that official configs train as
 they do upstream. Everything here works on any ``nn.Module``: the only model convention used
 is that backbone parameters live under a child module called ``backbone``.
@@ -32,6 +33,7 @@ __all__ = [
     "build_optimizer",
     "build_lr_scheduler",
     "layer_decay_factor",
+    "prefix_lr_factor",
     "build_gradient_clipper",
     "WarmupPolyLR",
     "LRMultiplier",
@@ -156,10 +158,45 @@ def layer_decay_factor(model: nn.Module, decay: float) -> Callable[[str], float]
     return factor
 
 
+def prefix_lr_factor(model: nn.Module, pairs: Iterable) -> Callable[[str], float]:
+    """``SOLVER.LR_MULTIPLIERS``: ``[[prefix, factor], ...]``; a parameter whose full name starts
+    with ``prefix`` gets ``lr * factor`` (new heads of a fine-tuning, e.g. ``token_reducer.``),
+    the longest matching prefix winning. A prefix that names no trainable parameter is an error
+    (a typo would otherwise leave the rate unchanged without a word)."""
+    rules: List[tuple] = []
+    for pair in pairs:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise ValueError(f"SOLVER.LR_MULTIPLIERS: each entry is [prefix, factor], got {pair!r}")
+        prefix, factor = pair[0], float(pair[1])
+        if not prefix or not factor > 0.0:
+            raise ValueError(f"SOLVER.LR_MULTIPLIERS: [{prefix!r}, {pair[1]!r}] needs a non-empty prefix and a factor > 0")
+        rules.append((prefix, factor))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for prefix, _ in rules:
+        if not any(n.startswith(prefix) for n in names):
+            heads = sorted({n.split(".")[0] + "." for n in names})
+            raise ValueError(f"SOLVER.LR_MULTIPLIERS: prefix {prefix!r} names no trainable parameter of "
+                             f"{type(model).__name__} (its top-level modules: {heads})")
+    rules.sort(key=lambda r: -len(r[0]))
+
+    def factor(name: str) -> float:
+        return next((f for prefix, f in rules if name.startswith(prefix)), 1.0)
+
+    return factor
+
+
+def _product(*factors: Optional[Callable[[str], float]]) -> Optional[Callable[[str], float]]:
+    used = [f for f in factors if f is not None]
+    if not used:
+        return None
+    return lambda name: math.prod(f(name) for f in used)
+
+
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """``SOLVER.OPTIMIZER`` (ADAMW or SGD) over Mask2Former-style parameter groups."""
     solver = cfg.SOLVER
     decay = float(solver.get("LAYER_DECAY", 1.0))
+    multipliers = list(solver.get("LR_MULTIPLIERS", []) or [])
     groups = get_param_groups(
         model,
         base_lr=solver.BASE_LR,
@@ -167,7 +204,10 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
         weight_decay_embed=solver.get("WEIGHT_DECAY_EMBED", 0.0),
         backbone_multiplier=solver.get("BACKBONE_MULTIPLIER", 1.0),
-        lr_factor=layer_decay_factor(model, decay) if decay != 1.0 else None,
+        lr_factor=_product(
+            layer_decay_factor(model, decay) if decay != 1.0 else None,
+            prefix_lr_factor(model, multipliers) if multipliers else None,
+        ),
     )
     name = str(solver.get("OPTIMIZER", "SGD")).upper()
     if name == "ADAMW":

@@ -8,7 +8,9 @@ convolution. Folding removes the BatchNorm kernels; channels-last memory is the 
 fast depthwise kernels take. A frozen policy never updates its statistics, so the fold is exact
 up to rounding. At batch 1 the network is launch-bound (some 250 kernels for a few ms of GPU work):
 in fp16/bf16 inference :meth:`FastPolicy.window_logits` replays it as one CUDA graph per input
-shape instead.
+shape instead. With ``compile`` the copy's forward is also compiled (``torch.compile``, inductor):
+cuDNN adds a convolution's bias in a pass of its own and the activation, the casts and the input
+normalisation are more passes over memory; compiled, each run of them is one kernel.
 
 :class:`FastPolicy` keeps the folded copy outside the module tree (no extra state-dict keys) and
 rebuilds it (dropping its graphs) whenever a tensor of the policy changed in place (loading
@@ -17,9 +19,10 @@ weights) or the device did.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Hashable, Optional, Tuple
+from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -68,9 +71,13 @@ class _Captured:
 
 class FastPolicy:
     """Holds the folded, channels-last copy of ``policy`` for CUDA inference (see the module
-    docstring) and its CUDA graphs, at most ``max_graphs`` input shapes (least recently used out)."""
+    docstring) and its CUDA graphs, at most ``max_graphs`` input shapes (least recently used out);
+    ``compile`` compiles the copy's forward for the graphed path (a compilation that fails runs it
+    uncompiled, with one warning)."""
 
-    def __init__(self, max_graphs: int = 8) -> None:
+    def __init__(self, max_graphs: int = 8, compile: bool = False) -> None:
+        self.compile = bool(compile)
+        self._forward: Optional[Callable] = None  # the copy's window_logits, compiled or not
         self._copy: Optional[nn.Module] = None
         self._key: Optional[Tuple] = None
         self._tensors: Optional[list] = None
@@ -96,6 +103,7 @@ class FastPolicy:
         if self._copy is None or key != self._key:
             fused, _ = fold_batchnorm(policy)
             self._copy = fused.to(device=device, memory_format=torch.channels_last)
+            self._forward = torch.compile(self._copy.window_logits, dynamic=False) if self.compile else self._copy.window_logits
             self._key = key
             self._graphs.clear()  # they read the old copy's weights
             self._pool = None
@@ -131,12 +139,20 @@ class FastPolicy:
 
             def forward() -> Dict[int, torch.Tensor]:
                 with torch.autocast("cuda", dtype=cast or torch.bfloat16, enabled=cast is not None, cache_enabled=False):
-                    return fast.window_logits(images, mean, std)
+                    return self._forward(images, mean, std)
 
             side = torch.cuda.Stream(x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN picks its kernels here
-                forward()
+            with torch.cuda.stream(side):  # warm-up outside the capture: compilation, cuDNN's kernel choice
+                try:
+                    forward()
+                except Exception as exc:
+                    if self._forward is fast.window_logits:
+                        raise
+                    warnings.warn(f"compiling the policy network failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                                  "it runs uncompiled", RuntimeWarning, stacklevel=3)
+                    self._forward = fast.window_logits
+                    forward()
             torch.cuda.current_stream(x.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
@@ -147,7 +163,7 @@ class FastPolicy:
 
     def reset(self) -> None:
         """Drop the copy and its graphs (after the policy's parameters moved or were replaced)."""
-        self._copy, self._key, self._tensors, self._source = None, None, None, None
+        self._copy, self._key, self._tensors, self._source, self._forward = None, None, None, None, None
         self._graphs.clear()
         self._pool = None
 

@@ -79,7 +79,7 @@ class WindowSharingReducer(TokenReducer):
         self.register_buffer("seg_pixel_mean", torch.tensor(list(cfg.MODEL.PIXEL_MEAN), dtype=torch.float32), False)
         self.register_buffer("seg_pixel_std", torch.tensor(list(cfg.MODEL.PIXEL_STD), dtype=torch.float32), False)
         self._policy_flops: Dict[Tuple[int, int], int] = {}
-        self._fast_policy = FastPolicy()  # not a module: no state-dict keys
+        self._fast_policy = FastPolicy(compile=bool(cfg.MODEL.TOKEN_SHARING.COMPILE_POLICY))  # not a module: no state-dict keys
 
     # ------------------------------------------------------------------ what subclasses decide
     def active(self) -> bool:
