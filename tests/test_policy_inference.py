@@ -121,7 +121,7 @@ def test_the_graphed_policy_replays_the_fast_copy_and_follows_new_weights():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_compiled_policy_gives_the_eager_copys_scores():
     """MODEL.TOKEN_SHARING.COMPILE_POLICY: the graph replays the compiled copy, whose bf16 scores
     are as close to the fp32 scores as the uncompiled copy's bf16 scores (fused kernels round in
@@ -131,13 +131,9 @@ def test_the_compiled_policy_gives_the_eager_copys_scores():
     plain, compiled = FastPolicy(), FastPolicy(compile=True)
     mean, std = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
     x = torch.randn(2, 3, 256, 192, device="cuda")
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            exact = plain.get(policy, x.device).window_logits(x.contiguous(memory_format=torch.channels_last), mean, std)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    flags = dict(enabled=True, benchmark=False, deterministic=False)
+    with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False, **flags):
+        exact = plain.get(policy, x.device).window_logits(x.contiguous(memory_format=torch.channels_last), mean, std)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # "compiling the policy network failed" fails the test
         want = plain.window_logits(policy, x, mean, std)

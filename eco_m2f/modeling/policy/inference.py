@@ -151,6 +151,7 @@ class FastPolicy:
                         raise
                     warnings.warn(f"compiling the policy network failed ({type(exc).__name__}: {str(exc)[:200]}); "
                                   "it runs uncompiled", RuntimeWarning, stacklevel=3)
+                    self.compile = False  # for good: a rebuilt copy (new weights) is not compiled again
                     self._forward = fast.window_logits
                     forward()
             torch.cuda.current_stream(x.device).wait_stream(side)
