@@ -169,3 +169,45 @@ def test_keep_with_counts_the_caller_knows():
     assert torch.equal(known.to_dense(), counted.to_dense()) and torch.equal(known.owner, counted.owner)
     with pytest.raises(ValueError, match="one count per image"):
         ts.keep(mask, kept=[2])
+
+
+def test_stable_partition_puts_the_selected_first_each_in_order():
+    from eco_m2f.modeling.token_reduction.token_set import _stable_partition
+
+    select = torch.rand(40, generator=torch.Generator().manual_seed(1)) > 0.6
+    order = _stable_partition(select)
+    expected = torch.cat([select.nonzero().view(-1), (~select).nonzero().view(-1)])
+    assert torch.equal(order, expected)
+    assert torch.equal(_stable_partition(torch.ones(3, dtype=torch.bool)), torch.arange(3))
+    assert torch.equal(_stable_partition(torch.zeros(3, dtype=torch.bool)), torch.arange(3))
+
+
+def test_a_removal_with_counts_on_their_way_equals_one_with_known_counts():
+    from eco_m2f.modeling.token_reduction.packing import HostCopy
+
+    ts = TokenSet.from_dense(_cells(3), GRID)
+    mask = torch.tensor([1, 0, 0, 1, 1, 0,  0, 0, 0, 0, 0, 0,  1, 1, 1, 1, 1, 0], dtype=torch.bool)
+    logits = torch.arange(18).float().view(18, 1) * 10
+    pending = HostCopy(ts.count_per_image(mask))
+    assert pending.wait() == [3, 0, 5]
+    a = ts._keep(mask, pending, True, logits)
+    b = ts.keep(mask, save_features=True, save_logits=logits, kept=[3, 0, 5])
+    assert a.live_counts == b.live_counts == (3, 0, 5)
+    assert torch.equal(a.x, b.x) and torch.equal(a.owner, b.owner)
+    for kind in ("features", "logits"):
+        assert torch.equal(a.finals[kind].index, b.finals[kind].index)
+        assert torch.equal(a.finals[kind].values(), b.finals[kind].values())
+    # the removed tokens' logits, in order, with each cell's row
+    assert a.finals["logits"].values().view(-1).tolist() == [10, 20, 50, 60, 70, 80, 90, 100, 110, 170]
+    assert torch.equal(a.to_dense(logits[mask], final="logits")[..., 0].view(-1), logits.view(-1))
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_removal_waits_for_its_counts_and_equals_the_cpu():
+    ts = TokenSet.from_dense(_cells(3), GRID)
+    mask = torch.tensor([1, 0, 0, 1, 1, 0,  0, 0, 0, 0, 0, 0,  1, 1, 1, 1, 1, 0], dtype=torch.bool)
+    cpu = ts.keep(mask, save_features=True)
+    gpu = TokenSet.from_dense(_cells(3).cuda(), GRID).keep(mask.cuda(), save_features=True)
+    assert gpu.live_counts == cpu.live_counts == (3, 0, 5)
+    assert torch.equal(gpu.to_dense().cpu(), cpu.to_dense()) and torch.equal(gpu.owner.cpu(), cpu.owner)
+

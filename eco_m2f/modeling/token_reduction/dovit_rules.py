@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional
 
 import torch
 
@@ -54,30 +54,26 @@ class StoppedSum:
     """Per image, the sum of the features of every token stopped so far and their count.
 
     Kept beside the token set so that Eq. 8 can average over all stopped tokens without
-    reassembling the dense map: each decision adds its newly stopped tokens. The counts are
-    also kept on the host (``host``), so that a pass knows without a sync whether any stopped.
+    reassembling the dense map: each decision adds its newly stopped tokens. Everything stays on
+    the device: adding needs no host sync.
     """
 
     total: torch.Tensor  # (B, C) float32 sum of stopped features
     count: torch.Tensor  # (B,) float32 stopped tokens
-    host: Tuple[int, ...]  # the same counts on the host
 
     @classmethod
     def empty(cls, tokens: TokenSet) -> "StoppedSum":
         b, c = tokens.batch_size, tokens.x.shape[1]
         zeros = tokens.x.new_zeros(b, c, dtype=torch.float32)
-        return cls(zeros, tokens.x.new_zeros(b, dtype=torch.float32), (0,) * b)
+        return cls(zeros, tokens.x.new_zeros(b, dtype=torch.float32))
 
-    def add(self, tokens: TokenSet, stop: torch.Tensor, counts: Optional[Sequence[int]] = None) -> "StoppedSum":
+    def add(self, tokens: TokenSet, stop: torch.Tensor) -> "StoppedSum":
         """Add the live tokens of ``tokens`` selected by ``stop`` (Tp,) bool, with their current
-        features (summed in float32: thousands of half-precision features would lose digits);
-        ``counts``, the selected tokens per image when the caller knows them (else one host sync)."""
-        counts = tokens.count_per_image(stop).tolist() if counts is None else [int(n) for n in counts]
-        if not any(counts):
+        features (summed in float32: thousands of half-precision features would lose digits)."""
+        if tokens.layout.num_patches == 0:
             return self
         mean, count = tokens.segment_mean(tokens.patches().float(), stop)
-        host = tuple(a + n for a, n in zip(self.host, counts))
-        return StoppedSum(self.total + mean * count.unsqueeze(1), self.count + count, host)
+        return StoppedSum(self.total + mean * count.unsqueeze(1), self.count + count)
 
     def mean(self) -> torch.Tensor:
         """(B, C) mean stopped feature (0 where nothing stopped)."""

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Hashable, Sequence, Tuple
 
 import torch
 
-__all__ = ["PackedLayout", "StaticLayout", "host_ints", "to_device", "true_indices"]
+__all__ = ["HostCopy", "PackedLayout", "StaticLayout", "host_ints", "to_device", "true_indices"]
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -26,6 +26,37 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def host_ints(values: Sequence[int], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """A device tensor of host integers (see :func:`to_device`)."""
     return to_device(torch.tensor(list(values), dtype=dtype), device)
+
+
+class HostCopy:
+    """A small device tensor on its way to the host, e.g. the per-image counts of a threshold
+    decision.
+
+    ``tensor.tolist()`` would stop the CPU until the GPU has run everything queued before it,
+    and the GPU would then idle while the CPU launches the work that follows. Here the copy is
+    queued (pinned memory, ``non_blocking``) with an event behind it; the caller queues the work
+    that needs no host values first and calls :meth:`wait` only then, so the GPU still has that
+    work to run while the CPU builds what depends on the values.
+    """
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._event = None
+        if t.device.type == "cuda":
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = t
+        self._values = None
+
+    def wait(self) -> list:
+        """The values as (nested) Python numbers, once the copy has landed."""
+        if self._values is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._values = self._host.tolist()
+        return self._values
 
 
 def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .packing import PackedLayout, host_ints, true_indices
+from .packing import HostCopy, PackedLayout, host_ints
 
 __all__ = ["FINAL_KINDS", "FinalStore", "TokenSet", "mean_per_group"]
 
@@ -285,13 +285,15 @@ class TokenSet:
 
         Removed tokens are finalised with their current features (``save_features``) and/or
         with ``save_logits`` (Tp, K) rows; without either they simply leave (their cells then
-        read the ``fill`` of :meth:`to_dense`). One host sync learns the new lengths, unless the
+        read the ``fill`` of :meth:`to_dense`). The new lengths come to the host in one wait,
+        after every kernel of the removal is queued (:class:`~.packing.HostCopy`), unless the
         caller knows them already: ``kept``, the tokens ``mask`` keeps in each image (host ints).
+        The counts of a data-dependent removal are then ``live_counts`` of the result.
         """
         mask = self._check_rows(mask, "mask").bool()
         if kept is None:
-            kept = self.count_per_image(mask).tolist()
-        elif len(kept) != self.batch_size:
+            return self._keep(mask, HostCopy(self.count_per_image(mask)), save_features, save_logits)
+        if len(kept) != self.batch_size:
             raise ValueError(f"kept must give one count per image ({self.batch_size}), got {list(kept)}")
         return self._keep(mask, [int(n) for n in kept], save_features, save_logits)
 
@@ -322,35 +324,46 @@ class TokenSet:
         chosen = torch.zeros(self.batch_size, width, dtype=torch.bool, device=scores.device).scatter(1, top, valid)
         return self._keep(chosen.view(-1).index_select(0, rows), ks, save_features, save_logits)
 
-    def _keep(self, mask: torch.Tensor, kept: Sequence[int], save_features: bool, save_logits: Optional[torch.Tensor]) -> "TokenSet":
-        """Removal with host-known kept counts: (Tp,) bool mask -> the new set (no host sync)."""
+    def _keep(
+        self, mask: torch.Tensor, kept: Union[Sequence[int], HostCopy], save_features: bool, save_logits: Optional[torch.Tensor],
+    ) -> "TokenSet":
+        """Removal: (Tp,) bool mask -> the new set. ``kept`` per image, as host ints or still on
+        their way (:class:`HostCopy`): every kernel below is queued before they are read.
+
+        The packed rows are permuted once so that the staying rows come first and the removed
+        ones after them, each in their order: both are then slices, whatever the counts.
+        """
         old = self.layout
         if old.num_patches == 0:
             return self  # every patch token has left already: nothing to remove
         p, dev = self.num_prefix, mask.device
-        new = PackedLayout([p + n for n in kept], p, dev)
-        # packed rows that stay, in order: prefix rows plus kept patch rows
         stays = torch.ones(old.total, dtype=torch.bool, device=dev).index_copy(0, old.patch_rows(), mask)
-        x = self.x.index_select(0, true_indices(stays, new.total))
+        order = _stable_partition(stays)  # (T,) staying packed rows, then removed ones
+        x = self.x.index_select(0, order)
         # owner: old patch row -> new patch row (-1 when removed)
-        new_row = torch.where(mask, torch.cumsum(mask, 0) - 1, -1)
+        kept_before = torch.cumsum(mask, 0)  # (Tp,) kept rows up to and including each row
+        new_row = torch.where(mask, kept_before - 1, -1)
         owned = self.owner >= 0
         cells = self.owner.clamp(min=0).view(-1)  # (B * G,) old patch row of every cell
         owner = torch.where(owned, new_row.index_select(0, cells).view_as(owned), -1)
-        finals = dict(self.finals)
-        removed_count = old.num_patches - new.num_patches
-        if save_features or save_logits is not None:
+        keeps_logits = save_logits is not None
+        if save_features or keeps_logits:
             removed = ~mask
-            removed_rows = true_indices(removed, removed_count)  # (R,) old patch rows, in order
-            cell_rank = torch.where(removed, torch.cumsum(removed, 0) - 1, -1).index_select(0, cells).view_as(owned)
+            removed_before = torch.arange(mask.numel(), device=dev) - kept_before  # (Tp,) removed rows before each row
+            cell_rank = torch.where(removed, removed_before, -1).index_select(0, cells).view_as(owned)
             newly_final = owned & (owner < 0)
+            if keeps_logits:
+                logits = self._check_rows(save_logits, "save_logits").index_select(0, _stable_partition(mask))
+        # the host counts are needed from here on
+        kept = kept.wait() if isinstance(kept, HostCopy) else kept
+        new = PackedLayout([p + int(n) for n in kept], p, dev)
+        finals = dict(self.finals)
+        if new.num_patches < old.num_patches:
             if save_features:
-                values = self.x.index_select(0, old.patch_rows().index_select(0, removed_rows))
-                finals["features"] = self._store("features").add(values, cell_rank, newly_final)
-            if save_logits is not None:
-                values = self._check_rows(save_logits, "save_logits").index_select(0, removed_rows)
-                finals["logits"] = self._store("logits").add(values, cell_rank, newly_final)
-        return self._replace(x=x, layout=new, owner=owner, finals=finals)
+                finals["features"] = self._store("features").add(x[new.total:], cell_rank, newly_final)
+            if keeps_logits:
+                finals["logits"] = self._store("logits").add(logits[new.num_patches:], cell_rank, newly_final)
+        return self._replace(x=x[: new.total], layout=new, owner=owner, finals=finals)
 
     def _store(self, kind: str) -> FinalStore:
         return self.finals.get(kind) or FinalStore.empty(self.batch_size, self.num_cells, self.x.device)
@@ -405,6 +418,18 @@ class TokenSet:
         if t.shape[0] != self.layout.num_patches:
             raise ValueError(f"{name} must have one row per live patch token ({self.layout.num_patches}), got shape {tuple(t.shape)}")
         return t
+
+
+def _stable_partition(select: torch.Tensor) -> torch.Tensor:
+    """(n,) bool -> (n,) long permutation: the positions where ``select`` is True, then the
+    others, each in increasing order. A cumulative sum and a scatter, so its size is known
+    without asking the GPU how many are True."""
+    n = select.numel()
+    position = torch.arange(n, device=select.device)
+    before = torch.cumsum(select, 0)  # True entries up to and including each position
+    total = before[-1:]  # (1,) on the device
+    dest = torch.where(select, before - 1, total + position - before)
+    return torch.empty_like(position).index_copy(0, dest, position)
 
 
 def _check_kind(kind: str) -> None:

@@ -115,16 +115,16 @@ class DoViT(TokenReducer):
             logits = head(tokens.patches())  # (Tp, K): nothing for stopped tokens
             state.add_flops("token_reducer", [n * head.flops_per_token() for n in live])
         stop = stop_mask(logits.detach(), threshold)  # (Tp,)
-        stops = tokens.count_per_image(stop).tolist()  # the decision's one host sync
+        # queued before the decision's one wait for host counts (in keep), so the GPU stays busy
+        stopped = (state.scratch.get("dovit_stopped") or StoppedSum.empty(tokens)).add(tokens, stop)
+        if self.merge:  # Eq. 8 at every decision, in the images where a token has stopped
+            tokens = merge_stopped_into_cls(tokens, stopped, 0.5, self.merge_min_stopped)
+        kept = tokens.keep(~stop, save_features=True)
+        stops = [n - k for n, k in zip(live, kept.live_counts)]
         for record, n in zip(state.cost, stops):
             record["stopped"][index] = n
-        stopped = state.scratch.get("dovit_stopped") or StoppedSum.empty(tokens)
-        stopped = state.scratch["dovit_stopped"] = stopped.add(tokens, stop, stops)
-        if self.merge and any(stopped.host):  # Eq. 8 at every decision once a token has stopped
-            tokens = merge_stopped_into_cls(tokens, stopped, 0.5, self.merge_min_stopped)
-        if not any(stops):
-            return tokens
-        return tokens.keep(~stop, save_features=True, kept=[n - k for n, k in zip(live, stops)])
+        state.scratch["dovit_stopped"] = stopped
+        return kept if any(stops) else tokens
 
     def _aux_training(self, index: int, head: PointwiseAuxHead, tokens: TokenSet, state: ReductionState) -> torch.Tensor:
         """The auxiliary head in a training step: its weighted loss into ``state``; the live tokens' logits (Tp, K)."""

@@ -193,20 +193,18 @@ class DTOP(TokenReducer):
             return tokens
         confidence, label = self._probabilities(scores.detach()).max(dim=-1)  # (Tp,)
         prune = prune_mask(confidence, label, tokens.layout.patch_batch_index(), self.num_classes, self.theta, self.top_k)
-        pruned = tokens.count_per_image(prune).tolist()  # the decision's one host sync
+        before = tokens.live_cells() if state.record_maps else None
+        # the decision's one wait for host counts comes inside keep, after its kernels are queued
+        kept = tokens.keep(~prune, save_features=self.output_kind == "dense", save_logits=self._final_values(scores))
+        pruned = [n - k for n, k in zip(tokens.live_counts, kept.live_counts)]
         for record, n in zip(state.cost, pruned):
             record["pruned"][index] = n
         if not any(pruned):
             return tokens
-        before = tokens.live_cells() if state.record_maps else None
-        tokens = tokens.keep(
-            ~prune, save_features=self.output_kind == "dense", save_logits=self._final_values(scores),
-            kept=[n - p for n, p in zip(tokens.live_counts, pruned)],
-        )
         if before is not None:
             maps = state.token_maps[PRUNED_MAP]
-            state.token_maps[PRUNED_MAP] = torch.where(before & ~tokens.live_cells(), prune_layer, maps)
-        return tokens
+            state.token_maps[PRUNED_MAP] = torch.where(before & ~kept.live_cells(), prune_layer, maps)
+        return kept
 
     # ------------------------------------------------------------------ training
     def _aux_loss(self, head: nn.Module, scores: torch.Tensor, raw: Dict[str, Any], tokens: TokenSet, state: ReductionState) -> torch.Tensor:
