@@ -1,0 +1,58 @@
+"""Bilinear resizing as two small matrix products (``align_corners=False``, no antialiasing).
+
+``F.interpolate(..., mode="bilinear")`` runs one CUDA thread per output pixel that loops over
+every channel of every image; upsampling a Segmenter's 16-class logits from 64 x 64 to
+1024 x 1024 for a batch of 8 takes it about 1.2 ms on an H200, some 20 times what writing the
+output costs. Bilinear interpolation is separable: every output row mixes two input rows and
+every output column two input columns, with the same weights as PyTorch's kernel. So
+``out = R_h @ x @ R_w^T`` with interpolation matrices R (out x in, two non-zeros per row),
+batched over images and channels: two GEMMs that run at memory speed.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import torch
+
+__all__ = ["bilinear_resize", "interpolation_matrix"]
+
+_MATRICES: Dict[Tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def interpolation_matrix(size_in: int, size_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(size_out, size_in) weights of 1-D linear interpolation as ``F.interpolate`` computes them
+    with ``align_corners=False`` and no scale factor: source ``(o + 0.5) * in / out - 0.5``,
+    clamped at 0, its two neighbours weighted by distance (the right one clamped at the edge)."""
+    if size_in < 1 or size_out < 1:
+        raise ValueError(f"interpolation sizes must be >= 1, got {size_in} -> {size_out}")
+    key = (int(size_in), int(size_out), torch.device(device), dtype)
+    if key not in _MATRICES:
+        scale = size_in / size_out
+        source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+        left = source.floor().long().clamp(max=size_in - 1)
+        right = (left + 1).clamp(max=size_in - 1)
+        weight = (source - left.double()).clamp(max=1)
+        m = torch.zeros(size_out, size_in, dtype=torch.float64)
+        rows = torch.arange(size_out)
+        m.index_put_((rows, left), 1 - weight, accumulate=True)
+        m.index_put_((rows, right), weight, accumulate=True)
+        _MATRICES[key] = m.to(device=device, dtype=dtype)
+    return _MATRICES[key]
+
+
+def bilinear_resize(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """B x C x h x w -> B x C x H x W, equal to ``F.interpolate(maps, size, mode="bilinear",
+    align_corners=False)`` up to the rounding of a different summation order."""
+    if maps.dim() != 4:
+        raise ValueError(f"bilinear_resize expects B x C x h x w maps, got {tuple(maps.shape)}")
+    b, c, h, w = maps.shape
+    out_h, out_w = int(size[0]), int(size[1])
+    if not maps.is_floating_point():
+        raise ValueError(f"bilinear_resize needs floating-point maps, got {maps.dtype}")
+    rows = interpolation_matrix(h, out_h, maps.device, maps.dtype)  # H x h
+    cols = interpolation_matrix(w, out_w, maps.device, maps.dtype)  # W x w
+    # in the maps' own dtype, as F.interpolate (autocast would cast float32 maps down)
+    with torch.autocast(maps.device.type, enabled=False):
+        x = torch.matmul(maps.reshape(b * c, h, w), cols.t())  # (B*C) x h x W
+        x = torch.matmul(rows, x)  # (B*C) x H x W
+    return x.view(b, c, out_h, out_w)

@@ -1,0 +1,64 @@
+"""Bilinear resizing as matrix products equals F.interpolate (align_corners=False)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eco_m2f.modeling.bilinear_resize import bilinear_resize, interpolation_matrix
+from eco_m2f.modeling.heads.vit_decode_head import resize_logits
+
+
+@pytest.mark.parametrize("size_in,size_out", [((4, 4), (64, 64)), ((5, 7), (13, 29)), ((32, 48), (16, 20)),
+                                              ((1, 1), (4, 3)), ((10, 10), (3, 17)), ((64, 64), (1000, 777))])
+def test_equals_interpolate_up_and_down(size_in, size_out):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size_in, dtype=torch.float64)
+    expected = F.interpolate(x, size_out, mode="bilinear", align_corners=False)
+    out = bilinear_resize(x, size_out)
+    assert out.shape == expected.shape and out.dtype == torch.float64
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_rows_of_the_matrix_are_two_tap_weights_summing_to_one():
+    m = interpolation_matrix(4, 8, torch.device("cpu"), torch.float64)
+    assert torch.allclose(m.sum(1), torch.ones(8, dtype=torch.float64))
+    assert ((m != 0).sum(1) <= 2).all()
+    # output 1 of 8 from 4: source (1 + 0.5) * 0.5 - 0.5 = 0.25 -> 0.75 of input 0, 0.25 of input 1
+    assert m[1, :2].tolist() == [0.75, 0.25]
+    # the first output clamps to the edge: all of input 0
+    assert m[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_keeps_float32_under_autocast_and_rejects_integer_maps():
+    x = torch.randn(1, 2, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bilinear_resize(x, (8, 8))
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, F.interpolate(x, (8, 8), mode="bilinear", align_corners=False), atol=1e-6)
+    with pytest.raises(ValueError, match="floating-point"):
+        bilinear_resize(torch.zeros(1, 1, 2, 2, dtype=torch.long), (4, 4))
+
+
+def test_resize_logits_is_interpolate_when_traced_for_flop_counts():
+    from fvcore.nn import FlopCountAnalysis
+
+    class Up(torch.nn.Module):
+        def forward(self, x):
+            return resize_logits(x, (32, 32))
+
+    x = torch.randn(1, 3, 8, 8)
+    analysis = FlopCountAnalysis(Up(), x)
+    analysis.unsupported_ops_warnings(False)
+    assert analysis.total() == 4 * 3 * 32 * 32  # fvcore's bilinear count, not the products'
+    assert dict(analysis.by_operator()) == {"upsample_bilinear2d": 4 * 3 * 32 * 32}
+    assert torch.allclose(Up()(x), F.interpolate(x, (32, 32), mode="bilinear", align_corners=False), atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_the_bilinear_products_equal_interpolate_on_the_gpu_in_bfloat16():
+    x = torch.randn(8, 16, 64, 64, device="cuda")
+    ref = F.interpolate(x, (1024, 1024), mode="bilinear", align_corners=False)
+    assert (bilinear_resize(x, (1024, 1024)) - ref).abs().max().item() < 1e-4
+    half = bilinear_resize(x.bfloat16(), (1024, 1024)).float()
+    assert (half - ref).abs().max().item() < 0.05 * ref.abs().max().item()
