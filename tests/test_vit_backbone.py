@@ -88,3 +88,21 @@ def test_bad_settings_are_named():
         ViTBackbone(img_size=64, timm_name="resnet18")
     with pytest.raises(ValueError, match="expects a B x 3 x H x W"):
         _tiny()(torch.randn(3, 64, 64))
+
+
+def test_patch_embedding_as_a_matrix_product_equals_the_convolution():
+    ours = _tiny(embed_dim=24)
+    x = torch.randn(2, 3, 48, 80)
+    embedded, grid = ours.embed_patches(x)
+    conv = ours.patch_embed.proj(x)  # B x C x h x w, timm's own path
+    assert grid == (3, 5) and embedded.shape == (2, 15, 24)
+    assert torch.allclose(embedded, conv.flatten(2).transpose(1, 2), atol=1e-5)
+    # under autocast the images are cast before the re-layout; the result is the conv's in bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half, _ = ours.embed_patches(x)
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), conv.flatten(2).transpose(1, 2), atol=0.05, rtol=0.02)
+    # a projection that is not a patchify (here: overlapping, stride 8) keeps the convolution
+    ours.patch_embed.proj = torch.nn.Conv2d(3, 24, 16, stride=8)
+    overlapping, grid = ours.embed_patches(x)
+    assert grid == (5, 9) and overlapping.shape == (2, 45, 24)

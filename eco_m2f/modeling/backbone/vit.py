@@ -23,6 +23,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint as tcp
 
 from ..registry import BACKBONE_REGISTRY, ShapeSpec
@@ -75,6 +76,16 @@ def resize_position_embedding(
     return resample_abs_pos_embed(
         pos_embed, list(new_grid), list(old_grid), num_prefix_tokens=num_prefix_tokens,
         interpolation="bilinear", antialias=False,
+    )
+
+
+def _is_patchify(conv: nn.Module, patch: int) -> bool:
+    """True for a p x p convolution of stride p without padding, dilation or groups: one
+    output per non-overlapping patch, i.e. a linear map of each patch."""
+    return (
+        isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (patch, patch) and tuple(conv.stride) == (patch, patch)
+        and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+        and conv.padding_mode == "zeros"
     )
 
 
@@ -201,11 +212,30 @@ class ViTBackbone(nn.Module):
         if images.dim() != 4 or images.shape[1] != self._in_channels:
             raise ValueError(f"ViTBackbone expects a B x {self._in_channels} x H x W tensor, got {tuple(images.shape)}")
         images = pad_to_multiple(images, self.patch_size)
-        x = self.patch_embed.proj(images)  # B x C x h x w
-        grid = (int(x.shape[-2]), int(x.shape[-1]))
-        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))  # B x h*w x C
+        x, grid = self.embed_patches(images)  # B x h*w x C
+        x = self.patch_embed.norm(x)
         x = torch.cat([self.prefix_tokens(x.shape[0]).to(x.dtype), x], dim=1)  # B x (P + h*w) x C
         return x + self.position_embedding(grid).to(x.dtype), grid
+
+    def embed_patches(self, images: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """B x 3 x H x W images (H, W multiples of the patch size) -> (B x h*w x C patch
+        embeddings, grid (h, w)), before the embedding's norm.
+
+        The projection is timm's p x p convolution of stride p. It runs as one matrix product on
+        the non-overlapping p x p patches: the same arithmetic, but cuDNN's kernel for this
+        convolution takes about 1 ms for 8 images of 1024 x 1024 on an H200, the product a tenth.
+        """
+        proj = self.patch_embed.proj
+        p = self.patch_size
+        if not _is_patchify(proj, p):
+            x = proj(images)  # B x C x h x w
+            return x.flatten(2).transpose(1, 2), (int(x.shape[-2]), int(x.shape[-1]))
+        b, ch, height, width = images.shape
+        h, w = height // p, width // p
+        if torch.is_autocast_enabled(images.device.type):  # cast before the re-layout: half the bytes moved
+            images = images.to(torch.get_autocast_dtype(images.device.type))
+        patches = images.view(b, ch, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, ch * p * p)  # B x h*w x (ch p p)
+        return F.linear(patches, proj.weight.flatten(1), proj.bias), (h, w)
 
     def run_block(self, index: int, tokens: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Block ``index`` on B x L x C tokens; ``attn_mask`` as timm's (e.g. B x 1 x 1 x L bool, True = attend)."""
