@@ -301,3 +301,45 @@ def test_prepare_synthetic_cli(tmp_path, capsys):
     assert str(tmp_path / "s") in out and "train: 2 images" in out and "val: 1 images" in out
     info = json.loads((tmp_path / "s" / synthetic.INFO_FILE).read_text())
     assert info["seed"] == 5 and info["image_size"] == 40
+
+
+# ------------------------------------------------------------------------------ complexity and presets
+def test_every_image_has_a_complexity_record_that_matches_its_labels(env):
+    info = json.loads((env / "synthetic_info.json").read_text())
+    assert info["preset"] == "standard" and info["style"]["max_objects"] == synthetic.MAX_OBJECTS
+    for split, n in (("train", TINY["num_train"]), ("val", TINY["num_val"])):
+        data = json.loads((env / f"complexity_{split}.json").read_text())
+        assert data["fields"] == list(synthetic.COMPLEXITY_FIELDS)
+        assert [r["file_name"] for r in data["images"]] == [f"{i:06d}.png" for i in range(n)]
+        pan = json.loads((env / f"panoptic_{split}.json").read_text())
+        for rec, ann in zip(data["images"], pan["annotations"]):
+            things = [s for s in ann["segments_info"] if s["id"] >= 1000]
+            assert rec["objects"] == len(things) <= rec["drawn"]
+            assert rec["small_objects"] == sum(s["area"] < 0.01 * 64 * 64 for s in things)
+            assert 0.0 <= rec["occluded_fraction"] < 1.0 and 0.0 < rec["boundary_fraction"] < 1.0
+        assert info["num_objects"][split] == [r["objects"] for r in data["images"]]
+
+
+def test_the_boundary_share_and_occlusion_by_hand():
+    pan = np.array([[1, 1, 2], [1, 1, 2], [3, 3, 3]], dtype=np.int32)
+    # right neighbour differs at (0,1), (1,1); lower neighbour at (1,0), (1,1), (1,2): 4 pixels of 9
+    record = synthetic._complexity(pan, visible=np.array([6, 2]), drawn=np.array([8, 2]), num_drawn=3)
+    assert record["boundary_fraction"] == round(4 / 9, 6)
+    assert record["occluded_fraction"] == round(1 - 8 / 10, 6)
+    assert record["objects"] == 2 and record["drawn"] == 3
+    assert record["small_objects"] == 0  # 1% of 9 pixels is 0.09: neither is small
+    tiny = synthetic._complexity(np.zeros((20, 20), dtype=np.int32), visible=np.array([3, 50]), drawn=np.array([3, 50]), num_drawn=2)
+    assert tiny["small_objects"] == 1 and tiny["occluded_fraction"] == 0.0 and tiny["boundary_fraction"] == 0.0
+
+
+def test_the_hard_preset_draws_busier_scenes_and_unknown_presets_are_named(tmp_path):
+    std = synthetic.generate_synthetic_dataset(tmp_path / "std", num_train=24, num_val=0, image_size=64)
+    hard = synthetic.generate_synthetic_dataset(tmp_path / "hard", num_train=24, num_val=0, image_size=64, preset="hard")
+    assert json.loads((tmp_path / "hard" / "synthetic_info.json").read_text())["preset"] == "hard"
+    def mean(root, key):
+        return np.mean([r[key] for r in json.loads((root / "complexity_train.json").read_text())["images"]])
+    assert mean(tmp_path / "hard", "drawn") > mean(tmp_path / "std", "drawn")
+    assert mean(tmp_path / "hard", "boundary_fraction") > mean(tmp_path / "std", "boundary_fraction")
+    assert hard["splits"]["train"]["max_objects"] > std["splits"]["train"]["max_objects"]
+    with pytest.raises(ValueError, match="unknown synthetic preset 'busy'"):
+        synthetic.generate_synthetic_dataset(tmp_path / "x", num_train=1, num_val=0, image_size=64, preset="busy")

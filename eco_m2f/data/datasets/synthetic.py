@@ -4,7 +4,10 @@ Street-like scenes of textured stuff regions (road, building, vegetation, sky) w
 instances drawn as distinct shapes (person = ellipse, car = rectangle, truck = triangle,
 bicycle = star), varied in size, colour, texture and rotation, occluding each other. The
 number of objects per image is log-uniform in [1, 40], so how much computation an image needs
-truly varies. Classes are Cityscapes classes and carry their Cityscapes label ids, so the same
+truly varies. The ``hard`` preset (:data:`PRESETS`) makes that spread wider for the ECO-M2F
+trends: up to 80 smaller objects, a quarter of them thin rods, and stronger stuff textures. Every
+image's complexity is recorded (``complexity_{split}.json``: objects kept and drawn, the occluded
+share of their area, small objects, the share of pixels on a segment boundary). Classes are Cityscapes classes and carry their Cityscapes label ids, so the same
 images are written twice:
 
 * COCO-panoptic layout under ``<root>/``: ``images/{split}/*.png``, ``panoptic_{split}.json`` +
@@ -25,7 +28,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -38,9 +41,30 @@ from .common import dump_json, ensure_generated, load_panoptic_json, panoptic_me
 
 FORMAT_VERSION = 1
 INFO_FILE = "synthetic_info.json"  # written last: its presence marks a complete dataset
-DEFAULTS: dict[str, int] = {"num_train": 200, "num_val": 50, "image_size": 256, "seed": 0}
+DEFAULTS: dict[str, Any] = {"num_train": 200, "num_val": 50, "image_size": 256, "seed": 0, "preset": "standard"}
 DEFAULT_SUBDIR = "synthetic"
 MAX_OBJECTS = 40
+COMPLEXITY_FILE = "complexity_{split}.json"
+#: Per-image complexity fields of ``complexity_{split}.json``.
+COMPLEXITY_FIELDS = ("objects", "drawn", "occluded_fraction", "small_objects", "boundary_fraction")
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """How busy a scene gets. The defaults are the standard dataset's; with them the generator
+    draws exactly the random numbers it always did, so its files stay byte-identical."""
+
+    max_objects: int = MAX_OBJECTS  # objects per image: log-uniform in [1, max_objects]
+    radius_scale: float = 0.28  # largest object radius: radius_scale * size / sqrt(1 + n / 6)
+    thin_fraction: float = 0.0  # share of objects drawn as thin rods (aspect 6-12)
+    stuff_contrast: float = 1.0  # gain of the stuff textures' variation around their base colour
+
+
+#: Named styles (``datasets/prepare_synthetic.py --preset``).
+PRESETS: dict[str, SceneStyle] = {
+    "standard": SceneStyle(),
+    "hard": SceneStyle(max_objects=80, radius_scale=0.22, thin_fraction=0.25, stuff_contrast=1.8),
+}
 
 STUFF_CLASSES = ("road", "building", "vegetation", "sky")
 THING_CLASSES = ("person", "car", "truck", "bicycle")
@@ -79,6 +103,7 @@ class _Scene:
     label_ids: np.ndarray  # H x W uint8, Cityscapes label id (0 = void)
     pan_ids: np.ndarray  # H x W int32, segment id (stuff: label id, thing: label*1000+k, void 0)
     num_objects: int  # thing instances with a segment
+    complexity: dict[str, float]  # COMPLEXITY_FIELDS
 
 
 def _normal(rng: np.random.Generator, sigma: float, shape: tuple[int, ...]) -> np.ndarray:
@@ -133,8 +158,9 @@ def _stuff_layout(rng: np.random.Generator, h: int, w: int, ids: dict[str, int])
     return out
 
 
-def _stuff_texture(rng: np.random.Generator, name: str, ys: np.ndarray, xs: np.ndarray, h: int, w: int) -> np.ndarray:
-    """N x 3 float colours of one stuff class at pixels (ys, xs): noise, stripes or checks."""
+def _stuff_texture(rng: np.random.Generator, name: str, ys: np.ndarray, xs: np.ndarray, h: int, w: int, contrast: float = 1.0) -> np.ndarray:
+    """N x 3 float colours of one stuff class at pixels (ys, xs): noise, stripes or checks, their
+    variation around the base colour scaled by ``contrast``."""
     n = ys.shape[0]
     s = max(h, w) / 256.0
     if name == "road":
@@ -144,19 +170,19 @@ def _stuff_texture(rng: np.random.Generator, name: str, ys: np.ndarray, xs: np.n
         lane_y = rng.uniform(0.7, 0.95) * h
         lane = (np.abs(ys - lane_y) < max(1.0, 2 * s)) & ((xs // dash) % 2 == 0)
         lum = lum + 110 * lane
-        tex = base[None, :] + lum[:, None]
+        tex = base[None, :] + _gain(lum, contrast)[:, None]
     elif name == "building":
         base = np.array([rng.uniform(90, 170), rng.uniform(70, 140), rng.uniform(60, 130)])
         px, py = max(3, int(rng.uniform(8, 20) * s)), max(3, int(rng.uniform(8, 20) * s))
         window = ((xs % px) < px * 0.55) & ((ys % py) < py * 0.6)
         brick = ((xs // max(2, px // 2) + ys // max(2, py // 3)) % 2) * 12.0
         lum = -55 * window + brick + _normal(rng, 6, (n,))
-        tex = base[None, :] + lum[:, None] + window[:, None] * (np.array([0, 10, 30]) * rng.uniform(0, 1))[None, :]
+        tex = base[None, :] + _gain(lum, contrast)[:, None] + window[:, None] * (np.array([0, 10, 30]) * rng.uniform(0, 1))[None, :]
     elif name == "vegetation":
         base = np.array([rng.uniform(40, 90), rng.uniform(110, 170), rng.uniform(20, 60)])
         lum = 35 * _smooth_noise(rng, ys, xs, h, w, max(2, int(12 * s))) + 18 * _smooth_noise(rng, ys, xs, h, w, max(2, int(4 * s)))
         lum = lum + _normal(rng, 10, (n,))
-        tex = base[None, :] + lum[:, None] * np.array([0.6, 1.0, 0.5])[None, :]
+        tex = base[None, :] + _gain(lum, contrast)[:, None] * np.array([0.6, 1.0, 0.5])[None, :]
     elif name == "sky":
         top = np.array([rng.uniform(60, 110), rng.uniform(120, 170), rng.uniform(200, 250)])
         bottom = np.array([rng.uniform(170, 220), rng.uniform(200, 235), rng.uniform(225, 255)])
@@ -165,10 +191,14 @@ def _stuff_texture(rng: np.random.Generator, name: str, ys: np.ndarray, xs: np.n
         f = rng.uniform(0.03, 0.1) / s
         stripes = 10 * np.sin((xs * np.cos(0.5) + ys * np.sin(0.5)) * f + rng.uniform(0, 6.3))
         clouds = 30 * np.clip(_smooth_noise(rng, ys, xs, h, w, max(2, int(24 * s))), 0, 1)
-        tex = tex + (stripes + clouds + _normal(rng, 3, (n,)))[:, None]
+        tex = tex + _gain(stripes + clouds + _normal(rng, 3, (n,)), contrast)[:, None]
     else:
         raise ValueError(f"unknown stuff class {name!r}")
     return tex.astype(np.float32, copy=False)
+
+
+def _gain(values: np.ndarray, contrast: float) -> np.ndarray:
+    return values if contrast == 1.0 else values * np.float32(contrast)
 
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -190,12 +220,12 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, a: float, b: float) ->
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _num_objects(rng: np.random.Generator) -> int:
-    """Log-uniform integer in [1, MAX_OBJECTS]."""
-    return int(min(MAX_OBJECTS, np.floor(np.exp(rng.uniform(0.0, np.log(MAX_OBJECTS + 1))))))
+def _num_objects(rng: np.random.Generator, max_objects: int = MAX_OBJECTS) -> int:
+    """Log-uniform integer in [1, max_objects]."""
+    return int(min(max_objects, np.floor(np.exp(rng.uniform(0.0, np.log(max_objects + 1))))))
 
 
-def render_scene(rng: np.random.Generator, size: int) -> _Scene:
+def render_scene(rng: np.random.Generator, size: int, style: SceneStyle = SceneStyle()) -> _Scene:
     """Draw one image and its label maps (vectorised numpy, bounding-box-local for objects)."""
     h = w = size
     ids = {name: int(_cs_label(name).id) for name in STUFF_CLASSES + THING_CLASSES}
@@ -204,18 +234,21 @@ def render_scene(rng: np.random.Generator, size: int) -> _Scene:
     for name in STUFF_CLASSES:
         sel = stuff == ids[name]
         ys, xs = np.nonzero(sel)
-        image[sel] = _stuff_texture(rng, name, ys.astype(np.float32), xs.astype(np.float32), h, w)
+        image[sel] = _stuff_texture(rng, name, ys.astype(np.float32), xs.astype(np.float32), h, w, style.stuff_contrast)
 
-    n = _num_objects(rng)
+    n = _num_objects(rng, style.max_objects)
     obj = np.full((h, w), -1, dtype=np.int16)  # index of the top-most object per pixel
     classes = []
     # objects get smaller as the scene gets busier, with a wide spread inside one image
-    r_max = size * 0.28 / np.sqrt(1.0 + n / 6.0)
+    r_max = size * style.radius_scale / np.sqrt(1.0 + n / 6.0)
     r_min = max(2.5, size * 0.035)
+    drawn = np.zeros(n, dtype=np.int64)  # pixels each object covered when drawn
     for k in range(n):
         cls = THING_CLASSES[int(rng.integers(0, len(THING_CLASSES)))]
         r = float(np.exp(rng.uniform(np.log(r_min), np.log(max(r_min * 1.01, r_max)))))
         aspect = float(np.exp(rng.uniform(-0.45, 0.45)))
+        if style.thin_fraction > 0 and rng.uniform() < style.thin_fraction:  # a thin rod: poles, railings
+            aspect = float(np.sqrt(rng.uniform(6.0, 12.0)))
         a, b = r * aspect, r / aspect
         if cls == "person":  # upright-ish
             a, b = min(a, b), max(a, b)
@@ -244,6 +277,7 @@ def render_scene(rng: np.random.Generator, size: int) -> _Scene:
         region = image[y0:y1, x0:x1]
         region[inside] = tex[inside]
         obj[y0:y1, x0:x1][inside] = k
+        drawn[k] = int(inside.sum())
         classes.append(cls)
 
     # visible areas after occlusion; tiny remnants become void
@@ -269,7 +303,27 @@ def render_scene(rng: np.random.Generator, size: int) -> _Scene:
     pan_ids[covered] = lut_pan[obj[covered] + 1]
     label_ids[covered] = lut_lab[obj[covered] + 1]
     img = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    return _Scene(image=img, label_ids=label_ids, pan_ids=pan_ids, num_objects=num_kept)
+    kept = (areas >= min_area) & (areas > 0)
+    complexity = _complexity(pan_ids, areas[kept], drawn[kept], n)
+    return _Scene(image=img, label_ids=label_ids, pan_ids=pan_ids, num_objects=num_kept, complexity=complexity)
+
+
+def _complexity(pan_ids: np.ndarray, visible: np.ndarray, drawn: np.ndarray, num_drawn: int) -> dict[str, float]:
+    """How hard an image is to parse (:data:`COMPLEXITY_FIELDS`): instances kept and drawn, the
+    share of the kept instances' drawn area that others hide, instances under 1% of the image,
+    and the share of pixels whose right or lower neighbour lies in another segment."""
+    h, w = pan_ids.shape
+    edge = np.zeros((h, w), dtype=bool)
+    edge[:, :-1] |= pan_ids[:, :-1] != pan_ids[:, 1:]
+    edge[:-1, :] |= pan_ids[:-1, :] != pan_ids[1:, :]
+    total_drawn = int(drawn.sum())
+    return {
+        "objects": int(visible.shape[0]),
+        "drawn": int(num_drawn),
+        "occluded_fraction": round(1.0 - float(visible.sum()) / total_drawn, 6) if total_drawn else 0.0,
+        "small_objects": int((visible < 0.01 * h * w).sum()),
+        "boundary_fraction": round(float(edge.mean()), 6),
+    }
 
 
 def _segments(pan_ids: np.ndarray) -> list[tuple[int, int, list[int]]]:
@@ -287,7 +341,8 @@ def _segments(pan_ids: np.ndarray) -> list[tuple[int, int, list[int]]]:
 
 
 # ------------------------------------------------------------------------------- writing
-def _write_split(root: str, split: str, num_images: int, size: int, seed: int, split_index: int) -> dict[str, Any]:
+def _write_split(root: str, split: str, num_images: int, size: int, seed: int, split_index: int,
+                 style: SceneStyle = SceneStyle()) -> dict[str, Any]:
     from pycocotools import mask as mask_util
 
     cats = synthetic_categories()
@@ -304,15 +359,17 @@ def _write_split(root: str, split: str, num_images: int, size: int, seed: int, s
     images, pan_anns, inst_anns = [], [], []
     cs_images, cs_anns = [], []
     num_objects = []
+    complexity = []
     ann_id = 1
     for i in range(num_images):
         rng = np.random.default_rng([seed, split_index, i])
-        scene = render_scene(rng, size)
+        scene = render_scene(rng, size, style)
         image_id = i + 1
         stem = f"{i:06d}"
         cs_id = f"{city}_000000_{i:06d}"
         segs = _segments(scene.pan_ids)
         num_objects.append(scene.num_objects)
+        complexity.append({"image_id": image_id, "file_name": stem + ".png", **scene.complexity})
 
         image_png = png_bytes(scene.image, compress_level=1)
         pan_png = png_bytes(id2rgb(scene.pan_ids))
@@ -362,6 +419,7 @@ def _write_split(root: str, split: str, num_images: int, size: int, seed: int, s
     info = {"description": "eco_m2f synthetic panoptic dataset", "version": str(FORMAT_VERSION)}
     dump_json({"info": info, "licenses": [], "images": images, "annotations": pan_anns, "categories": pan_cats},
               os.path.join(root, f"panoptic_{split}.json"))
+    dump_json({"fields": list(COMPLEXITY_FIELDS), "images": complexity}, os.path.join(root, COMPLEXITY_FILE.format(split=split)))
     inst_cats = [{"id": c["id"], "name": c["name"], "supercategory": c["supercategory"]} for c in cats if c["isthing"]]
     dump_json({"info": info, "licenses": [], "images": images, "annotations": inst_anns, "categories": inst_cats},
               os.path.join(root, f"instances_{split}.json"))
@@ -383,12 +441,17 @@ def generate_synthetic_dataset(
     num_val: int = DEFAULTS["num_val"],
     image_size: int = DEFAULTS["image_size"],
     seed: int = DEFAULTS["seed"],
+    preset: str = DEFAULTS["preset"],
 ) -> dict[str, Any]:
     """Generate (or regenerate) the synthetic dataset at ``root``; returns a summary.
 
     Files are written into a temporary sibling folder that is renamed onto ``root`` at the end,
     so readers never see a half-written dataset. Same arguments -> byte-identical files.
+    ``preset`` names a :data:`PRESETS` style ("standard" or "hard").
     """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown synthetic preset {preset!r}; known: {sorted(PRESETS)}")
+    style = PRESETS[preset]
     for key, val, lo in (("num_train", num_train, 0), ("num_val", num_val, 0), ("image_size", image_size, 32)):
         if not isinstance(val, (int, np.integer)) or val < lo:
             raise ValueError(f"{key} must be an integer >= {lo}, got {val!r}")
@@ -400,13 +463,15 @@ def generate_synthetic_dataset(
     try:
         splits = {}
         for split_index, (split, n) in enumerate((("train", num_train), ("val", num_val))):
-            splits[split] = _write_split(tmp, split, int(n), int(image_size), int(seed), split_index)
+            splits[split] = _write_split(tmp, split, int(n), int(image_size), int(seed), split_index, style)
         info = {
             "format_version": FORMAT_VERSION,
             "seed": int(seed),
             "image_size": int(image_size),
             "num_train": int(num_train),
             "num_val": int(num_val),
+            "preset": preset,
+            "style": asdict(style),
             "categories": synthetic_categories(),
             "num_objects": {s: v["num_objects"] for s, v in splits.items()},
         }
