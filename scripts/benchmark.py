@@ -9,7 +9,11 @@
 ``--variant "bf16 pixel decoder" MODEL.SEM_SEG_HEAD.PIXEL_DECODER_FP32 False``;
 ``--stages`` adds the GPU time of the model's ``benchmark_stages()`` (MaskFormer: backbone, pixel
 decoder, transformer decoder) per pass; ``--exit K`` times an ECO-M2F network at exit K;
-``--profile N`` prints the N kernels with the most GPU time (torch.profiler) per setting.
+``--profile N`` prints the N kernels with the most GPU time (torch.profiler) per setting;
+``--real-images`` times the first images of ``DATASETS.TEST[0]`` as the test mapper gives them
+(padded into one batch) instead of random ones, with the trained weights of ``MODEL.WEIGHTS``
+loaded (checked key by key): what a gated ECO-M2F model spends depends on the images, e.g.
+``--real-images MODEL.WEIGHTS stepA.pth MODEL.ECO.GATE.ENABLED True MODEL.ECO.GATE.WEIGHTS gate.pth``.
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--stages", action="store_true", help="also time backbone / pixel decoder / transformer decoder")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N kernels with the most GPU time")
+    p.add_argument("--real-images", action="store_true",
+                   help="time the first validation images with the MODEL.WEIGHTS weights (see above)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default="", help="write the timings to this JSON file")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -72,22 +78,40 @@ def main(argv=None) -> int:
             p.error(f"{type(model).__name__}'s network does not depend on an exit (ECOMaskFormer's does)")
         return (lambda images: model.network(images, cost)), model.benchmark_stages()
 
-    ours = build_model(cfg).to(device).eval()
+    real = None
+    if args.real_images:
+        if args.compare_hf:
+            p.error("--real-images times our trained model; it cannot be combined with --compare-hf")
+        from eco_m2f.evaluation.reduction_sweep import build_trained, timed_inputs
+
+        real = timed_inputs(cfg, max(args.batch_sizes))
+        ours = build_trained(cfg, args.device)
+    else:
+        ours = build_model(cfg).to(device).eval()
     name_ours = f"eco_m2f ({cfg.MODEL.BACKBONE.NAME})" if args.exit is None else f"eco_m2f exit {args.exit}"
     models = [(name_ours, *network(ours))]
     for name, *opts in args.variant:
         if not opts or len(opts) % 2:
             p.error(f"--variant '{name}' needs KEY VALUE pairs after its name, got {opts}")
-        variant = build_model(setup_cfg(args.config_file, list(args.opts) + opts)).to(device).eval()
+        variant_cfg = setup_cfg(args.config_file, list(args.opts) + opts)
+        if real is not None:
+            from eco_m2f.evaluation.reduction_sweep import build_trained
+
+            variant = build_trained(variant_cfg, args.device)
+        else:
+            variant = build_model(variant_cfg).to(device).eval()
         models.append((f"eco_m2f {name}", *network(variant)))
     if args.compare_hf:
         hf = build_hf_mask2former(cfg).to(device).eval()
         models.append((HF_NAME, hf_forward(hf), hf_stages(hf)))
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
-          f"input {args.size[0]}x{args.size[1]}; warm-up {args.warmup}, timed {args.iters} passes (median)")
+          f"input {'the first validation images' if real else f'{args.size[0]}x{args.size[1]}'}; warm-up {args.warmup}, timed {args.iters} passes (median)")
     rows = []
     for batch in args.batch_sizes:
-        images = torch.randn(batch, 3, *args.size, device=device)
+        if real is not None:
+            images = ours.preprocess_image(real[:batch]).tensor  # normalised and padded, as inference sees them
+        else:
+            images = torch.randn(batch, 3, *args.size, device=device)
         for dtype in args.dtypes:
             for name, fn, stages in models:
                 latency, ips = time_forward(fn, images, dtype, args.warmup, args.iters)

@@ -73,6 +73,11 @@ def test_architecture_trains_evaluates_counts_and_benchmarks(name, tiny_datasets
                                       "--batch-sizes", "1", "--dtypes", "fp32", "--warmup", "0", "--iters", "1",
                                       *opts]) == 0
     assert "images/s" in capsys.readouterr().out
+    # the trained weights on the first validation images (what a gated model's time depends on)
+    assert _script("benchmark").main(["--config-file", config, "--device", "cpu", "--real-images", "--batch-sizes", "2",
+                                      "--dtypes", "fp32", "--warmup", "0", "--iters", "1", *opts,
+                                      "MODEL.WEIGHTS", str(out / "model_final.pth")]) == 0
+    assert "the first validation images" in capsys.readouterr().out
     assert _script("analyze_model").main(["--config-file", config, "--size", "64", "64", *opts]) == 0
     printed = capsys.readouterr().out
     assert f"({name})" in printed and "counted operators" in printed and f"total {gflops['total']:.2f}" in printed
