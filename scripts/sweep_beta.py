@@ -39,10 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = subprocess_evaluate_fn(args.config_file, REPO_ROOT, extra_args=shlex.split(args.eval_args))
     res = run_sweep(args.config_file, args.derived, betas, evaluate, opts=args.opts, k_user=args.k_user,
                     output_dir=args.output_dir, fixed_exits=not args.no_fixed)
-    print(f"{'kind':<6} {'exit/beta':>10} {'PQ':>7} {'enc GFLOPs':>11} {'total GFLOPs':>13}")
+    print(f"{'kind':<6} {'exit/beta':>10} {'PQ':>7} {'PQ_th':>7} {'PQ_st':>7} {'mean exit':>9} {'enc GFLOPs':>11} {'total GFLOPs':>13}")
+
+    def num(value, spec: str) -> str:
+        return f"{'-':>{spec.split('.')[0]}}" if value is None else format(value, spec)
+
     for r in res["rows"]:
-        print(f"{r['kind']:<6} {r['exit_or_beta']:>10g} {r['PQ']:7.2f} {r['encoder_gflops']:11.2f} "
-              f"{r['total_gflops']:13.2f}")
+        print(f"{r['kind']:<6} {r['exit_or_beta']:>10g} {r['PQ']:7.2f} {num(r['PQ_th'], '7.2f')} {num(r['PQ_st'], '7.2f')} "
+              f"{num(r['mean_exit'], '9.2f')} {r['encoder_gflops']:11.2f} {r['total_gflops']:13.2f}")
     for key, path in res["paths"].items():
         print(f"wrote {key}: {path}")
     return 0

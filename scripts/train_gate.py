@@ -4,7 +4,7 @@
     python scripts/train_gate.py --config-file CONFIG --derived DERIVED_DIR --beta BETA [--k-user K] [KEY VALUE ...]
 
 Writes gate.pth, metrics.json, model_gated.pth and config.yaml (evaluates the gated model) to
---output-dir (default DERIVED_DIR/gate_beta{BETA}_k{K}).
+--output-dir (default DERIVED_DIR/gate_beta{BETA}_k{K}, plus _{LOSS} for a MODEL.ECO.GATE.LOSS other than hard-CE).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--derived", required=True, help="step-B output directory (meta.json + records/)")
     parser.add_argument("--beta", required=True, type=float, help="trade-off beta of u(k) = q_k - beta k")
     parser.add_argument("--k-user", type=int, default=None, help="largest allowed exit (default MODEL.ECO.GATE.K_USER)")
-    parser.add_argument("--output-dir", default=None, help="default DERIVED/gate_beta{BETA}_k{K}")
+    parser.add_argument("--output-dir", default=None, help="default DERIVED/gate_beta{BETA}_k{K}[_{LOSS}]")
     parser.add_argument("--device", default="cpu", help="device for the gate training (features are cached)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)

@@ -273,7 +273,7 @@ def test_train_gate_sh_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "loss=soft-CE" in proc.stdout and "K_USER=6" in proc.stdout
-    _, info = load_gate_checkpoint(str(derived / "gate_beta0.01_k6" / "gate.pth"))
+    _, info = load_gate_checkpoint(str(derived / "gate_beta0.01_k6_soft-CE" / "gate.pth"))  # its loss in the name
     assert info["exits"] == EXITS and info["loss"] == "soft-CE"
     assert digest(derived / "records") == records_digest  # records reused, untouched
     assert (gate_dir / "gate.pth").is_file()  # the first gate is still there
@@ -321,15 +321,17 @@ def test_sweep_with_fake_evaluation(tmp_path):
         cfg = setup_cfg(CONFIG, overrides)
         if cfg.MODEL.ECO.GATE.ENABLED:
             assert cfg.MODEL.WEIGHTS.endswith("model_gated.pth") and cfg.TEST.ECO.EXIT == 0
-            return {"PQ": 50.0 - 100 * cfg.MODEL.ECO.GATE.BETA, "gflops_encoder": 20.0, "gflops": 80.0}
+            return {"PQ": 50.0 - 100 * cfg.MODEL.ECO.GATE.BETA, "gflops_encoder": 20.0, "gflops": 80.0, "exit_mean": 3.5}
         k = cfg.TEST.ECO.EXIT
-        return {"PQ": 40.0 + k, "gflops_encoder": 5.0 * k, "gflops": 60.0 + 5.0 * k}
+        return {"PQ": 40.0 + k, "PQ_th": 30.0 + k, "PQ_st": 50.0 + k, "gflops_encoder": 5.0 * k, "gflops": 60.0 + 5.0 * k}
 
     res = run_sweep(CONFIG, derived, [0.001, 0.01], evaluate, opts=["MODEL.ECO.GATE.EPOCHS", "2"],
                     output_dir=tmp_path / "sweep", log=lambda s: None)
     with open(res["paths"]["csv"], newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["kind", "exit_or_beta", "PQ", "encoder_gflops", "total_gflops"]
+    assert list(rows[0]) == ["kind", "exit_or_beta", "PQ", "PQ_th", "PQ_st", "mean_exit", "encoder_gflops", "total_gflops"]
+    assert float(rows[0]["PQ_th"]) == 32.0 and float(rows[0]["mean_exit"]) == 2.0
+    assert rows[6]["PQ_th"] == "" and float(rows[6]["mean_exit"]) == 3.5  # the things split not reported: empty
     assert [(r["kind"], r["exit_or_beta"]) for r in rows] == (
         [("fixed", str(k)) for k in EXITS] + [("gated", "0.001"), ("gated", "0.01")])
     assert float(rows[0]["PQ"]) == 42.0 and float(rows[4]["encoder_gflops"]) == 30.0
@@ -347,8 +349,12 @@ def test_results_json_parsing_and_subprocess_evaluate(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"panoptic_seg": {"PQ": 41.5, "SQ": 70.0},
                                 "cost": {"gflops_encoder": 12.5, "gflops": 90.0, "exit_histogram": {"2": 3}}}))
-    assert parse_results_json(path) == {"PQ": 41.5, "gflops_encoder": 12.5, "gflops": 90.0,
-                                        "exit_histogram": {"2": 3}}
+    assert parse_results_json(path) == {"PQ": 41.5, "PQ_th": None, "PQ_st": None, "gflops_encoder": 12.5, "gflops": 90.0,
+                                        "exit_mean": None, "exit_histogram": {"2": 3}}
+    path.write_text(json.dumps({"panoptic_seg": {"PQ": 41.5, "PQ_th": 20.0, "PQ_st": 60.0},
+                                "cost": {"gflops_encoder": 12.5, "gflops": 90.0, "exit_mean": 2.5}}))
+    parsed = parse_results_json(path)
+    assert (parsed["PQ_th"], parsed["PQ_st"], parsed["exit_mean"]) == (20.0, 60.0, 2.5)
     path.write_text(json.dumps({"panoptic_seg": {"PQ": 41.5}}))
     with pytest.raises(KeyError, match="cost.gflops_encoder"):
         parse_results_json(path)
@@ -370,3 +376,38 @@ def test_results_json_parsing_and_subprocess_evaluate(tmp_path):
     evaluate = subprocess_evaluate_fn(CONFIG, REPO, python=str(fake))
     res = evaluate(["TEST.ECO.EXIT", "3", "OUTPUT_DIR", str(tmp_path / "ev")])
     assert res["PQ"] == 33.0 and res["gflops_encoder"] == 3.0 and res["gflops"] == 53.0
+
+
+def test_a_gate_of_another_loss_gets_its_own_directory(tmp_path):
+    derived = make_derived(tmp_path, n=20)
+    plain = run_step_c(CONFIG, derived, 0.002, opts=["MODEL.ECO.GATE.EPOCHS", "2"])
+    soft = run_step_c(CONFIG, derived, 0.002, opts=["MODEL.ECO.GATE.EPOCHS", "2", "MODEL.ECO.GATE.LOSS", "soft-CE"])
+    assert plain.output_dir.name == "gate_beta0.002_k6" and soft.output_dir.name == "gate_beta0.002_k6_soft-CE"
+    assert (plain.output_dir / "gate.pth").is_file() and (soft.output_dir / "gate.pth").is_file()
+    assert setup_cfg(str(soft.paths["config"])).MODEL.ECO.GATE.LOSS == "soft-CE"
+
+
+def test_sweep_beta_script_prints_the_things_split_and_mean_exit(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_beta", Path(__file__).resolve().parents[1] / "scripts" / "sweep_beta.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    derived = make_derived(tmp_path, n=20)
+
+    def evaluate(overrides):
+        cfg = setup_cfg(CONFIG, overrides)
+        if cfg.MODEL.ECO.GATE.ENABLED:
+            return {"PQ": 45.0, "gflops_encoder": 10.0, "gflops": 70.0, "exit_mean": 3.25}
+        return {"PQ": 40.0, "PQ_th": 20.0, "PQ_st": 60.0, "gflops_encoder": 5.0, "gflops": 60.0}
+
+    monkeypatch.setattr(mod, "subprocess_evaluate_fn", lambda *a, **k: evaluate)
+    assert mod.main(["--config-file", CONFIG, "--derived", str(derived), "--betas", "0.001",
+                     "--output-dir", str(tmp_path / "sweep"), "MODEL.ECO.GATE.EPOCHS", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("kind"))
+    assert header.split()[:6] == ["kind", "exit/beta", "PQ", "PQ_th", "PQ_st", "mean"]
+    gated = next(line.split() for line in lines if line.split()[:2] == ["gated", "0.001"])  # the table, not the log
+    assert gated[:6] == ["gated", "0.001", "45.00", "-", "-", "3.25"]
+    fixed = next(line.split() for line in lines if line.split()[:2] == ["fixed", "2"])
+    assert fixed[3:6] == ["20.00", "60.00", "2.00"]

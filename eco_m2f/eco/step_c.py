@@ -37,6 +37,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FEATURE_CACHE = "gate_features.npz"
+DEFAULT_GATE_LOSS = "hard-CE"  # MODEL.ECO.GATE.LOSS's default: its gates keep the plain directory name
 
 
 def _load_feature_cache(path: Path, weights: str) -> Optional[Dict[Any, np.ndarray]]:
@@ -84,9 +85,11 @@ class StepCOutput:
     timings: Dict[str, float]
 
 
-def gate_output_dir(derived_dir: str | os.PathLike, beta: float, k_user: int) -> Path:
-    """DERIVED_DIR/gate_beta{beta}_k{k_user}."""
-    return Path(derived_dir) / f"gate_beta{float(beta):g}_k{int(k_user)}"
+def gate_output_dir(derived_dir: str | os.PathLike, beta: float, k_user: int, loss: str = DEFAULT_GATE_LOSS) -> Path:
+    """DERIVED_DIR/gate_beta{beta}_k{k_user}, with ``_{loss}`` appended for a loss other than the
+    default hard-CE (so that comparing the losses at one beta keeps every gate)."""
+    suffix = "" if loss == DEFAULT_GATE_LOSS else f"_{loss}"
+    return Path(derived_dir) / f"gate_beta{float(beta):g}_k{int(k_user)}{suffix}"
 
 
 def resolve_weights(weights: str, derived_dir: Path) -> Optional[Path]:
@@ -111,7 +114,7 @@ def run_step_c(
     records: Optional[List[Dict[str, Any]]] = None,
 ) -> StepCOutput:
     """Step C from files: records of ``derived_dir`` -> gate.pth, metrics.json, model_gated.pth,
-    config.yaml in ``output_dir`` (default DERIVED_DIR/gate_beta{beta}_k{k_user}).
+    config.yaml in ``output_dir`` (default :func:`gate_output_dir`).
 
     ``opts`` are KEY VALUE overrides of ``config_file`` (the step-B config); the gate's loss and
     optimisation settings come from MODEL.ECO.GATE.*, the exits from MODEL.ECO.EXITS, the seed from
@@ -164,7 +167,7 @@ def run_step_c(
         device=device,
     )
 
-    out = Path(output_dir) if output_dir is not None else gate_output_dir(derived, beta, k_user)
+    out = Path(output_dir) if output_dir is not None else gate_output_dir(derived, beta, k_user, str(g.LOSS))
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
     paths: Dict[str, Path] = {"gate": out / "gate.pth", "metrics": out / "metrics.json", "config": out / "config.yaml"}

@@ -37,7 +37,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EvaluateFn = Callable[[List[str]], Mapping[str, Any]]
-CSV_FIELDS = ("kind", "exit_or_beta", "PQ", "encoder_gflops", "total_gflops")
+CSV_FIELDS = ("kind", "exit_or_beta", "PQ", "PQ_th", "PQ_st", "mean_exit", "encoder_gflops", "total_gflops")
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -47,8 +47,10 @@ def results_json_path(output_dir: str | os.PathLike, dataset: str) -> Path:
 
 
 def parse_results_json(path: str | os.PathLike) -> Dict[str, Any]:
-    """{"PQ", "gflops_encoder", "gflops", "exit_histogram"} from an evaluation's results.json
-    ({"panoptic_seg": {"PQ": ...}, "cost": {"gflops_encoder", "gflops", "exit_histogram"}})."""
+    """{"PQ", "PQ_th", "PQ_st", "gflops_encoder", "gflops", "exit_mean", "exit_histogram"} from an
+    evaluation's results.json ({"panoptic_seg": {"PQ", "PQ_th", "PQ_st", ...}, "cost":
+    {"gflops_encoder", "gflops", "exit_mean", "exit_histogram"}}; the things / stuff split and the
+    exits may be absent: None)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"evaluation results {path} not found")
@@ -61,7 +63,14 @@ def parse_results_json(path: str | os.PathLike) -> Dict[str, Any]:
         raise KeyError(
             f"{path} lacks {exc}: expected panoptic_seg.PQ and cost.gflops_encoder / cost.gflops"
         ) from None
-    return {"PQ": pq, "gflops_encoder": enc, "gflops": total, "exit_histogram": cost.get("exit_histogram")}
+    pan = data["panoptic_seg"]
+    return {"PQ": pq, "PQ_th": _optional(pan.get("PQ_th")), "PQ_st": _optional(pan.get("PQ_st")),
+            "gflops_encoder": enc, "gflops": total, "exit_mean": _optional(cost.get("exit_mean")),
+            "exit_histogram": cost.get("exit_histogram")}
+
+
+def _optional(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
 
 
 def subprocess_evaluate_fn(
@@ -99,6 +108,11 @@ def fixed_exit_overrides(cfg: Any, k: int, weights: str, output_dir: str | os.Pa
 
 
 # --------------------------------------------------------------------------------------------- sweep
+def _quality(res: Mapping[str, Any]) -> Dict[str, Optional[float]]:
+    """PQ and, where the evaluation reports them, its things / stuff parts."""
+    return {"PQ": float(res["PQ"]), "PQ_th": _optional(res.get("PQ_th")), "PQ_st": _optional(res.get("PQ_st"))}
+
+
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     path = Path(path)
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -177,7 +191,7 @@ def run_sweep(
     if fixed_exits:
         for k in exits:
             res = dict(evaluate_fn(list(opts) + fixed_exit_overrides(cfg, k, weights, (out / f"fixed_l{k}").resolve())))
-            rows.append({"kind": "fixed", "exit_or_beta": k, "PQ": float(res["PQ"]),
+            rows.append({"kind": "fixed", "exit_or_beta": k, **_quality(res), "mean_exit": float(k),
                          "encoder_gflops": float(res["gflops_encoder"]), "total_gflops": float(res["gflops"])})
             details.append({**rows[-1], "result": res})
             log(f"fixed exit l_{k}: PQ {res['PQ']:.2f}, encoder GFLOPs {res['gflops_encoder']:.2f}")
@@ -187,12 +201,13 @@ def run_sweep(
                             records=records)
         log(format_step_c_report(step_c))
         res = dict(evaluate_fn(list(opts) + step_c.eval_overrides))
-        rows.append({"kind": "gated", "exit_or_beta": float(beta), "PQ": float(res["PQ"]),
+        rows.append({"kind": "gated", "exit_or_beta": float(beta), **_quality(res), "mean_exit": res.get("exit_mean"),
                      "encoder_gflops": float(res["gflops_encoder"]), "total_gflops": float(res["gflops"])})
         details.append({**rows[-1], "result": res, "gate_dir": str(step_c.output_dir),
                         "step_c_seconds": step_c.timings["total_seconds"],
                         "heldout_accuracy": step_c.result.metrics["heldout"].get("accuracy")})
-        log(f"gated beta={float(beta):g}: PQ {res['PQ']:.2f}, encoder GFLOPs {res['gflops_encoder']:.2f}")
+        mean_exit = "" if res.get("exit_mean") is None else f", mean exit {res['exit_mean']:.2f}"
+        log(f"gated beta={float(beta):g}: PQ {res['PQ']:.2f}, encoder GFLOPs {res['gflops_encoder']:.2f}{mean_exit}")
 
     paths = {
         "csv": write_csv(rows, out / "sweep.csv"),
