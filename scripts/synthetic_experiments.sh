@@ -7,20 +7,29 @@
 #          decoder) vs transformers', 1024x1024
 #   train-impl  train the R50 model IMPL_ITERS iterations with each deformable-attention
 #          implementation (pytorch reference, triton kernels): time per iteration and losses
+#   trends the ECO-M2F trends on the busier PRESET (default hard) dataset, every step kept once
+#          done and resumed after a kill (rerun the same command): parent Mask2Former, fixed exits
+#          of the parent, step A with WSD (alpha linear) and USD (alpha uniform) and their fixed
+#          exits, step B on WSD, best exit by image complexity, the beta sweep (BETAS, at least five
+#          for the trend), K_user 5 and 4 and the three other gate losses at TREND_BETA, and the
+#          gated model's wall time at batch 8 and 1 beside fixed exits 2 and 6 (real images, bf16)
 #   all    bench, m2f and eco in turn
 # Usage: scripts/synthetic_experiments.sh STAGE [OUT_DIR]
-# Sizes come from the environment: NTRAIN NVAL ITERS STEPA_ITERS BETAS, CONFIG / ECO_CONFIG, EXTRA (KEY VALUE ...).
+# Sizes come from the environment: NTRAIN NVAL SIZE PRESET ITERS STEPA_ITERS BETAS TREND_BETA CKPT
+# WALL_BATCHES WALL_DTYPE TREND_KS TREND_LOSSES,
+# CONFIG / ECO_CONFIG, EXTRA (KEY VALUE ...).
 # TRAIN_SECONDS / STEPA_SECONDS bound the wall time of training: a run stopped by the bound
 # continues from its last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is printed.
 set -euo pipefail
-stage=${1:?usage: $0 m2f|eco|bench|train-impl|all [OUT_DIR]}
+stage=${1:?usage: $0 m2f|eco|bench|train-impl|trends|all [OUT_DIR]}
 out=${2:-output/synthetic_experiments}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-$(command -v python || command -v python3)}
 cfg=${CONFIG:-configs/synthetic/maskformer2_R50.yaml}
 eco_cfg=${ECO_CONFIG:-configs/synthetic/eco_m2f_R50.yaml}
 NTRAIN=${NTRAIN:-1000}; NVAL=${NVAL:-100}; SIZE=${SIZE:-256}
-ITERS=${ITERS:-1500}; STEPA_ITERS=${STEPA_ITERS:-600}; BETAS=${BETAS:-"0.002 0.01"}
+preset_given=${PRESET:-}; betas_given=${BETAS:-}  # the trends stage has defaults of its own
+ITERS=${ITERS:-1500}; STEPA_ITERS=${STEPA_ITERS:-600}; BETAS=${BETAS:-"0.002 0.01"}; PRESET=${PRESET:-standard}
 TRAIN_SECONDS=${TRAIN_SECONDS:-0}; STEPA_SECONDS=${STEPA_SECONDS:-0}
 read -r -a extra <<< "${EXTRA:-}"
 export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-$out/datasets}
@@ -47,10 +56,28 @@ train() {
 
 make_dataset() {
   if [ ! -f "$DETECTRON2_DATASETS/synthetic/synthetic_info.json" ]; then
-    stamp "generating the synthetic dataset"
+    stamp "generating the synthetic dataset (preset $PRESET)"
     "$py" datasets/prepare_synthetic.py --root "$DETECTRON2_DATASETS/synthetic" \
-      --num-train "$NTRAIN" --num-val "$NVAL" --image-size "$SIZE"
+      --num-train "$NTRAIN" --num-val "$NVAL" --image-size "$SIZE" --preset "$PRESET"
   fi
+}
+
+# trained SECONDS OUT_DIR ARGS...: train unless OUT_DIR holds a finished run (model_final.pth);
+# a run killed or stopped by the bound continues from OUT_DIR/last.ckpt
+trained() {
+  local seconds=$1 dir=$2; shift 2
+  if [ -f "$dir/model_final.pth" ]; then
+    cp "$dir/model_final.pth" "$dir/model_trained.pth"; stamp "kept the finished run in $dir"; return
+  fi
+  local resume=(); [ -f "$dir/last.ckpt" ] && resume=(--resume) && stamp "resuming $dir/last.ckpt"
+  train "$seconds" "$dir" "${resume[@]}" "$@"
+}
+
+# exits_table WEIGHTS CONFIG NAME TITLE: the fixed-exit table, once
+exits_table() {
+  [ -f "$out/$3.json" ] && { stamp "kept $out/$3.json"; return; }
+  "$py" scripts/eval_exits.py --config-file "$2" --weights "$1" --exits "2 3 4 5 6" --title "$4" \
+    --json "$out/$3.json" OUTPUT_DIR "$out/$3" "${extra[@]}"
 }
 
 case "$stage" in
@@ -104,6 +131,54 @@ for impl in ("pytorch", "triton"):
           f"total_loss first {rows[0]['total_loss']:.2f}, last {rows[-1]['total_loss']:.2f}")
 PY
   ;;
+trends)
+  PRESET=${preset_given:-hard}
+  BETAS=${betas_given:-"0.0005 0.001 0.002 0.005 0.01 0.02"}; TREND_BETA=${TREND_BETA:-0.002}
+  ckpt=(SOLVER.CHECKPOINT_PERIOD "${CKPT:-200}")
+  make_dataset
+  stamp "parent Mask2Former: $ITERS iterations"
+  trained "$TRAIN_SECONDS" "$out/m2f" --config-file "$cfg" SOLVER.MAX_ITER "$ITERS" "${ckpt[@]}" "${extra[@]}"
+  [ -f "$out/m2f/model_final.pth" ] || { stamp "the parent is not finished: rerun to continue"; exit 3; }
+  exits_table "$out/m2f/model_trained.pth" "$cfg" baseline_exits "baseline M2F, truncated encoder"
+  for alpha in linear uniform; do
+    name=$([ "$alpha" = linear ] && echo wsd || echo usd)
+    stamp "step A, $name (MODEL.ECO.ALPHA $alpha): $STEPA_ITERS iterations"
+    trained "$STEPA_SECONDS" "$out/stepA_$name" --config-file "$eco_cfg" MODEL.WEIGHTS "$out/m2f/model_trained.pth" \
+      MODEL.ECO.ALPHA "$alpha" SOLVER.MAX_ITER "$STEPA_ITERS" "${ckpt[@]}" "${extra[@]}"
+    [ -f "$out/stepA_$name/model_final.pth" ] || { stamp "step A ($name) is not finished: rerun to continue"; exit 3; }
+    exits_table "$out/stepA_$name/model_trained.pth" "$eco_cfg" "stepA_${name}_exits" "ECO-M2F step A ($name), fixed exits"
+  done
+  stamp "step B on the WSD model (resumes its records)"
+  scripts/derive_dataset.sh "$eco_cfg" "$out/stepA_wsd/model_trained.pth" "$out/derived" "${extra[@]}"
+  "$py" scripts/exit_complexity.py --derived "$out/derived" --complexity "$DETECTRON2_DATASETS/synthetic/complexity_train.json" \
+    --field objects --field occluded_fraction --field boundary_fraction --json "$out/exit_complexity.json" | tee "$out/exit_complexity.txt"
+  stamp "trade-off sweep over betas $BETAS (with the fixed exits)"
+  [ -f "$out/derived/sweep/sweep.csv" ] || scripts/sweep_beta.sh "$eco_cfg" "$out/derived" "$BETAS" "${extra[@]}"
+  for k in ${TREND_KS:-5 4}; do
+    stamp "K_user $k at beta $TREND_BETA"
+    [ -f "$out/derived/sweep_k$k/sweep.csv" ] || scripts/sweep_beta.sh "$eco_cfg" "$out/derived" "$TREND_BETA" --no-fixed \
+      --k-user "$k" --output-dir "$out/derived/sweep_k$k" "${extra[@]}"
+  done
+  for loss in ${TREND_LOSSES:-u-CE soft-CE soft-MSE}; do
+    stamp "gate loss $loss at beta $TREND_BETA"
+    [ -f "$out/derived/sweep_$loss/sweep.csv" ] || scripts/sweep_beta.sh "$eco_cfg" "$out/derived" "$TREND_BETA" --no-fixed \
+      --output-dir "$out/derived/sweep_$loss" MODEL.ECO.GATE.LOSS "$loss" "${extra[@]}"
+  done
+  gate_cfg="$out/derived/gate_beta${TREND_BETA}_k6/config.yaml"
+  if [ -f "$gate_cfg" ]; then
+    stamp "wall time of the gated model (beta $TREND_BETA) and of fixed exits 2 and 6, real images"
+    for e in gated 2 6; do
+      [ -f "$out/wall_time_$e.json" ] && { stamp "kept $out/wall_time_$e.json"; continue; }
+      exit_arg=(); [ "$e" = gated ] || exit_arg=(--exit "$e")
+      "$py" scripts/benchmark.py --config-file "$gate_cfg" --real-images "${exit_arg[@]}" --batch-sizes ${WALL_BATCHES:-8 1} \
+        --dtypes "${WALL_DTYPE:-bf16}" \
+        --json "$out/wall_time_$e.json" "${extra[@]}"
+    done
+  else
+    stamp "no gate config $gate_cfg: TREND_BETA must be one of BETAS ($BETAS)"
+  fi
+  stamp "done"
+  ;;
 *)
-  echo "unknown stage '$stage' (m2f, eco, bench, train-impl or all)" >&2; exit 2 ;;
+  echo "unknown stage '$stage' (m2f, eco, bench, train-impl, trends or all)" >&2; exit 2 ;;
 esac
