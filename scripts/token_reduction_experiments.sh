@@ -22,6 +22,8 @@
 #           (skipped when DCTS_POLICY_WEIGHTS names a trained one)
 #   sharing the sweep of CTS (fixed S, and the dynamic variant at each threshold of CTS_THRESHOLDS)
 #           and dCTS (tau-6899, tau-4999) on the dense Segmenter's weights with the dCTS policy
+#   sharing_ft  fine-tune the dense Segmenter with dCTS sharing on (frozen dCTS policy; FT_ITERS,
+#           at most SHARING_FT_SECONDS), then the sharing sweep's settings on those weights
 #   dtop    fine-tune DToP (linear heads after layers 6 and 8, theta FT_THETA) from the dense
 #           model; then its sweep: dense, theta 1.0 (nothing pruned) and every theta of THETAS
 #   step    STEP (dCTS + DToP) on the DToP model's weights (its auxiliary heads; with
@@ -30,12 +32,12 @@
 #   maps    token-map pictures of the PAUMER model at tau 0.4 and of the DoViT model at xi FT_XI
 #           (needs eco_m2f.visualization)
 #   report  the tables of every sweep done so far
-#   all     data dense untrained paumer dovit policy policy_dcts sharing dtop step maps report
+#   all     data dense untrained paumer dovit policy policy_dcts sharing sharing_ft dtop step maps report
 # Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
 # DECISION_LAYERS FT_XI XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS
 # DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS
-# STEP_FT_SECONDS HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
+# STEP_FT_SECONDS SHARING_FT_SECONDS HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
 # fine-tunings, SOLVER.LR_MULTIPLIERS) WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
 # "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"). A stage that finished is not redone (a trained
 # model is kept, the sweep reuses finished evaluations); a training stopped by its time bound
@@ -43,7 +45,7 @@
 # printed.
 # TINY=1: everything on the CPU with a tiny ViT and 64 x 64 images (a check of the script).
 set -euo pipefail
-stage=${1:?usage: $0 data|dense|untrained|paumer|dovit|policy|policy_dcts|sharing|dtop|step|maps|report|all [OUT_DIR]}
+stage=${1:?usage: $0 data|dense|untrained|paumer|dovit|policy|policy_dcts|sharing|sharing_ft|dtop|step|maps|report|all [OUT_DIR]}
 out=$(mkdir -p "${2:-output/token_reduction_experiments}" && cd "${2:-output/token_reduction_experiments}" && pwd)
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-$(command -v python || command -v python3)}
@@ -77,7 +79,7 @@ TRAIN_SECONDS=${TRAIN_SECONDS:-220}; FT_SECONDS=${FT_SECONDS:-110}; TAUS=${TAUS:
 FT_XI=${FT_XI:-0.98}; XIS=${XIS:-"0.95 0.98 0.99"}; POLICY_SECONDS=${POLICY_SECONDS:-100}
 DCTS_POLICY_SECONDS=${DCTS_POLICY_SECONDS:-60}; CTS_THRESHOLDS=${CTS_THRESHOLDS:-"0.5 0.8"}
 FT_THETA=${FT_THETA:-0.9}; THETAS=${THETAS:-"0.95 0.9 0.8"}; STEP_FT_SECONDS=${STEP_FT_SECONDS:-0}
-STEP_THETAS=${STEP_THETAS:-"0.9"}; HEAD_LR_MULT=${HEAD_LR_MULT:-1}
+STEP_THETAS=${STEP_THETAS:-"0.9"}; HEAD_LR_MULT=${HEAD_LR_MULT:-1}; SHARING_FT_SECONDS=${SHARING_FT_SECONDS:-$FT_SECONDS}
 export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-$out/datasets_${SIZE}}
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 cd "$here"
@@ -124,6 +126,12 @@ finetune() {
     SOLVER.BASE_LR "$FT_LR" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$CKPT" "${heads[@]}"
 }
 
+# the CTS settings of the sharing sweeps: fixed S, and the dynamic variant at each threshold
+cts_settings=(--setting cts-S MODEL.TOKEN_REDUCTION.NAME CTS MODEL.TOKEN_REDUCTION.CTS.MODE fixed)
+for t in $CTS_THRESHOLDS; do
+  cts_settings+=(--setting "cts-t$t" MODEL.TOKEN_REDUCTION.NAME CTS MODEL.TOKEN_REDUCTION.CTS.MODE threshold MODEL.TOKEN_REDUCTION.CTS.THRESHOLD "$t")
+done
+
 dense_weights() { echo "${DENSE_WEIGHTS:-$out/dense/model_trained.pth}"; }
 policy_weights() { echo "${POLICY_WEIGHTS:-$out/policy/model_trained.pth}"; }
 dcts_policy_weights() { echo "${DCTS_POLICY_WEIGHTS:-$out/policy_dcts/model_trained.pth}"; }
@@ -153,7 +161,7 @@ sweep_tables() {
 case "$stage" in
 all)
   failed=()  # a stage that fails does not stop the stages that do not need it
-  for s in data dense untrained paumer dovit policy policy_dcts sharing dtop step maps report; do
+  for s in data dense untrained paumer dovit policy policy_dcts sharing sharing_ft dtop step maps report; do
     bash "$here/scripts/token_reduction_experiments.sh" "$s" "$out" || failed+=("$s")
   done
   if [ ${#failed[@]} -gt 0 ]; then stamp "failed stages: ${failed[*]}"; exit 1; fi
@@ -226,13 +234,19 @@ policy_dcts)
 sharing)
   # no fine-tuning: the dense model's weights with the frozen dCTS policy (whose 2 x 2 head is CTS's)
   sharing=("${common[@]}" MODEL.TOKEN_SHARING.POLICY_WEIGHTS "$(dcts_policy_weights)")
-  settings=(--setting cts-S MODEL.TOKEN_REDUCTION.NAME CTS MODEL.TOKEN_REDUCTION.CTS.MODE fixed)
-  for t in $CTS_THRESHOLDS; do
-    settings+=(--setting "cts-t$t" MODEL.TOKEN_REDUCTION.NAME CTS MODEL.TOKEN_REDUCTION.CTS.MODE threshold MODEL.TOKEN_REDUCTION.CTS.THRESHOLD "$t")
-  done
   SWEEP_WEIGHTS="$(dense_weights)" sweep sharing "$dcts_cfg" \
     "CTS (fixed 103 of 256 superpatches, and thresholds $CTS_THRESHOLDS) and dCTS on the dense weights, ${SIZE}x${SIZE}" \
-    "${settings[@]}" "${dcts_settings[@]}"
+    "${cts_settings[@]}" "${dcts_settings[@]}"
+  ;;
+sharing_ft)
+  # the Segmenter fine-tuned with dCTS sharing on (the policy frozen, its default thresholds), so
+  # that its blocks and decoder learn shared tokens of every window size, CTS's 2 x 2 among them
+  sharing_ft=("${common[@]}" MODEL.TOKEN_SHARING.POLICY_WEIGHTS "$(dcts_policy_weights)")
+  stamp "fine-tuning the Segmenter with dCTS sharing on from $(dense_weights): $FT_ITERS iterations, at most $SHARING_FT_SECONDS s"
+  finetune "$SHARING_FT_SECONDS" sharing_ft "$dcts_cfg" "$(dense_weights)" "${sharing_ft[@]}"
+  sweep sharing_ft "$dcts_cfg" \
+    "CTS (fixed, and thresholds $CTS_THRESHOLDS) and dCTS on the weights fine-tuned with dCTS sharing on, ${SIZE}x${SIZE}" \
+    "${cts_settings[@]}" "${dcts_settings[@]}"
   ;;
 dtop)
   stamp "fine-tuning DToP (prune layers $DTOP_LAYERS, theta $FT_THETA) from $(dense_weights): $FT_ITERS iterations, at most $FT_SECONDS s"
@@ -282,5 +296,5 @@ report)
   sweep_tables
   ;;
 *)
-  echo "unknown stage '$stage' (data, dense, untrained, paumer, dovit, policy, policy_dcts, sharing, dtop, step, maps, report or all)" >&2; exit 2 ;;
+  echo "unknown stage '$stage' (data, dense, untrained, paumer, dovit, policy, policy_dcts, sharing, sharing_ft, dtop, step, maps, report or all)" >&2; exit 2 ;;
 esac
