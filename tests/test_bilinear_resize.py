@@ -62,3 +62,14 @@ def test_the_bilinear_products_equal_interpolate_on_the_gpu_in_bfloat16():
     assert (bilinear_resize(x, (1024, 1024)) - ref).abs().max().item() < 1e-4
     half = bilinear_resize(x.bfloat16(), (1024, 1024)).float()
     assert (half - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+def test_the_matrix_cache_stays_bounded_over_many_sizes():
+    from eco_m2f.modeling import bilinear_resize as module
+
+    for n in range(2, 2 + 3 * module.MAX_CACHED):
+        bilinear_resize(torch.ones(1, 1, 3, 3), (n, n + 1))
+    assert len(module._MATRICES) <= module.MAX_CACHED
+    # a recently used size is still there and gives the same result
+    out = bilinear_resize(torch.arange(9.0).view(1, 1, 3, 3), (7, 5))
+    assert torch.allclose(out, F.interpolate(torch.arange(9.0).view(1, 1, 3, 3), (7, 5), mode="bilinear", align_corners=False), atol=1e-6)

@@ -10,13 +10,17 @@ batched over images and channels: two GEMMs that run at memory speed.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from collections import OrderedDict
+from typing import Sequence, Tuple
 
 import torch
 
 __all__ = ["bilinear_resize", "interpolation_matrix"]
 
-_MATRICES: Dict[Tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+#: Recently used matrices. Bounded: evaluating a dataset of many image sizes (ADE20K) would
+#: otherwise keep two matrices per size on the device for good.
+_MATRICES: "OrderedDict[Tuple[int, int, torch.device, torch.dtype], torch.Tensor]" = OrderedDict()
+MAX_CACHED = 64
 
 
 def interpolation_matrix(size_in: int, size_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -26,7 +30,9 @@ def interpolation_matrix(size_in: int, size_out: int, device: torch.device, dtyp
     if size_in < 1 or size_out < 1:
         raise ValueError(f"interpolation sizes must be >= 1, got {size_in} -> {size_out}")
     key = (int(size_in), int(size_out), torch.device(device), dtype)
-    if key not in _MATRICES:
+    if key in _MATRICES:
+        _MATRICES.move_to_end(key)
+    else:
         scale = size_in / size_out
         source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
         left = source.floor().long().clamp(max=size_in - 1)
@@ -37,6 +43,8 @@ def interpolation_matrix(size_in: int, size_out: int, device: torch.device, dtyp
         m.index_put_((rows, left), 1 - weight, accumulate=True)
         m.index_put_((rows, right), weight, accumulate=True)
         _MATRICES[key] = m.to(device=device, dtype=dtype)
+        while len(_MATRICES) > MAX_CACHED:
+            _MATRICES.popitem(last=False)
     return _MATRICES[key]
 
 
