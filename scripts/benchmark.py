@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eco_m2f.architectures import build_model  # noqa: E402
 from eco_m2f.config import setup_cfg  # noqa: E402
+from eco_m2f.evaluation.reduction_sweep import build_trained, timed_inputs  # noqa: E402
 from eco_m2f.evaluation.throughput import (  # noqa: E402
     Timing,
     build_hf_mask2former,
@@ -82,25 +83,19 @@ def main(argv=None) -> int:
     if args.real_images:
         if args.compare_hf:
             p.error("--real-images times our trained model; it cannot be combined with --compare-hf")
-        from eco_m2f.evaluation.reduction_sweep import build_trained, timed_inputs
-
         real = timed_inputs(cfg, max(args.batch_sizes))
-        ours = build_trained(cfg, args.device)
-    else:
-        ours = build_model(cfg).to(device).eval()
+
+    def load(model_cfg):
+        """The model of ``model_cfg``: with --real-images its MODEL.WEIGHTS, checked key by key."""
+        return build_trained(model_cfg, args.device) if real is not None else build_model(model_cfg).to(device).eval()
+
+    ours = load(cfg)
     name_ours = f"eco_m2f ({cfg.MODEL.BACKBONE.NAME})" if args.exit is None else f"eco_m2f exit {args.exit}"
     models = [(name_ours, *network(ours))]
     for name, *opts in args.variant:
         if not opts or len(opts) % 2:
             p.error(f"--variant '{name}' needs KEY VALUE pairs after its name, got {opts}")
-        variant_cfg = setup_cfg(args.config_file, list(args.opts) + opts)
-        if real is not None:
-            from eco_m2f.evaluation.reduction_sweep import build_trained
-
-            variant = build_trained(variant_cfg, args.device)
-        else:
-            variant = build_model(variant_cfg).to(device).eval()
-        models.append((f"eco_m2f {name}", *network(variant)))
+        models.append((f"eco_m2f {name}", *network(load(setup_cfg(args.config_file, list(args.opts) + opts)))))
     if args.compare_hf:
         hf = build_hf_mask2former(cfg).to(device).eval()
         models.append((HF_NAME, hf_forward(hf), hf_stages(hf)))

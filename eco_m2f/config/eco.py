@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from .config_node import CfgNode as CN
 
+#: MODEL.ECO.GATE.LOSS's default (step C names its gates' directories after any other loss)
+DEFAULT_GATE_LOSS = "hard-CE"
+
 
 def add_eco_config(cfg: CN) -> None:
     cfg.MODEL.ECO = CN()
@@ -17,7 +20,7 @@ def add_eco_config(cfg: CN) -> None:
     cfg.MODEL.ECO.GATE.ENABLED = False
     cfg.MODEL.ECO.GATE.WEIGHTS = ""
     # hard-CE (paper default), u-CE, soft-CE, soft-MSE (papers/004 Table T2)
-    cfg.MODEL.ECO.GATE.LOSS = "hard-CE"
+    cfg.MODEL.ECO.GATE.LOSS = DEFAULT_GATE_LOSS
     cfg.MODEL.ECO.GATE.BETA = 0.0005
     cfg.MODEL.ECO.GATE.K_USER = 6
     cfg.MODEL.ECO.GATE.EPOCHS = 50

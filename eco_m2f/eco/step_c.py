@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from ..config.eco import DEFAULT_GATE_LOSS
 from ..checkpoint import load_state_dict_file, load_weights, save_checkpoint
 from ..utils.file_io import atomic_open, atomic_torch_save, atomic_write_text
 from .exits import check_exits
@@ -37,7 +38,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FEATURE_CACHE = "gate_features.npz"
-DEFAULT_GATE_LOSS = "hard-CE"  # MODEL.ECO.GATE.LOSS's default: its gates keep the plain directory name
 
 
 def _load_feature_cache(path: Path, weights: str) -> Optional[Dict[Any, np.ndarray]]:

@@ -56,14 +56,14 @@ def parse_results_json(path: str | os.PathLike) -> Dict[str, Any]:
         raise FileNotFoundError(f"evaluation results {path} not found")
     data = json.loads(path.read_text(encoding="utf-8"))
     try:
-        pq = float(data["panoptic_seg"]["PQ"])
+        pan = data["panoptic_seg"]
+        pq = float(pan["PQ"])
         cost = data["cost"]
         enc, total = float(cost["gflops_encoder"]), float(cost["gflops"])
     except (KeyError, TypeError) as exc:
         raise KeyError(
             f"{path} lacks {exc}: expected panoptic_seg.PQ and cost.gflops_encoder / cost.gflops"
         ) from None
-    pan = data["panoptic_seg"]
     return {"PQ": pq, "PQ_th": _optional(pan.get("PQ_th")), "PQ_st": _optional(pan.get("PQ_st")),
             "gflops_encoder": enc, "gflops": total, "exit_mean": _optional(cost.get("exit_mean")),
             "exit_histogram": cost.get("exit_histogram")}

@@ -93,7 +93,7 @@ def build_trained(cfg, device: str):
 
     model = build_model(cfg)
     if not cfg.MODEL.WEIGHTS:
-        raise ValueError("the sweep evaluates trained weights: set MODEL.WEIGHTS (or --weights)")
+        raise ValueError("trained weights are needed here: set MODEL.WEIGHTS (or --weights)")
     report = load_weights(model, cfg.MODEL.WEIGHTS, allow_unexpected=True)
     stray = [k for k in report.unexpected_keys if not k.startswith("token_reducer.")]
     if stray or (report.unexpected_keys and getattr(model, "token_reducer", None) is not None):

@@ -303,7 +303,7 @@ def render_scene(rng: np.random.Generator, size: int, style: SceneStyle = SceneS
     pan_ids[covered] = lut_pan[obj[covered] + 1]
     label_ids[covered] = lut_lab[obj[covered] + 1]
     img = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    kept = (areas >= min_area) & (areas > 0)
+    kept = areas >= min_area  # as the loop above: min_area >= 4
     complexity = _complexity(pan_ids, areas[kept], drawn[kept], n)
     return _Scene(image=img, label_ids=label_ids, pan_ids=pan_ids, num_objects=num_kept, complexity=complexity)
 

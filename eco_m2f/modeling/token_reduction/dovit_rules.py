@@ -67,12 +67,13 @@ class StoppedSum:
         zeros = tokens.x.new_zeros(b, c, dtype=torch.float32)
         return cls(zeros, tokens.x.new_zeros(b, dtype=torch.float32))
 
-    def add(self, tokens: TokenSet, stop: torch.Tensor) -> "StoppedSum":
+    def add(self, tokens: TokenSet, stop: torch.Tensor, patches: Optional[torch.Tensor] = None) -> "StoppedSum":
         """Add the live tokens of ``tokens`` selected by ``stop`` (Tp,) bool, with their current
-        features (summed in float32: thousands of half-precision features would lose digits)."""
+        features (``patches``, when the caller has gathered them; summed in float32: thousands of
+        half-precision features would lose digits)."""
         if tokens.layout.num_patches == 0:
             return self
-        mean, count = tokens.segment_mean(tokens.patches().float(), stop)
+        mean, count = tokens.segment_mean((tokens.patches() if patches is None else patches).float(), stop)
         return StoppedSum(self.total + mean * count.unsqueeze(1), self.count + count)
 
     def mean(self) -> torch.Tensor:

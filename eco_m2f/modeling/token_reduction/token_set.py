@@ -353,7 +353,7 @@ class TokenSet:
             cell_rank = torch.where(removed, removed_before, -1).index_select(0, cells).view_as(owned)
             newly_final = owned & (owner < 0)
             if keeps_logits:
-                logits = self._check_rows(save_logits, "save_logits").index_select(0, _stable_partition(mask))
+                logits = self._check_rows(save_logits, "save_logits").index_select(0, _stable_partition(mask, kept_before))
         # the host counts are needed from here on
         kept = kept.wait() if isinstance(kept, HostCopy) else kept
         new = PackedLayout([p + int(n) for n in kept], p, dev)
@@ -420,13 +420,14 @@ class TokenSet:
         return t
 
 
-def _stable_partition(select: torch.Tensor) -> torch.Tensor:
+def _stable_partition(select: torch.Tensor, before: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(n,) bool -> (n,) long permutation: the positions where ``select`` is True, then the
-    others, each in increasing order. A cumulative sum and a scatter, so its size is known
-    without asking the GPU how many are True."""
+    others, each in increasing order. A cumulative sum (``before``, when the caller has it) and a
+    scatter, so its size is known without asking the GPU how many are True."""
     n = select.numel()
     position = torch.arange(n, device=select.device)
-    before = torch.cumsum(select, 0)  # True entries up to and including each position
+    if before is None:
+        before = torch.cumsum(select, 0)  # True entries up to and including each position
     total = before[-1:]  # (1,) on the device
     dest = torch.where(select, before - 1, total + position - before)
     return torch.empty_like(position).index_copy(0, dest, position)

@@ -105,32 +105,37 @@ class DoViT(TokenReducer):
         index = self.decision_layers.index(layer)
         head = self.aux_heads[index]
         live = list(tokens.live_counts)
+        if not state.training and self.threshold >= 1.0:
+            return tokens  # no probability exceeds 1: nothing can stop, the head is not run
+        patches = tokens.patches()  # (Tp, C): nothing for stopped tokens
         if state.training:
-            logits = self._aux_training(index, head, tokens, state)
+            logits = self._aux_training(index, head, tokens, patches, state)
             threshold = self.current_threshold
         else:
             threshold = self.threshold
-            if threshold >= 1.0:
-                return tokens  # no probability exceeds 1: nothing can stop, the head is not run
-            logits = head(tokens.patches())  # (Tp, K): nothing for stopped tokens
+            logits = head(patches)  # (Tp, K)
             state.add_flops("token_reducer", [n * head.flops_per_token() for n in live])
         stop = stop_mask(logits.detach(), threshold)  # (Tp,)
         # queued before the decision's one wait for host counts (in keep), so the GPU stays busy
-        stopped = (state.scratch.get("dovit_stopped") or StoppedSum.empty(tokens)).add(tokens, stop)
-        if self.merge:  # Eq. 8 at every decision, in the images where a token has stopped
-            tokens = merge_stopped_into_cls(tokens, stopped, 0.5, self.merge_min_stopped)
+        stopped = (state.scratch.get("dovit_stopped") or StoppedSum.empty(tokens)).add(tokens, stop, patches)
+        state.scratch["dovit_stopped"] = stopped
         kept = tokens.keep(~stop, save_features=True)
         stops = [n - k for n, k in zip(live, kept.live_counts)]
         for record, n in zip(state.cost, stops):
             record["stopped"][index] = n
-        state.scratch["dovit_stopped"] = stopped
-        return kept if any(stops) else tokens
+        out = kept if any(stops) else tokens
+        if self.merge:  # Eq. 8 at every decision, in the images where a token has stopped (the class token stays)
+            out = merge_stopped_into_cls(out, stopped, 0.5, self.merge_min_stopped)
+        return out
 
-    def _aux_training(self, index: int, head: PointwiseAuxHead, tokens: TokenSet, state: ReductionState) -> torch.Tensor:
-        """The auxiliary head in a training step: its weighted loss into ``state``; the live tokens' logits (Tp, K)."""
+    def _aux_training(
+        self, index: int, head: PointwiseAuxHead, tokens: TokenSet, patches: torch.Tensor, state: ReductionState,
+    ) -> torch.Tensor:
+        """The auxiliary head in a training step: its weighted loss into ``state``; the live tokens'
+        (``patches``, Tp x C) logits (Tp, K)."""
         name = f"loss_dovit_aux{self.decision_layers[index] + 1}"
         if self.aux_loss_tokens == "live":
-            logits = head(tokens.patches())
+            logits = head(patches)
             if self.aux_weight > 0:
                 key = "dovit_cell_counts"
                 if key not in state.scratch:
