@@ -15,7 +15,7 @@
 #          gated model's wall time at batch 8 and 1 beside fixed exits 2 and 6 (real images, bf16)
 #   all    bench, m2f and eco in turn
 # Usage: scripts/synthetic_experiments.sh STAGE [OUT_DIR]
-# Sizes come from the environment: NTRAIN NVAL SIZE PRESET ITERS STEPA_ITERS BETAS TREND_BETA CKPT
+# Sizes come from the environment: NTRAIN NVAL SIZE PRESET GEN_WORKERS (processes drawing the data) ITERS STEPA_ITERS BETAS TREND_BETA CKPT
 # WALL_BATCHES WALL_DTYPE TREND_KS TREND_LOSSES,
 # CONFIG / ECO_CONFIG, EXTRA (KEY VALUE ...).
 # TRAIN_SECONDS / STEPA_SECONDS bound the wall time of training: a run stopped by the bound
@@ -58,7 +58,7 @@ make_dataset() {
   if [ ! -f "$DETECTRON2_DATASETS/synthetic/synthetic_info.json" ]; then
     stamp "generating the synthetic dataset (preset $PRESET)"
     "$py" datasets/prepare_synthetic.py --root "$DETECTRON2_DATASETS/synthetic" \
-      --num-train "$NTRAIN" --num-val "$NVAL" --image-size "$SIZE" --preset "$PRESET"
+      --num-train "$NTRAIN" --num-val "$NVAL" --image-size "$SIZE" --preset "$PRESET" --workers "${GEN_WORKERS:-$(nproc)}"
   fi
 }
 

@@ -353,3 +353,31 @@ def test_cuda_equals_cpu_and_runs_under_bf16_autocast(monkeypatch):
         assert v.item() == pytest.approx(cpu[k].item(), rel=0.05, abs=0.02), k
     sum(losses.values()).backward()
     assert torch.isfinite(bf16["pred_logits"].grad.float()).all()
+
+
+def test_forward_equals_its_losses_layer_by_layer_from_cpu_indices():
+    """forward moves each layer's matching to the device once; the losses equal those computed
+    layer by layer from the matcher's CPU indices, with the same random draws."""
+    torch.manual_seed(21)
+    b, q = 3, 6
+
+    def layer():
+        return {"pred_logits": torch.randn(b, q, NUM_CLASSES + 1), "pred_masks": torch.randn(b, q, 8, 8)}
+
+    outputs = layer()
+    outputs["aux_outputs"] = [layer(), layer()]
+    targets = [{"labels": torch.tensor([0, 2]), "masks": torch.rand(2, 32, 32) > 0.5},
+               {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 32, 32, dtype=torch.bool)},
+               {"labels": torch.tensor([1, 1, 3]), "masks": torch.rand(3, 28, 30) > 0.5}]
+    crit = _criterion(num_points=40)
+    torch.manual_seed(22)
+    got = crit(outputs, targets)
+    torch.manual_seed(22)
+    expect = {}
+    for suffix, out in [("", outputs)] + [(f"_{i}", o) for i, o in enumerate(outputs["aux_outputs"])]:
+        indices = crit.matcher({k: v for k, v in out.items() if k != "aux_outputs"}, targets)
+        for loss in (crit.loss_labels(out, targets, indices, 5.0), crit.loss_masks(out, targets, indices, 5.0)):
+            expect.update({k + suffix: v for k, v in loss.items()})
+    assert sorted(got) == sorted(expect)
+    for k in expect:
+        torch.testing.assert_close(got[k], expect[k], rtol=0, atol=0)

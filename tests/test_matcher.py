@@ -270,3 +270,62 @@ def test_matcher_input_errors():
         HungarianMatcher(0.0, 0.0, 0.0, num_points=10)
     with pytest.raises(ValueError, match="num_points"):
         HungarianMatcher(1.0, 1.0, 1.0, num_points=0)
+
+
+def _three_images():
+    torch.manual_seed(11)
+    outputs = {"pred_logits": torch.randn(3, 6, 4), "pred_masks": torch.randn(3, 6, 4, 4)}
+    targets = [{"labels": torch.tensor([0, 2, 1]), "masks": torch.rand(3, 16, 16) > 0.5},
+               {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 16, 16, dtype=torch.bool)},
+               {"labels": torch.tensor([2, 2]), "masks": torch.rand(2, 16, 16) > 0.5}]
+    return outputs, targets
+
+
+def test_batched_matching_equals_image_by_image_and_copies_once(monkeypatch):
+    """The batch's cost matrices are computed together (targets padded to the largest count,
+    masks of different sizes) and come to the host in one copy; costs and assignments equal
+    cost_matrix + linear_sum_assignment image by image at the same points."""
+    from scipy.optimize import linear_sum_assignment
+
+    outputs, targets = _three_images()
+    targets[2]["masks"] = torch.rand(2, 12, 20) > 0.5  # another size: sampled at its own extent
+    matcher = HungarianMatcher(2.0, 5.0, 5.0, num_points=12)
+    torch.manual_seed(12)
+    points = torch.rand(3, 12, 2)
+    expect_costs = [None if t["labels"].numel() == 0 else
+                    matcher.cost_matrix(outputs["pred_logits"][b], outputs["pred_masks"][b], t["labels"], t["masks"], points[b])
+                    for b, t in enumerate(targets)]
+    got_costs = matcher.batch_costs(outputs["pred_logits"], outputs["pred_masks"], targets, points)
+    assert got_costs[1] is None and expect_costs[1] is None
+    for b in (0, 2):
+        torch.testing.assert_close(got_costs[b], expect_costs[b], rtol=1e-5, atol=1e-6)
+    expect = [([], []) if c is None else tuple(x.tolist() for x in linear_sum_assignment(c.numpy())) for c in expect_costs]
+    copies = []
+    original = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self.shape) or original(self, *a, **k))
+    torch.manual_seed(12)  # forward draws the same points: one [B, P, 2] draw per layer
+    got = matcher(outputs, targets)
+    assert [(r.tolist(), c.tolist()) for r, c in got] == expect
+    assert copies == [torch.Size([6 * 3 + 6 * 2])]
+
+
+def test_non_finite_cost_names_its_image():
+    outputs, targets = _three_images()
+    outputs["pred_masks"][2, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="image 2"):
+        HungarianMatcher(1.0, 1.0, 1.0, num_points=8)(outputs, targets)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_costs_on_cuda_equal_cpu():
+    outputs, targets = _three_images()
+    matcher = HungarianMatcher(2.0, 5.0, 5.0, num_points=12)
+    points = torch.rand(3, 12, 2)
+    cpu = matcher.batch_costs(outputs["pred_logits"], outputs["pred_masks"], targets, points)
+    dev = torch.device("cuda")
+    gpu = matcher.batch_costs({k: v.to(dev) for k, v in outputs.items()}["pred_logits"], outputs["pred_masks"].to(dev),
+                              [{k: v.to(dev) for k, v in t.items()} for t in targets], points.to(dev))
+    assert gpu[1] is None
+    for b in (0, 2):
+        torch.testing.assert_close(gpu[b].cpu(), cpu[b], rtol=1e-4, atol=1e-5)

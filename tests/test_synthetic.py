@@ -60,6 +60,13 @@ def test_same_seed_gives_byte_identical_files(datasets_dir, tmp_path):
     assert a == b
 
 
+def test_worker_processes_write_the_same_files(datasets_dir, tmp_path):
+    synthetic.generate_synthetic_dataset(tmp_path / "parallel", **TINY, workers=3)
+    assert _hashes(tmp_path / "parallel") == _hashes(datasets_dir / "synthetic")
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        synthetic.generate_synthetic_dataset(tmp_path / "bad", **TINY, workers=0)
+
+
 def test_different_seed_differs(datasets_dir, tmp_path):
     synthetic.generate_synthetic_dataset(tmp_path / "other", **{**TINY, "seed": 1})
     a, b = _hashes(datasets_dir / "synthetic"), _hashes(tmp_path / "other")

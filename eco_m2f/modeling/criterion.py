@@ -6,7 +6,8 @@ and drops names absent from it (``apply_loss_weights``), as the official meta-ar
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import itertools
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..utils import comm
+from ..utils.device import to_device
 from .matcher import HungarianMatcher
 from .point_sampling import (
     calculate_uncertainty,
@@ -58,8 +60,38 @@ def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: floa
     return loss.mean(1).sum() / num_masks
 
 
-def _matched_target_masks(targets: Sequence[Mapping[str, torch.Tensor]],
-                          indices: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
+class _DeviceMatch:
+    """A layer's matching as device index tensors, from one non-blocking copy: the matcher's
+    CPU indices moved image by image (``.to(device)`` per image, three times per layer) would
+    stop the CPU until the GPU caught up at every copy. ``counts`` (targets per image, host)
+    adds each match's row among all the batch's targets."""
+
+    def __init__(self, indices: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                 counts: Sequence[int]) -> None:
+        if len(counts) != len(indices):
+            raise ValueError(f"SetCriterion: {len(indices)} matchings for {len(counts)} images")
+        empty = torch.empty(0, dtype=torch.int64)
+        src = torch.cat([s for s, _ in indices]) if indices else empty
+        tgt = torch.cat([t for _, t in indices]) if indices else empty
+        batch = torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(indices)]) if indices else empty
+        starts = torch.tensor([0] + list(itertools.accumulate(counts))[:-1], dtype=torch.int64)
+        rows = tgt + starts[batch] if indices else empty  # row among the batch's concatenated targets
+        on_device = to_device(torch.stack([batch, src, tgt, rows]).long(), device)  # (4, M)
+        self.batch_idx, self.src_idx, self.tgt_row = on_device[0], on_device[1], on_device[3]  # (M,) each
+        self.tgt_idx = on_device[2].split([len(s) for s, _ in indices])  # per image (M_i,)
+        self.count = int(src.numel())
+
+    @classmethod
+    def of(cls, indices: "Matching", targets: Sequence[Mapping[str, torch.Tensor]], device: torch.device) -> "_DeviceMatch":
+        return indices if isinstance(indices, cls) else cls(indices, device, [len(t["labels"]) for t in targets])
+
+
+#: a layer's matching: the matcher's per-image (query, target) CPU indices, or their device form
+Matching = Union[list[tuple[torch.Tensor, torch.Tensor]], _DeviceMatch]
+
+
+def _matched_target_masks(targets: Sequence[Mapping[str, torch.Tensor]], match: _DeviceMatch,
+                          device: torch.device) -> torch.Tensor:
     """The matched target masks of the batch in matching order, as fp32 ``[M, 1, H, W]``.
 
     Images whose masks are smaller than the largest are zero-padded at the bottom/right (where
@@ -69,7 +101,7 @@ def _matched_target_masks(targets: Sequence[Mapping[str, torch.Tensor]],
     h = max(t["masks"].shape[-2] for t in targets)
     w = max(t["masks"].shape[-1] for t in targets)
     selected = []
-    for t, (_, tgt_idx) in zip(targets, indices):
+    for t, tgt_idx in zip(targets, match.tgt_idx):
         m = t["masks"][tgt_idx.to(t["masks"].device)].to(device=device, dtype=torch.float32)  # [M_i, H_i, W_i]
         if m.shape[-2:] != (h, w):
             m = F.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2]))
@@ -128,7 +160,7 @@ class SetCriterion(nn.Module):
     # -- individual losses -------------------------------------------------------------------
 
     def loss_labels(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
-                    indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float) -> dict[str, torch.Tensor]:
+                    indices: Matching, num_masks: float) -> dict[str, torch.Tensor]:
         """Cross-entropy over C + 1 classes; unmatched queries target "no object" (weight eos_coef)."""
         src_logits = outputs["pred_logits"].float()  # [B, Q, C+1]
         if src_logits.shape[-1] != self.num_classes + 1:
@@ -136,28 +168,28 @@ class SetCriterion(nn.Module):
                 f"SetCriterion: pred_logits has {src_logits.shape[-1]} classes, expected num_classes + 1 = "
                 f"{self.num_classes + 1}"
             )
-        batch_idx, src_idx = self._get_src_permutation_idx(indices)
-        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(src_logits.device)
-        target_classes = torch.full(
-            src_logits.shape[:2], self.num_classes, dtype=torch.int64, device=src_logits.device
-        )
-        target_classes[batch_idx.to(src_logits.device), src_idx.to(src_logits.device)] = target_classes_o
+        device = src_logits.device
+        match = _DeviceMatch.of(indices, targets, device)
+        labels = torch.cat([t["labels"] for t in targets]).to(device)  # (N_total,), no copy once on the device
+        target_classes_o = labels[match.tgt_row]
+        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)
+        target_classes[match.batch_idx, match.src_idx] = target_classes_o
         loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)
         return {"loss_ce": loss_ce}
 
     def loss_masks(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
-                   indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float) -> dict[str, torch.Tensor]:
+                   indices: Matching, num_masks: float) -> dict[str, torch.Tensor]:
         """Sigmoid BCE and dice of matched masks on importance-sampled points."""
         pred_masks = outputs["pred_masks"]  # [B, Q, h, w]
-        batch_idx, src_idx = self._get_src_permutation_idx(indices)
-        if batch_idx.numel() == 0:
+        device = pred_masks.device
+        match = _DeviceMatch.of(indices, targets, device)
+        if match.count == 0:
             # No targets anywhere in the batch: keep the graph (DDP) with an exact zero.
             zero = pred_masks.float().sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
-        device = pred_masks.device
-        src_masks = pred_masks[batch_idx.to(device), src_idx.to(device)].float()[:, None]  # [M, 1, h, w]
+        src_masks = pred_masks[match.batch_idx, match.src_idx].float()[:, None]  # [M, 1, h, w]
 
-        target_masks = _matched_target_masks(targets, indices, device)  # [M, 1, H, W]
+        target_masks = _matched_target_masks(targets, match, device)  # [M, 1, H, W]
 
         with torch.no_grad():
             point_coords = get_uncertain_point_coords_with_randomness(
@@ -176,14 +208,8 @@ class SetCriterion(nn.Module):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _get_src_permutation_idx(indices: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src_idx = torch.cat([src for src, _ in indices])
-        return batch_idx, src_idx
-
     def get_loss(self, loss: str, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
-                 indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float) -> dict[str, torch.Tensor]:
+                 indices: Matching, num_masks: float) -> dict[str, torch.Tensor]:
         if loss == "labels":
             return self.loss_labels(outputs, targets, indices, num_masks)
         if loss == "masks":
@@ -192,13 +218,13 @@ class SetCriterion(nn.Module):
 
     def get_num_masks(self, targets: Sequence[Mapping[str, torch.Tensor]], device: torch.device) -> float:
         """Target masks per process, averaged over processes, at least 1 (the loss normaliser)."""
-        num_masks = torch.as_tensor(
-            [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float32, device=device
-        )
+        num_masks = float(sum(len(t["labels"]) for t in targets))
         world_size = comm.get_world_size()
-        if world_size > 1:
-            dist.all_reduce(num_masks)
-        return torch.clamp(num_masks / world_size, min=1).item()
+        if world_size == 1:
+            return max(num_masks, 1.0)  # known on the host: no device round trip
+        total = torch.as_tensor([num_masks], dtype=torch.float32, device=device)
+        dist.all_reduce(total)
+        return torch.clamp(total / world_size, min=1).item()
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -215,14 +241,16 @@ class SetCriterion(nn.Module):
             output ``i``, ``loss_ce_{i}``, ``loss_mask_{i}``, ``loss_dice_{i}``.
         """
         outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(outputs_without_aux, targets)
-        num_masks = self.get_num_masks(targets, outputs["pred_logits"].device)
+        device = outputs["pred_logits"].device
+        counts = [len(t["labels"]) for t in targets]
+        indices = _DeviceMatch(self.matcher(outputs_without_aux, targets), device, counts)
+        num_masks = self.get_num_masks(targets, device)
 
         losses: dict[str, torch.Tensor] = {}
         for loss in self.losses:
             losses.update(self.get_loss(loss, outputs, targets, indices, num_masks))
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", None) or []):
-            indices = self.matcher(aux_outputs, targets)
+            indices = _DeviceMatch(self.matcher(aux_outputs, targets), device, counts)
             for loss in self.losses:
                 l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_masks)
                 losses.update({f"{k}_{i}": v for k, v in l_dict.items()})

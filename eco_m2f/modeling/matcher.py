@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from ..utils.device import to_device
 from .point_sampling import point_sample
 
 __all__ = ["HungarianMatcher", "batch_dice_loss", "batch_sigmoid_ce_loss"]
@@ -96,35 +97,72 @@ class HungarianMatcher(nn.Module):
         self.num_points = num_points
 
     def cost_matrix(self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, labels: torch.Tensor,
-                    masks: torch.Tensor) -> torch.Tensor:
-        """Matching cost of one image.
+                    masks: torch.Tensor, point_coords: torch.Tensor | None = None) -> torch.Tensor:
+        """Matching cost of one image (the reference that :meth:`batch_costs` computes for all).
 
         Args:
             pred_logits: ``[Q, C + 1]``.
             pred_masks: ``[Q, h, w]`` logits.
             labels: ``[N]`` int64.
             masks: ``[N, H, W]`` (any resolution; sampled at the same normalised points).
+            point_coords: ``[P, 2]`` points in ``[0, 1]``; drawn uniformly when not given.
 
         Returns:
             ``[Q, N]`` fp32 cost.
         """
+        if point_coords is None:
+            point_coords = torch.rand(self.num_points, 2, device=pred_masks.device)
+        return self._costs(pred_logits[None], pred_masks[None], labels[None], masks[None], point_coords[None])[0]
+
+    def batch_costs(self, pred_logits: torch.Tensor, pred_masks: torch.Tensor,
+                    targets: Sequence[Mapping[str, torch.Tensor]], point_coords: torch.Tensor) -> list[torch.Tensor | None]:
+        """Matching costs of every image of a batch: ``[Q, N_b]`` per image (None without targets).
+
+        The images' cost matrices are computed together, as batched products over their targets
+        padded to the largest count; only sampling each image's target masks runs image by image
+        (as many float masks at a time as the reference holds). ``point_coords`` ``[B, P, 2]``
+        gives each image its points.
+        """
+        images = [b for b, t in enumerate(targets) if t["labels"].numel() > 0]
+        out: list[torch.Tensor | None] = [None] * len(targets)
+        if not images:
+            return out
+        if len(images) < len(targets):  # drop the images without targets (index copied without a sync)
+            rows = to_device(torch.tensor(images), pred_logits.device)
+            pred_logits, pred_masks, point_coords = (t.index_select(0, rows) for t in (pred_logits, pred_masks, point_coords))
+        counts = [targets[b]["labels"].numel() for b in images]
+        width = max(counts)
+        labels = torch.stack([F.pad(targets[b]["labels"].to(pred_logits.device), (0, width - n)) for b, n in zip(images, counts)])
+        costs = self._costs(pred_logits, pred_masks, labels, [targets[b]["masks"] for b in images], point_coords)
+        for g, (b, n) in enumerate(zip(images, counts)):
+            out[b] = costs[g, :, :n]
+        return out
+
+    def _costs(self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, labels: torch.Tensor,
+               masks: Sequence[torch.Tensor], point_coords: torch.Tensor) -> torch.Tensor:
+        """``[G, Q, C+1]`` logits, ``[G, Q, h, w]`` mask logits, ``[G, N]`` labels (padded), per image
+        its ``[N_g, H_g, W_g]`` targets and ``[G, P, 2]`` points -> ``[G, Q, N]`` fp32 costs (columns
+        past an image's N_g are padding)."""
+        width = labels.shape[1]
         with torch.autocast(device_type=pred_logits.device.type, enabled=False):
-            out_prob = pred_logits.float().softmax(-1)  # [Q, C+1]
+            out_prob = pred_logits.float().softmax(-1)  # [G, Q, C+1]
             # -p(class): 1 - p would give the same assignment; the constant is dropped.
-            cost_class = -out_prob[:, labels]  # [Q, N]
-
-            out_mask = pred_masks.float()[:, None]  # [Q, 1, h, w]
-            tgt_mask = masks.to(device=out_mask.device, dtype=torch.float32)[:, None]  # [N, 1, H, W]
-            point_coords = torch.rand(1, self.num_points, 2, device=out_mask.device)
-            tgt_points = point_sample(
-                tgt_mask, point_coords.repeat(tgt_mask.shape[0], 1, 1), align_corners=False
-            ).squeeze(1)  # [N, P]
-            out_points = point_sample(
-                out_mask, point_coords.repeat(out_mask.shape[0], 1, 1), align_corners=False
-            ).squeeze(1)  # [Q, P]
-
-            cost_mask = batch_sigmoid_ce_loss(out_points, tgt_points)
-            cost_dice = batch_dice_loss(out_points, tgt_points)
+            cost_class = -out_prob.gather(2, labels[:, None, :].expand(-1, out_prob.shape[1], -1))  # [G, Q, N]
+            out_points = point_sample(pred_masks.float(), point_coords, align_corners=False)  # [G, Q, P]
+            # each image's targets as float at its own size, one image at a time (as the reference)
+            tgt_points = torch.cat([
+                F.pad(point_sample(m.to(device=out_points.device, dtype=torch.float32)[None], c[None], align_corners=False),
+                      (0, 0, 0, width - m.shape[0]))  # [1, N_g, P] -> [1, N, P]
+                for m, c in zip(masks, point_coords)
+            ])  # [G, N, P]
+            num_points = out_points.shape[-1]
+            pos = F.binary_cross_entropy_with_logits(out_points, torch.ones_like(out_points), reduction="none")
+            neg = F.binary_cross_entropy_with_logits(out_points, torch.zeros_like(out_points), reduction="none")
+            cost_mask = (pos @ tgt_points.transpose(1, 2) + neg @ (1 - tgt_points).transpose(1, 2)) / num_points
+            sig = out_points.sigmoid()
+            numerator = 2 * sig @ tgt_points.transpose(1, 2)
+            denominator = sig.sum(-1)[:, :, None] + tgt_points.sum(-1)[:, None, :]
+            cost_dice = 1 - (numerator + 1) / (denominator + 1)
             return self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
 
     @torch.no_grad()
@@ -150,18 +188,23 @@ class HungarianMatcher(nn.Module):
                 f"{tuple(pred_masks.shape)} disagree on batch/queries"
             )
         _check_targets(targets, bs)
-        indices = []
-        for b in range(bs):
-            labels = targets[b]["labels"].to(pred_logits.device)
-            if labels.numel() == 0:
+        point_coords = torch.rand(bs, self.num_points, 2, device=pred_masks.device)  # uniform, per image
+        costs = self.batch_costs(pred_logits, pred_masks, targets, point_coords)
+        # all cost matrices come to the host in one copy: a copy per image would stop the CPU
+        # until the GPU caught up, B times per layer
+        present = [c.reshape(-1) for c in costs if c is not None]
+        flat = torch.cat(present).cpu() if present else torch.empty(0)
+        indices, start = [], 0
+        for b, cost in enumerate(costs):
+            if cost is None:
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(pred_logits[b], pred_masks[b], labels, targets[b]["masks"])
-            cost = cost.reshape(num_queries, -1).cpu()
-            if not torch.isfinite(cost).all():
+            block = flat[start:start + cost.numel()].view(num_queries, -1)
+            start += cost.numel()
+            if not torch.isfinite(block).all():
                 raise FloatingPointError(f"HungarianMatcher: non-finite matching cost in image {b}")
-            row, col = linear_sum_assignment(cost.numpy())
+            row, col = linear_sum_assignment(block.numpy())
             indices.append((torch.as_tensor(row, dtype=torch.int64), torch.as_tensor(col, dtype=torch.int64)))
         return indices
 

@@ -24,6 +24,8 @@ semantic 255, Cityscapes label 0 "unlabeled").
 """
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import shutil
 import time
@@ -341,70 +343,91 @@ def _segments(pan_ids: np.ndarray) -> list[tuple[int, int, list[int]]]:
 
 
 # ------------------------------------------------------------------------------- writing
-def _write_split(root: str, split: str, num_images: int, size: int, seed: int, split_index: int,
-                 style: SceneStyle = SceneStyle()) -> dict[str, Any]:
-    from pycocotools import mask as mask_util
-
+def _luts() -> tuple[np.ndarray, np.ndarray]:
+    """Label id -> contiguous id and label id -> Cityscapes train id (255 = void)."""
     cats = synthetic_categories()
-    cat_by_id = {c["id"]: c for c in cats}
     contiguous = {c["id"]: i for i, c in enumerate(cats)}
     sem_lut = np.full(256, 255, dtype=np.uint8)
     train_lut = np.full(256, 255, dtype=np.uint8)
     for c in cats:
         sem_lut[c["id"]] = contiguous[c["id"]]
         train_lut[c["id"]] = _cs_label(c["name"]).trainId
+    return sem_lut, train_lut
+
+
+def _render_image(job: tuple[int, int, int, int, SceneStyle]) -> dict[str, Any]:
+    """One image, from its own generator: its encoded files (path relative to the root -> bytes)
+    and what the annotation files need. Runs in a worker process when the generator has several."""
+    from pycocotools import mask as mask_util
+
+    seed, split_index, i, size, style = job
+    split = ("train", "val")[split_index]
+    sem_lut, train_lut = _luts()
+    thing = {c["id"]: bool(c["isthing"]) for c in synthetic_categories()}
+    rng = np.random.default_rng([seed, split_index, i])
+    scene = render_scene(rng, size, style)
+    stem = f"{i:06d}"
     city = CITY[split]
-    cs = os.path.join(root, "cityscapes")
+    cs_id = f"{city}_000000_{i:06d}"
+    segs = _segments(scene.pan_ids)
+    image_png = png_bytes(scene.image, compress_level=1)
+    pan_png = png_bytes(id2rgb(scene.pan_ids))
+    label_ids = np.where(scene.pan_ids == 0, 0, scene.label_ids).astype(np.uint8)
+    gt = os.path.join("cityscapes", "gtFine", split, city, cs_id)
+    files = {
+        # COCO-panoptic layout
+        os.path.join("images", split, stem + ".png"): image_png,
+        os.path.join(f"panoptic_{split}", stem + ".png"): pan_png,
+        os.path.join(f"panoptic_semseg_{split}", stem + ".png"): png_bytes(sem_lut[label_ids]),
+        # Cityscapes layout (real label ids); panoptic PNG ids equal the instanceIds values
+        os.path.join("cityscapes", "leftImg8bit", split, city, cs_id + "_leftImg8bit.png"): image_png,
+        gt + "_gtFine_labelIds.png": png_bytes(label_ids),
+        gt + "_gtFine_instanceIds.png": png_bytes(scene.pan_ids.astype(np.uint16)),
+        gt + "_gtFine_labelTrainIds.png": png_bytes(train_lut[label_ids]),
+        os.path.join("cityscapes", "gtFine", f"cityscapes_panoptic_{split}", cs_id + "_gtFine_panoptic.png"): pan_png,
+    }
+    things = [(sid, area, bbox) for sid, area, bbox in segs if thing[sid // 1000 if sid >= 1000 else sid]]
+    rles = []
+    if things:
+        masks = np.stack([scene.pan_ids == sid for sid, *_ in things], axis=2).astype(np.uint8)
+        rles = mask_util.encode(np.asfortranarray(masks))  # H x W x N -> N RLEs
+    return {"files": files, "segs": segs, "things": list(zip(things, rles)), "num_objects": scene.num_objects,
+            "complexity": scene.complexity, "stem": stem, "cs_id": cs_id}
+
+
+def _write_split(root: str, split: str, num_images: int, size: int, seed: int, split_index: int,
+                 style: SceneStyle = SceneStyle(), pool: Optional[Any] = None) -> dict[str, Any]:
+    """Render and write one split; ``pool`` (a multiprocessing pool) renders images in parallel.
+    Images are written in order whatever the pool, so the files do not depend on it."""
+    cats = synthetic_categories()
+    jobs = [(seed, split_index, i, size, style) for i in range(num_images)]
+    rendered = pool.imap(_render_image, jobs, chunksize=4) if pool is not None else map(_render_image, jobs)
 
     images, pan_anns, inst_anns = [], [], []
     cs_images, cs_anns = [], []
     num_objects = []
     complexity = []
     ann_id = 1
-    for i in range(num_images):
-        rng = np.random.default_rng([seed, split_index, i])
-        scene = render_scene(rng, size, style)
+    for i, r in enumerate(rendered):
         image_id = i + 1
-        stem = f"{i:06d}"
-        cs_id = f"{city}_000000_{i:06d}"
-        segs = _segments(scene.pan_ids)
-        num_objects.append(scene.num_objects)
-        complexity.append({"image_id": image_id, "file_name": stem + ".png", **scene.complexity})
-
-        image_png = png_bytes(scene.image, compress_level=1)
-        pan_png = png_bytes(id2rgb(scene.pan_ids))
-        label_ids = np.where(scene.pan_ids == 0, 0, scene.label_ids).astype(np.uint8)
-        # COCO-panoptic layout
-        write_bytes(os.path.join(root, "images", split, stem + ".png"), image_png)
-        write_bytes(os.path.join(root, f"panoptic_{split}", stem + ".png"), pan_png)
-        write_bytes(os.path.join(root, f"panoptic_semseg_{split}", stem + ".png"), png_bytes(sem_lut[label_ids]))
+        stem, cs_id, segs = r["stem"], r["cs_id"], r["segs"]
+        num_objects.append(r["num_objects"])
+        complexity.append({"image_id": image_id, "file_name": stem + ".png", **r["complexity"]})
+        for rel, data in r["files"].items():
+            write_bytes(os.path.join(root, rel), data)
         images.append({"id": image_id, "file_name": stem + ".png", "height": size, "width": size})
-        seg_infos = []
-        thing_ids = []
-        for sid, area, bbox in segs:
-            cat_id = sid // 1000 if sid >= 1000 else sid
-            seg_infos.append({"id": sid, "category_id": cat_id, "iscrowd": 0, "area": area, "bbox": bbox})
-            if cat_by_id[cat_id]["isthing"]:
-                thing_ids.append((sid, cat_id, area, bbox))
+        seg_infos = [
+            {"id": sid, "category_id": sid // 1000 if sid >= 1000 else sid, "iscrowd": 0, "area": area, "bbox": bbox}
+            for sid, area, bbox in segs
+        ]
         pan_anns.append({"image_id": image_id, "file_name": stem + ".png", "segments_info": seg_infos})
-        if thing_ids:
-            masks = np.stack([scene.pan_ids == sid for sid, *_ in thing_ids], axis=2).astype(np.uint8)
-            rles = mask_util.encode(np.asfortranarray(masks))  # H x W x N -> N RLEs
-            for (sid, cat_id, area, bbox), rle in zip(thing_ids, rles):
-                inst_anns.append({
-                    "id": ann_id, "image_id": image_id, "category_id": cat_id, "iscrowd": 0,
-                    "area": area, "bbox": bbox,
-                    "segmentation": {"size": [int(x) for x in rle["size"]], "counts": rle["counts"].decode("ascii")},
-                })
-                ann_id += 1
-
-        # Cityscapes layout (real label ids); panoptic PNG ids equal the instanceIds values
-        write_bytes(os.path.join(cs, "leftImg8bit", split, city, cs_id + "_leftImg8bit.png"), image_png)
-        gt = os.path.join(cs, "gtFine", split, city, cs_id)
-        write_bytes(gt + "_gtFine_labelIds.png", png_bytes(label_ids))
-        write_bytes(gt + "_gtFine_instanceIds.png", png_bytes(scene.pan_ids.astype(np.uint16)))
-        write_bytes(gt + "_gtFine_labelTrainIds.png", png_bytes(train_lut[label_ids]))
-        write_bytes(os.path.join(cs, "gtFine", f"cityscapes_panoptic_{split}", cs_id + "_gtFine_panoptic.png"), pan_png)
+        for (sid, area, bbox), rle in r["things"]:
+            inst_anns.append({
+                "id": ann_id, "image_id": image_id, "category_id": sid // 1000 if sid >= 1000 else sid, "iscrowd": 0,
+                "area": area, "bbox": bbox,
+                "segmentation": {"size": [int(x) for x in rle["size"]], "counts": rle["counts"].decode("ascii")},
+            })
+            ann_id += 1
         # createPanopticImgs names the image "<id>_gtFine_leftImg8bit.png" (sic); written identically
         cs_images.append({"id": cs_id, "width": size, "height": size, "file_name": cs_id + "_gtFine_leftImg8bit.png"})
         cs_anns.append({
@@ -414,7 +437,7 @@ def _write_split(root: str, split: str, num_images: int, size: int, seed: int, s
                 for sid, area, bbox in segs
             ],
         })
-
+    cs = os.path.join(root, "cityscapes")
     pan_cats = [{k: c[k] for k in ("id", "name", "isthing", "color", "supercategory")} for c in cats]
     info = {"description": "eco_m2f synthetic panoptic dataset", "version": str(FORMAT_VERSION)}
     dump_json({"info": info, "licenses": [], "images": images, "annotations": pan_anns, "categories": pan_cats},
@@ -442,17 +465,20 @@ def generate_synthetic_dataset(
     image_size: int = DEFAULTS["image_size"],
     seed: int = DEFAULTS["seed"],
     preset: str = DEFAULTS["preset"],
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Generate (or regenerate) the synthetic dataset at ``root``; returns a summary.
 
     Files are written into a temporary sibling folder that is renamed onto ``root`` at the end,
     so readers never see a half-written dataset. Same arguments -> byte-identical files.
-    ``preset`` names a :data:`PRESETS` style ("standard" or "hard").
+    ``preset`` names a :data:`PRESETS` style ("standard" or "hard"); ``workers`` > 1 renders
+    images in that many processes (the files are the same).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown synthetic preset {preset!r}; known: {sorted(PRESETS)}")
     style = PRESETS[preset]
-    for key, val, lo in (("num_train", num_train, 0), ("num_val", num_val, 0), ("image_size", image_size, 32)):
+    for key, val, lo in (("num_train", num_train, 0), ("num_val", num_val, 0), ("image_size", image_size, 32),
+                         ("workers", workers, 1)):
         if not isinstance(val, (int, np.integer)) or val < lo:
             raise ValueError(f"{key} must be an integer >= {lo}, got {val!r}")
     root = os.path.abspath(os.fspath(root))
@@ -462,8 +488,10 @@ def generate_synthetic_dataset(
     t0 = time.perf_counter()
     try:
         splits = {}
-        for split_index, (split, n) in enumerate((("train", num_train), ("val", num_val))):
-            splits[split] = _write_split(tmp, split, int(n), int(image_size), int(seed), split_index, style)
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(multiprocessing.Pool(int(workers))) if workers > 1 else None
+            for split_index, (split, n) in enumerate((("train", num_train), ("val", num_val))):
+                splits[split] = _write_split(tmp, split, int(n), int(image_size), int(seed), split_index, style, pool)
         info = {
             "format_version": FORMAT_VERSION,
             "seed": int(seed),

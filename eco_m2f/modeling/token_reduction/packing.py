@@ -12,15 +12,9 @@ from typing import Any, Callable, Dict, Hashable, Sequence, Tuple
 
 import torch
 
+from ...utils.device import to_device
+
 __all__ = ["HostCopy", "PackedLayout", "StaticLayout", "host_ints", "to_device", "true_indices"]
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small CPU tensor to ``device`` without a host sync: on CUDA the copy goes from
-    pinned memory with ``non_blocking=True``, so the CPU does not wait for queued kernels."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def host_ints(values: Sequence[int], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
