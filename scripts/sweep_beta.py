@@ -4,7 +4,9 @@
     python scripts/sweep_beta.py --config-file CONFIG --derived DERIVED_DIR --betas "B1 B2 ..." [KEY VALUE ...]
 
 Writes sweep.csv, sweep.png and sweep.json to --output-dir (default DERIVED_DIR/sweep). Each
-evaluation runs `train_net.py --eval-only` and reads OUTPUT_DIR/inference/<dataset>/results.json.
+evaluation runs `train_net.py --eval-only`'s code and reads OUTPUT_DIR/inference/<dataset>/results.json:
+in this process (one device), or as a `train_net.py` subprocess with --eval-args (e.g. several
+GPUs) or --subprocess.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from eco_m2f.eco.sweep import run_sweep, subprocess_evaluate_fn  # noqa: E402
+from eco_m2f.eco.sweep import results_evaluate_fn, run_sweep, subprocess_evaluate_fn  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k-user", type=int, default=None, help="largest allowed exit (default MODEL.ECO.GATE.K_USER)")
     parser.add_argument("--output-dir", default=None, help="default DERIVED/sweep")
     parser.add_argument("--no-fixed", action="store_true", help="skip the fixed-exit evaluations")
-    parser.add_argument("--eval-args", default="", help='extra train_net.py arguments, e.g. "--num-gpus 2"')
+    parser.add_argument("--eval-args", default="", help='extra train_net.py arguments, e.g. "--num-gpus 2" '
+                        "(each evaluation then runs as a subprocess)")
+    parser.add_argument("--subprocess", action="store_true", help="evaluate in train_net.py subprocesses "
+                        "(default: in this process, unless --eval-args are given)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -36,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         betas = [float(b) for b in args.betas.replace(",", " ").split()]
     except ValueError:
         parser.error(f"--betas must be numbers; got {args.betas!r}")
-    evaluate = subprocess_evaluate_fn(args.config_file, REPO_ROOT, extra_args=shlex.split(args.eval_args))
+    if args.subprocess or args.eval_args:
+        evaluate = subprocess_evaluate_fn(args.config_file, REPO_ROOT, extra_args=shlex.split(args.eval_args))
+    else:
+        from eco_m2f.engine import evaluate_in_process
+
+        evaluate = results_evaluate_fn(args.config_file, lambda overrides: evaluate_in_process(args.config_file, overrides))
     res = run_sweep(args.config_file, args.derived, betas, evaluate, opts=args.opts, k_user=args.k_user,
                     output_dir=args.output_dir, fixed_exits=not args.no_fixed)
     print(f"{'kind':<6} {'exit/beta':>10} {'PQ':>7} {'PQ_th':>7} {'PQ_st':>7} {'mean exit':>9} {'enc GFLOPs':>11} {'total GFLOPs':>13}")

@@ -401,7 +401,7 @@ def test_sweep_beta_script_prints_the_things_split_and_mean_exit(tmp_path, monke
             return {"PQ": 45.0, "gflops_encoder": 10.0, "gflops": 70.0, "exit_mean": 3.25}
         return {"PQ": 40.0, "PQ_th": 20.0, "PQ_st": 60.0, "gflops_encoder": 5.0, "gflops": 60.0}
 
-    monkeypatch.setattr(mod, "subprocess_evaluate_fn", lambda *a, **k: evaluate)
+    monkeypatch.setattr(mod, "results_evaluate_fn", lambda *a, **k: evaluate)
     assert mod.main(["--config-file", CONFIG, "--derived", str(derived), "--betas", "0.001",
                      "--output-dir", str(tmp_path / "sweep"), "MODEL.ECO.GATE.EPOCHS", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()

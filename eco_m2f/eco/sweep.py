@@ -3,8 +3,9 @@
 For each beta: step C (gate only; the derived records are reused) then an evaluation of the gated
 model; plus one evaluation per fixed exit l_k. The points go to a CSV and to a PNG of PQ against
 encoder GFLOPs. Evaluation is injected as ``evaluate_fn(cfg_overrides) -> {"PQ", "gflops_encoder",
-"gflops", ...}`` where the overrides apply to the step-B config; the default runs
-``train_net.py --eval-only`` in a subprocess and reads ``OUTPUT_DIR/inference/<dataset>/results.json``.
+"gflops", ...}`` where the overrides apply to the step-B config: :func:`results_evaluate_fn` runs
+one evaluation (``train_net.py --eval-only``'s, in this process or in a subprocess) and reads
+``OUTPUT_DIR/inference/<dataset>/results.json``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ __all__ = [
     "EvaluateFn",
     "results_json_path",
     "parse_results_json",
+    "results_evaluate_fn",
     "subprocess_evaluate_fn",
     "fixed_exit_overrides",
     "run_sweep",
@@ -73,16 +75,10 @@ def _optional(value: Any) -> Optional[float]:
     return None if value is None else float(value)
 
 
-def subprocess_evaluate_fn(
-    config_file: str,
-    repo_root: str | os.PathLike,
-    extra_args: Sequence[str] = (),
-    python: str = sys.executable,
-) -> EvaluateFn:
-    """evaluate_fn running ``python train_net.py --eval-only --config-file CONFIG [extra] OVERRIDES``."""
+def results_evaluate_fn(config_file: str, run: Callable[[List[str]], Any]) -> EvaluateFn:
+    """evaluate_fn calling ``run(overrides)``, an evaluation of ``config_file`` with the overrides
+    that writes ``OUTPUT_DIR/inference/<dataset>/results.json``, and reading that file."""
     from ..config import setup_cfg
-
-    repo_root = Path(repo_root)
 
     def evaluate(overrides: List[str]) -> Dict[str, Any]:
         cfg = setup_cfg(config_file, overrides)
@@ -91,13 +87,28 @@ def subprocess_evaluate_fn(
         path = results_json_path(cfg.OUTPUT_DIR, cfg.DATASETS.TEST[0])
         if path.exists():  # never read a stale result if the run fails to write a new one
             path.unlink()
+        run(list(overrides))
+        return parse_results_json(path)
+
+    return evaluate
+
+
+def subprocess_evaluate_fn(
+    config_file: str,
+    repo_root: str | os.PathLike,
+    extra_args: Sequence[str] = (),
+    python: str = sys.executable,
+) -> EvaluateFn:
+    """evaluate_fn running ``python train_net.py --eval-only --config-file CONFIG [extra] OVERRIDES``."""
+    repo_root = Path(repo_root)
+
+    def run(overrides: List[str]) -> None:
         cmd = [python, str(repo_root / "train_net.py"), "--eval-only", "--config-file", str(config_file),
                *extra_args, *overrides]
         logger.info("running %s", " ".join(cmd))
         subprocess.run(cmd, check=True, cwd=repo_root)
-        return parse_results_json(path)
 
-    return evaluate
+    return results_evaluate_fn(config_file, run)
 
 
 def fixed_exit_overrides(cfg: Any, k: int, weights: str, output_dir: str | os.PathLike) -> List[str]:

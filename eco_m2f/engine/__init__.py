@@ -4,11 +4,12 @@
 """
 from __future__ import annotations
 
-from .launch import default_argument_parser, default_setup, launch, main, setup_distributed_env
+from .launch import default_argument_parser, default_setup, evaluate_in_process, launch, main, setup_distributed_env
 
 __all__ = [
     "default_argument_parser",
     "default_setup",
+    "evaluate_in_process",
     "launch",
     "main",
     "setup_distributed_env",

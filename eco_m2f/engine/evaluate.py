@@ -44,3 +44,4 @@ def evaluate_checkpoint(cfg, args: Any) -> Dict[str, Dict[str, Any]]:
     model.eval()
     with torch.no_grad():
         return do_test(cfg, model)
+

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import sys
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 from urllib.parse import urlparse
 
 from ..utils.file_io import atomic_write_text
@@ -25,6 +25,7 @@ __all__ = [
     "setup_logging",
     "launch",
     "main",
+    "evaluate_in_process",
 ]
 
 logger = logging.getLogger("eco_m2f.engine")
@@ -200,3 +201,14 @@ def main(
         _run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
         dist_url=args.dist_url, args=(args, train_loader_factory),
     )
+
+
+def evaluate_in_process(config_file: str, overrides: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
+    """``train_net.py --eval-only --config-file CONFIG OVERRIDES`` on one device, in this process:
+    a sweep of many evaluations pays the interpreter, the imports and the CUDA start once."""
+    import torch
+
+    results = main(default_argument_parser().parse_args(["--eval-only", "--config-file", str(config_file), *overrides]))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the next evaluation builds its own model
+    return results
