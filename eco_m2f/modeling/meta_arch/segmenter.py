@@ -105,7 +105,8 @@ class Segmenter(SegmentationModel):
         self._reduction: Optional[ReductionLoop] = None
         if reduction.NAME:
             self.token_reducer = build_token_reducer(cfg, backbone, self.sem_seg_head)
-            self._reduction = ReductionLoop(backbone, self.token_reducer, str(reduction.ATTENTION), bool(reduction.CUDA_GRAPHS))
+            self._reduction = ReductionLoop(backbone, self.token_reducer, str(reduction.ATTENTION), bool(reduction.CUDA_GRAPHS),
+                                            bool(reduction.GRAPH_DECISIONS))
         self._init_inference(cfg)
         self._check_train_crop(cfg)
 

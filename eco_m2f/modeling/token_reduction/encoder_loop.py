@@ -10,7 +10,7 @@ tokens back into dense grids, and :func:`overlay_final_logits` puts finalised lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.utils.checkpoint as tcp
@@ -54,9 +54,13 @@ class ReductionLoop:
         attention: the runtime's attention implementation (``MODEL.TOKEN_REDUCTION.ATTENTION``).
         cuda_graphs: replay each run of blocks as a CUDA graph in fp16/bf16 inference on CUDA
             (``MODEL.TOKEN_REDUCTION.CUDA_GRAPHS``); only with ``auto``, ``flash`` or ``varlen``.
+        graph_decisions: with the graphs, capture a decision the reducer offers as a
+            :class:`~.static_decision.StaticDecision` in the graph of the blocks before it
+            (``MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS``).
     """
 
-    def __init__(self, backbone: "ViTBackbone", reducer: TokenReducer, attention: str = "auto", cuda_graphs: bool = True) -> None:
+    def __init__(self, backbone: "ViTBackbone", reducer: TokenReducer, attention: str = "auto", cuda_graphs: bool = True,
+                 graph_decisions: bool = False) -> None:
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"MODEL.TOKEN_REDUCTION.ATTENTION '{attention}' is not one of {list(ATTENTION_IMPLS)}")
         for block in backbone.blocks:
@@ -65,6 +69,7 @@ class ReductionLoop:
         self.reducer = reducer
         self.attention = attention
         self.cuda_graphs = bool(cuda_graphs) and attention in _GRAPH_ATTENTION
+        self.graph_decisions = bool(graph_decisions) and self.cuda_graphs
         self.decisions = frozenset(reducer.decision_layers)
         stops = sorted(self.decisions | set(backbone.out_indices) | {backbone.depth - 1})
         #: (first, last + 1) block index of every run between two stops
@@ -76,15 +81,21 @@ class ReductionLoop:
         self._graphs.clear()
 
     # ------------------------------------------------------------------ blocks
+    def _graphed(self, start: int, stop: int, tokens: TokenSet) -> Optional[GraphedBlocks]:
+        """The graphs of blocks start..stop - 1 when a call with ``tokens`` replays one."""
+        if not self.cuda_graphs or torch.is_grad_enabled():
+            return None
+        graphed = self._graphs.get((start, stop))
+        if graphed is None:
+            options = {} if self.attention == "auto" else {"attention": self.attention}
+            graphed = self._graphs[(start, stop)] = GraphedBlocks(list(self.backbone.blocks[start:stop]), **options)
+        return graphed if graphed.applies(tokens) else None
+
     def _run(self, start: int, stop: int, tokens: TokenSet) -> TokenSet:
         blocks = list(self.backbone.blocks[start:stop])
-        if self.cuda_graphs and not torch.is_grad_enabled():
-            graphed = self._graphs.get((start, stop))
-            if graphed is None:
-                options = {} if self.attention == "auto" else {"attention": self.attention}
-                graphed = self._graphs[(start, stop)] = GraphedBlocks(blocks, **options)
-            if graphed.applies(tokens):
-                return graphed(tokens)
+        graphed = self._graphed(start, stop, tokens)
+        if graphed is not None:
+            return graphed(tokens)
         if self.backbone.use_checkpoint and self.backbone.training and torch.is_grad_enabled():
             x, layout, history = tokens.x, tokens.layout, list(tokens.history)
             for block in blocks:
@@ -106,13 +117,20 @@ class ReductionLoop:
         exits = torch.full_like(tokens.owner, depth) if record_maps else None
         captured: Dict[int, TokenSet] = {}
         for start, stop in self.runs:
-            tokens = self._run(start, stop, tokens)
             layer = stop - 1
+            decision, graphed = None, None
+            if self.graph_decisions and layer in self.decisions:
+                graphed = self._graphed(start, stop, tokens)
+                decision = None if graphed is None else self.reducer.static_decision(layer, tokens, state)
+            if decision is not None:
+                tokens, outputs = graphed.run_deciding(tokens, decision)
+            else:
+                tokens = self._run(start, stop, tokens)
             if layer in self.backbone.out_indices:
                 captured[layer] = tokens
             if layer in self.decisions:
                 live = tokens.live_cells() if record_maps else None
-                tokens = self.reducer.reduce(layer, tokens, state)
+                tokens = decision.finish(tokens, outputs) if decision is not None else self.reducer.reduce(layer, tokens, state)
                 if exits is not None:
                     exits = torch.where(live & ~tokens.live_cells(), layer + 1, exits)
         if exits is not None:

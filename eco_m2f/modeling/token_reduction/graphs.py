@@ -9,7 +9,8 @@ padding, attended within itself like the others (so that every row of every laye
 values) and cut off at the end; the longest sequence only sizes the
 kernel's grid, so it is rounded up as well. A batch of several images that all hold the same
 number of tokens (or one image holding all of them) replays a graph of the dense attention at
-its exact shape instead. Graphs are captured
+its exact shape instead. A threshold decision after the blocks can be captured in the same
+graph (:meth:`GraphedBlocks.run_deciding`, :mod:`.static_decision`). Graphs are captured
 on first use of a bucket and kept (least recently used first out). How rows and lengths are
 bucketed, which attention runs and whether the token-wise work is compiled are
 :class:`~.options.InferenceOptions`; the default is :data:`~.options.DEFAULT_INFERENCE`.
@@ -30,6 +31,7 @@ from .blocks import check_block, run_block, run_blocks
 from .fused import FusedBlocks, fusable
 from .options import InferenceOptions, default_inference
 from .packing import StaticLayout
+from .static_decision import StaticDecision
 from .token_set import TokenSet
 
 __all__ = ["GraphedBlocks"]
@@ -50,6 +52,8 @@ class _Captured:
     rows_in: torch.Tensor  # (rows, C) static input
     offsets: torch.Tensor  # (B + 2,) int32 static offsets; the last image is padding (ragged graphs)
     rows_out: torch.Tensor  # (rows, C) static output
+    inputs: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # a decision's static inputs
+    outputs: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # and its static outputs
 
 
 class GraphedBlocks:
@@ -112,28 +116,39 @@ class GraphedBlocks:
         return self._graphable(tokens.x) and self._inference()
 
     def __call__(self, tokens: TokenSet) -> TokenSet:
+        return self._call(tokens, None)[0]
+
+    def run_deciding(self, tokens: TokenSet, decision: StaticDecision) -> Tuple[TokenSet, Dict[str, torch.Tensor]]:
+        """The blocks, then ``decision.compute`` in the same graph: (the tokens after the blocks,
+        the decision's outputs, the graph's buffers until its next replay). Only where
+        :meth:`applies`."""
+        if not self.applies(tokens):
+            raise RuntimeError("run_deciding replays a graph: it needs CUDA inference in fp16/bf16 (see applies())")
+        return self._call(tokens, decision)
+
+    def _call(self, tokens: TokenSet, decision: Optional[StaticDecision]) -> Tuple[TokenSet, Dict[str, torch.Tensor]]:
         if not self.applies(tokens):
             if self._inference():
                 x = tokens.x
                 _warn_once(("eager", x.device.type, x.dtype), f"GraphedBlocks runs eagerly and uncompiled on {x.device.type} {x.dtype}: "
                            "CUDA graphs and the compiled block function apply to CUDA inference in fp16/bf16 (or under autocast)")
-            return run_blocks(self.blocks, tokens, "auto")
+            return run_blocks(self.blocks, tokens, "auto"), {}
         layout = tokens.layout
-        key = self._key(tokens)
+        key = self._key(tokens, decision)
         captured = self._graphs.get(key)
         if captured is None:
-            captured = self._capture(key, tokens)
+            captured = self._capture(key, tokens, decision)
         else:
             self._graphs.move_to_end(key)
-            self._load(captured, tokens)
+            self._load(captured, tokens, decision)
         captured.graph.replay()
         rows = captured.rows_out[: layout.total]
         if self.options.copy_output:
             rows = rows.clone()
-        return tokens.with_features(rows, tokens.history + (layout.lengths,) * len(self.blocks))
+        return tokens.with_features(rows, tokens.history + (layout.lengths,) * len(self.blocks)), captured.outputs
 
     # ------------------------------------------------------------------ internals
-    def _key(self, tokens: TokenSet) -> Tuple:
+    def _key(self, tokens: TokenSet, decision: Optional[StaticDecision] = None) -> Tuple:
         layout, x, opts = tokens.layout, tokens.x, self.options
         cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         # a single image with tokens removed is "uniform" at a new length nearly every call: it
@@ -150,16 +165,22 @@ class GraphedBlocks:
             else:
                 longest = -(-layout.max_len // opts.len_bucket) * opts.len_bucket
             longest = max(longest, opts.row_bucket)  # the padding image fits the grid too
-        return (x.device, x.dtype, x.shape[1], layout.batch_size, rows, longest, uniform, cast)
+        decided = None
+        if decision is not None:  # its own graph per decision and per shape of what it reads
+            decided = (decision.key,) + tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(decision.inputs.items()))
+        return (x.device, x.dtype, x.shape[1], layout.batch_size, rows, longest, uniform, cast, decided)
 
     @staticmethod
-    def _load(captured: _Captured, tokens: TokenSet) -> None:
+    def _load(captured: _Captured, tokens: TokenSet, decision: Optional[StaticDecision] = None) -> None:
         layout = tokens.layout
         captured.rows_in[: layout.total].copy_(tokens.x)
         captured.offsets[: layout.batch_size + 1].copy_(layout.offsets(torch.int32))
+        if decision is not None:
+            for name, t in decision.inputs.items():
+                captured.inputs[name].copy_(t)
 
-    def _capture(self, key: Tuple, tokens: TokenSet) -> _Captured:
-        device, dtype, channels, batch, rows, longest, uniform, cast = key
+    def _capture(self, key: Tuple, tokens: TokenSet, decision: Optional[StaticDecision] = None) -> _Captured:
+        device, dtype, channels, batch, rows, longest, uniform, cast, _ = key
         opts = self.options
         while len(self._graphs) >= opts.max_graphs:
             self._graphs.popitem(last=False)
@@ -169,18 +190,20 @@ class GraphedBlocks:
         with torch.inference_mode(False), torch.no_grad():
             rows_in = torch.zeros(rows, channels, device=device, dtype=dtype)  # padding rows start finite
             offsets = torch.full((batch + 1 + (not uniform),), rows, device=device, dtype=torch.int32)
-            captured = _Captured(torch.cuda.CUDAGraph(), rows_in, offsets, rows_in)
-            self._load(captured, tokens)
+            inputs = {} if decision is None else {name: torch.empty_like(t) for name, t in decision.inputs.items()}
+            captured = _Captured(torch.cuda.CUDAGraph(), rows_in, offsets, rows_in, inputs)
+            self._load(captured, tokens, decision)
             layout = StaticLayout(offsets, longest, uniform)
 
-            def forward() -> torch.Tensor:
+            def forward() -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
                 with torch.autocast("cuda", dtype=cast or torch.bfloat16, enabled=cast is not None, cache_enabled=False):
                     if self._fused is not None:
-                        return self._fused(rows_in, layout, opts.attention)
-                    x = rows_in
-                    for block in self.blocks:
-                        x = run_block(block, x, layout, opts.attention)
-                    return x
+                        x = self._fused(rows_in, layout, opts.attention)
+                    else:
+                        x = rows_in
+                        for block in self.blocks:
+                            x = run_block(block, x, layout, opts.attention)
+                    return x, ({} if decision is None else decision.compute(x, layout, inputs))
 
             start = time.perf_counter()
             side = torch.cuda.Stream(device)
@@ -191,7 +214,7 @@ class GraphedBlocks:
             torch.cuda.synchronize(device)
             warmup = time.perf_counter() - start
             with torch.cuda.graph(captured.graph, pool=self._pool):
-                captured.rows_out = forward()
+                captured.rows_out, captured.outputs = forward()
             torch.cuda.synchronize(device)
         self._record(warmup, time.perf_counter() - start - warmup)
         self._graphs[key] = captured

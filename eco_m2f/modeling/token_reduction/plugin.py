@@ -36,6 +36,7 @@ from .token_set import TokenSet
 if TYPE_CHECKING:  # only for annotations: the backbone and heads import nothing from here
     from ..backbone.vit import ViTBackbone, ViTFeatures
     from ..heads.vit_decode_head import ViTDecodeHead
+    from .static_decision import StaticDecision
 
 __all__ = [
     "OUTPUT_KINDS",
@@ -162,6 +163,14 @@ class TokenReducer(nn.Module):
     def reduce(self, layer: int, tokens: TokenSet, state: ReductionState) -> TokenSet:
         """After block ``layer`` (0-based, one of :attr:`decision_layers`): the tokens that go on."""
         raise NotImplementedError(f"{type(self).__name__} does not implement reduce()")
+
+    def static_decision(self, layer: int, tokens: TokenSet, state: ReductionState) -> Optional["StaticDecision"]:
+        """The decision after block ``layer`` as a :class:`~.static_decision.StaticDecision`, to be
+        captured in the CUDA graph of the blocks before it, for ``tokens`` (the set those blocks
+        get); None (the default) runs :meth:`reduce` instead. Asked only in graph-replayed
+        inference with ``MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS``; its result must equal
+        :meth:`reduce`'s."""
+        return None
 
     def overlay(self, outputs: Dict[str, Any], tokens: TokenSet, state: ReductionState) -> Dict[str, Any]:
         """The decode head's dense outputs with every finalised cell's logits put over them

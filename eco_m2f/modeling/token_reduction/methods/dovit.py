@@ -20,7 +20,7 @@ FLOPs and ``stopped`` (tokens stopped at each decision layer, a list).
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,9 @@ from ...heads.vit_decode_head import pixel_cross_entropy, resize_logits
 from ..distillation import KL_DIRECTIONS, feature_mse, pixel_kl
 from ..dovit_aux_head import PointwiseAuxHead
 from ..dovit_rules import StoppedSum, merge_stopped_into_cls, ramped_threshold, stop_mask
+from ..packing import HostCopy
 from ..plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenReducer, paper_layers
+from ..static_decision import StaticDecision, finish_keep, row_images, static_keep
 from ..teacher import FrozenTeacher, build_teacher_model
 from ..token_set import TokenSet
 from ..token_targets import cell_class_counts, live_token_cross_entropy
@@ -127,6 +129,52 @@ class DoViT(TokenReducer):
         if self.merge:  # Eq. 8 at every decision, in the images where a token has stopped (the class token stays)
             out = merge_stopped_into_cls(out, stopped, 0.5, self.merge_min_stopped)
         return out
+
+    def static_decision(self, layer: int, tokens: TokenSet, state: ReductionState) -> Optional[StaticDecision]:
+        """:meth:`reduce` in inference, for capture after the blocks (see :mod:`..static_decision`):
+        the head on every row of the graph, the stop mask on the live patch rows, the removal,
+        the stopped-token sum and the class-token merge."""
+        if state.training or self.threshold >= 1.0:
+            return None
+        index = self.decision_layers.index(layer)
+        head, threshold, p = self.aux_heads[index], self.threshold, tokens.num_prefix
+        merge, min_stopped, num_tokens = self.merge, self.merge_min_stopped, tokens.num_cells + tokens.num_prefix
+        live = list(tokens.live_counts)
+        stopped = state.scratch.get("dovit_stopped") or StoppedSum.empty(tokens)
+
+        def compute(rows: torch.Tensor, layout, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            owner = inputs["owner"]
+            b = owner.shape[0]
+            image = row_images(rows.shape[0], layout, b)  # (R,), b on padding rows
+            offsets = layout.offsets(torch.int32)[: b + 1].long()
+            position = torch.arange(rows.shape[0], device=rows.device) - offsets.index_select(0, image)
+            patch = (image < b) & (position >= p)
+            stop = patch & stop_mask(head(rows), threshold)  # the head on every row: prefix and padding are cut by `patch`
+            out = static_keep(rows, layout, owner, p, stop)
+            weight = stop.to(torch.float32)
+            total = inputs["stopped_total"] + rows.new_zeros(b + 1, rows.shape[1], dtype=torch.float32).index_add(
+                0, image, rows.float() * weight.unsqueeze(1))[:b]
+            count = inputs["stopped_count"] + weight.new_zeros(b + 1).index_add(0, image, weight)[:b]
+            if merge:  # Eq. 8 on the class token (prefix 0) at its new row
+                starts = torch.cumsum(out["kept"], 0) - out["kept"]  # (B,)
+                cls = out["x"].index_select(0, starts)
+                mean = (total / count.clamp(min=1).unsqueeze(1)).to(cls.dtype)
+                use = ((count > 0) & (count > min_stopped * num_tokens)).unsqueeze(1)
+                out["x"] = out["x"].index_copy(0, starts, torch.where(use, 0.5 * cls + 0.5 * mean, cls))
+            out.update(stopped_total=total, stopped_count=count)
+            return out
+
+        def finish(after: TokenSet, outputs: Dict[str, torch.Tensor]) -> TokenSet:
+            kept = HostCopy(outputs["kept"])  # queued first; the host work below overlaps it
+            state.add_flops("token_reducer", [n * head.flops_per_token() for n in live])
+            state.scratch["dovit_stopped"] = StoppedSum(outputs["stopped_total"].clone(), outputs["stopped_count"].clone())
+            new = finish_keep(after, outputs, save_features=True, kept=kept)
+            for record, n, k in zip(state.cost, live, new.live_counts):
+                record["stopped"][index] = n - k
+            return new
+
+        inputs = {"owner": tokens.owner, "stopped_total": stopped.total, "stopped_count": stopped.count}
+        return StaticDecision(("dovit", layer, threshold, merge, min_stopped), inputs, compute, finish)
 
     def _aux_training(
         self, index: int, head: PointwiseAuxHead, tokens: TokenSet, patches: torch.Tensor, state: ReductionState,

@@ -1,0 +1,110 @@
+"""Threshold decisions captured in the CUDA graph of the blocks before them.
+
+A removal whose counts depend on the data (DoViT: a token stops where its auxiliary head is sure)
+must bring the per-image counts to the host before the next run of blocks can pick its graph.
+Run eagerly, every kernel of the decision before that wait (the head, the mask, the partition of
+the rows, the new owners, the stopped-token sum, the class-token merge: some 85 launches from
+Python) comes after the blocks' graph, and the GPU, done with the blocks, waits for the CPU to
+issue them. Captured with the blocks, they replay in the same launch, on the graph's bucketed
+rows: each row's image is found from the offsets in the graph's device buffer, and the padding
+rows (image index B) neither stay nor leave. Only the counts then come to the host.
+
+:class:`StaticDecision` is what a reducer hands the encoder loop for one decision
+(``TokenReducer.static_decision``): the device tensors the graph reads (copied into its buffers
+before each replay), the function captured after the blocks, and the host step that builds the
+new token set from what it left. :func:`static_keep` and :func:`finish_keep` are the removal
+itself, the counterpart of :meth:`TokenSet.keep` on bucketed rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Hashable, Optional, Union
+
+import torch
+
+from .packing import HostCopy, PackedLayout, StaticLayout
+from .token_set import FinalStore, TokenSet, _stable_partition
+
+__all__ = ["StaticDecision", "finish_keep", "row_images", "static_keep"]
+
+Layout = Union[PackedLayout, StaticLayout]
+
+
+@dataclass
+class StaticDecision:
+    """One decision, for capture after a run of blocks.
+
+    Attributes:
+        key: what the captured function depends on besides the input shapes (e.g. the layer
+            and the threshold); graphs are kept per key.
+        inputs: name -> device tensor the function reads, copied into the graph's buffer of the
+            same shape before every replay (e.g. the cells' owners).
+        compute: ``(rows (R, C), layout, inputs) -> name -> tensor``: run inside the graph on the
+            blocks' output rows (bucketed: rows past the last image are padding).
+        finish: ``(tokens after the blocks, outputs) -> the token set that goes on``, on the host
+            after the replay. The outputs are the graph's buffers: what outlives the pass must
+            be copied.
+    """
+
+    key: Hashable
+    inputs: Dict[str, torch.Tensor]
+    compute: Callable[[torch.Tensor, Layout, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
+    finish: Callable[[TokenSet, Dict[str, torch.Tensor]], TokenSet]
+
+
+def row_images(rows: int, layout: Layout, batch: int) -> torch.Tensor:
+    """(rows,) long: the image of every packed row, ``batch`` for rows past the last image
+    (the padding of a bucketed graph); from the offsets on the device, without a host sync."""
+    offsets = layout.offsets(torch.int32)[: batch + 1].long()  # (B + 1,)
+    index = torch.arange(rows, device=offsets.device)
+    return torch.searchsorted(offsets[1:].contiguous(), index, right=True)
+
+
+def static_keep(
+    rows: torch.Tensor, layout: Layout, owner: torch.Tensor, num_prefix: int, leave: torch.Tensor,
+) -> Dict[str, torch.Tensor]:
+    """The removal of :meth:`TokenSet.keep` on bucketed rows, every size fixed by the input.
+
+    ``rows`` (R, C) packed tokens (images by ``layout``, padding past them), ``owner`` (B, G)
+    each cell's patch row as in :class:`TokenSet`, ``leave`` (R,) bool the patch rows that leave
+    (False on prefix and padding rows). Returns:
+
+    * ``x`` (R, C): the staying rows in order, then the leaving ones in order, then the padding;
+    * ``kept`` (B,) long: rows each image keeps, prefix included (the new lengths);
+    * ``owner`` (B, G): each cell's new patch row, -1 where it left or was not live;
+    * ``cell_rank`` (B, G): a leaving cell's row among the leaving rows; ``newly_final`` (B, G).
+    """
+    b, p = owner.shape[0], int(num_prefix)
+    n = rows.shape[0]
+    image = row_images(n, layout, b)  # (R,)
+    real = image < b
+    stays = real & ~leave
+    stay_before = torch.cumsum(stays, 0)  # (R,) staying rows up to and including each
+    order = _stable_partition(stays, stay_before)
+    kept = torch.zeros(b + 1, dtype=torch.long, device=rows.device).index_add(0, image, stays.long())[:b]
+    # a patch row's new patch index: its new packed row less the prefixes of images 0..b
+    new_patch = torch.where(stays, stay_before - 1 - (image + 1) * p, -1)
+    owned = owner >= 0
+    cell_row = owner.clamp(min=0) + (torch.arange(b, device=owner.device).view(-1, 1) + 1) * p  # (B, G) packed row
+    new_owner = torch.where(owned, new_patch.index_select(0, cell_row.view(-1)).view_as(owner), -1)
+    leave_rank = torch.cumsum(leave, 0) - 1  # (R,) a leaving row's rank among the leaving rows
+    newly_final = owned & leave.index_select(0, cell_row.view(-1)).view_as(owner)
+    cell_rank = torch.where(newly_final, leave_rank.index_select(0, cell_row.view(-1)).view_as(owner), -1)
+    return {"x": rows.index_select(0, order), "kept": kept, "owner": new_owner, "cell_rank": cell_rank,
+            "newly_final": newly_final}
+
+
+def finish_keep(tokens: TokenSet, outputs: Dict[str, torch.Tensor], save_features: bool,
+                kept: Optional[HostCopy] = None) -> TokenSet:
+    """The token set after :func:`static_keep`'s removal (host side): one wait for the counts,
+    then slices of the graph's rows. What outlives the graph's next replay is copied: the
+    staying rows, the owners and the leaving rows' features (``save_features``)."""
+    counts = (kept or HostCopy(outputs["kept"])).wait()
+    old, p = tokens.layout, tokens.num_prefix
+    new = PackedLayout([int(n) for n in counts], p, old.device)
+    x = outputs["x"]
+    finals = dict(tokens.finals)
+    if save_features and new.num_patches < old.num_patches:
+        store = finals.get("features") or FinalStore.empty(tokens.batch_size, tokens.num_cells, x.device)
+        finals["features"] = store.add(x[new.total: old.total].clone(), outputs["cell_rank"], outputs["newly_final"])
+    return TokenSet(x[: new.total].clone(), new, tokens.grid, outputs["owner"].clone(), finals, tokens.history)

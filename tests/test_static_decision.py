@@ -1,0 +1,170 @@
+"""Decisions captured after the blocks (token_reduction/static_decision.py), run eagerly on CPU
+on bucketed rows exactly as a CUDA graph runs them: the removal equals TokenSet.keep, and DoViT
+with graph decisions equals DoViT without them (a GPU test replays the real graphs)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from token_reducers import images, tiny_segmenter  # noqa: E402
+from eco_m2f.modeling.token_reduction import TokenSet  # noqa: E402
+from eco_m2f.modeling.token_reduction.blocks import run_blocks  # noqa: E402
+from eco_m2f.modeling.token_reduction.encoder_loop import ReductionLoop  # noqa: E402
+from eco_m2f.modeling.token_reduction.packing import StaticLayout  # noqa: E402
+from eco_m2f.modeling.token_reduction.static_decision import finish_keep, row_images, static_keep  # noqa: E402
+
+DOVIT = ["MODEL.TOKEN_REDUCTION.NAME", "DoViT", "MODEL.TOKEN_REDUCTION.DOVIT.DECISION_LAYERS", "[1, 2]",
+         "MODEL.TOKEN_REDUCTION.DOVIT.AUX_HIDDEN", "8", "MODEL.TOKEN_REDUCTION.DOVIT.DISTILL_WEIGHT", "0.0"]
+
+
+def _bucketed(tokens: TokenSet, bucket: int = 16, uniform: bool = False):
+    """The set's rows in a graph's buffer: padded to a multiple of ``bucket`` (at least one padding
+    row, the padding image of a ragged graph), or exact for a uniform graph."""
+    layout = tokens.layout
+    if uniform:
+        return tokens.x.clone(), StaticLayout(layout.offsets(torch.int32).clone(), layout.max_len, True)
+    rows = (layout.total // bucket + 1) * bucket
+    x = torch.zeros(rows, tokens.x.shape[1], dtype=tokens.x.dtype)
+    x[: layout.total] = tokens.x
+    x[layout.total:] = 7.0  # padding holds anything finite
+    offsets = torch.full((layout.batch_size + 2,), rows, dtype=torch.int32)
+    offsets[: layout.batch_size + 1] = layout.offsets(torch.int32)
+    return x, StaticLayout(offsets, max(layout.max_len, bucket))
+
+
+def _ragged(seed: int = 0) -> TokenSet:
+    """3 images of a 4 x 5 grid with 1 prefix token, holding 20, 13 and 7 live tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ts = TokenSet.from_dense(torch.randn(3, 21, 6, generator=g), (4, 5))
+    keep = torch.ones(60, dtype=torch.bool)
+    keep[20:27] = False
+    keep[40:53] = False
+    return ts.keep(keep, save_features=True)
+
+
+def _assert_same_set(a: TokenSet, b: TokenSet) -> None:
+    assert a.layout.lengths == b.layout.lengths
+    assert torch.equal(a.owner, b.owner)
+    torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
+    torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=0, atol=0)  # live and finalised features in place
+
+
+def test_row_images_mark_the_padding_rows():
+    ts = _ragged()
+    x, layout = _bucketed(ts)
+    image = row_images(x.shape[0], layout, 3)
+    expect = torch.cat([torch.full((n,), b) for b, n in enumerate(ts.layout.lengths)] + [torch.full((x.shape[0] - ts.layout.total,), 3)])
+    assert torch.equal(image, expect)
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_static_keep_equals_token_set_keep(uniform):
+    ts = TokenSet.from_dense(torch.randn(3, 21, 6), (4, 5)) if uniform else _ragged()
+    g = torch.Generator().manual_seed(1)
+    leave_patch = torch.rand(ts.layout.num_patches, generator=g) < 0.4
+    expect = ts.keep(~leave_patch, save_features=True)
+    x, layout = _bucketed(ts, uniform=uniform)
+    leave = torch.zeros(x.shape[0], dtype=torch.bool)
+    leave[ts.layout.patch_rows()] = leave_patch
+    out = static_keep(x, layout, ts.owner, ts.num_prefix, leave)
+    assert out["x"].shape == x.shape  # every size fixed by the input
+    got = finish_keep(ts, out, save_features=True)
+    _assert_same_set(got, expect)
+    assert expect.live_counts != ts.live_counts
+
+
+def test_static_keep_of_nothing_and_of_everything():
+    ts = _ragged()
+    x, layout = _bucketed(ts)
+    patch = torch.zeros(x.shape[0], dtype=torch.bool)
+    patch[ts.layout.patch_rows()] = True
+    for leave in (torch.zeros_like(patch), patch):
+        got = finish_keep(ts, static_keep(x, layout, ts.owner, 1, leave), save_features=True)
+        _assert_same_set(got, ts.keep(~leave[ts.layout.patch_rows()], save_features=True))
+
+
+class _EagerGraph:
+    """Stands in for GraphedBlocks on CPU: the blocks eagerly, then the decision on the rows in a
+    bucketed buffer, as the captured graph computes it."""
+
+    def __init__(self, blocks, calls):
+        self.blocks, self.calls = list(blocks), calls
+
+    def applies(self, tokens):
+        return True
+
+    def __call__(self, tokens):
+        return run_blocks(self.blocks, tokens)
+
+    def run_deciding(self, tokens, decision):
+        after = run_blocks(self.blocks, tokens)
+        x, layout = _bucketed(after)
+        self.calls.append(decision.key)
+        return after, decision.compute(x, layout, {k: v.clone() for k, v in decision.inputs.items()})
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_dovit_with_graph_decisions_equals_dovit(monkeypatch, merge):
+    opts = [*DOVIT, "MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD", "0.5", "MODEL.TOKEN_REDUCTION.DOVIT.MERGE", str(merge)]
+    model = tiny_segmenter(*opts, seed=3).eval()
+    x = images((64, 64), (64, 64), (64, 64), seed=4)
+    with torch.no_grad():
+        heads = model.token_reducer.aux_heads  # confident heads: different numbers stop in each image
+        for head in heads:
+            head.cls.weight.mul_(100.0)
+        _, eager = model.reduced_network(x)
+        eager_records = model.cost_records(eager, (64, 64))
+        loop = model._reduction
+        calls = []
+        monkeypatch.setattr(ReductionLoop, "_graphed", lambda self, start, stop, tokens: _EagerGraph(self.backbone.blocks[start:stop], calls))
+        loop.cuda_graphs = loop.graph_decisions = True
+        _, graphed = model.reduced_network(x)
+        records = model.cost_records(graphed, (64, 64))
+    assert [key[1] for key in calls] == [0, 1]  # both decisions went through the captured path
+    stopped = [r["stopped"] for r in eager_records]
+    assert len({tuple(s) for s in stopped}) > 1 and all(0 < sum(s) < 16 for s in stopped)
+    assert [r["stopped"] for r in records] == stopped
+    assert records == eager_records
+    assert graphed.tokens.layout.lengths == eager.tokens.layout.lengths
+    torch.testing.assert_close(graphed.features.tokens, eager.features.tokens, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graphed.features.prefix, eager.features.prefix, rtol=1e-5, atol=1e-5)
+
+
+def test_no_static_decision_in_training_or_at_xi_one():
+    model = tiny_segmenter(*DOVIT, "MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD", "1.0", seed=3)
+    reducer = model.token_reducer
+    from eco_m2f.modeling.token_reduction.plugin import ReductionState
+
+    ts = _ragged()
+    assert reducer.static_decision(0, ts, ReductionState(images=torch.zeros(3, 3, 64, 80), grid=(4, 5))) is None
+    reducer.threshold = 0.5
+    state = ReductionState(images=torch.zeros(3, 3, 64, 80), grid=(4, 5), targets=torch.zeros(3, 64, 80, dtype=torch.long))
+    assert reducer.static_decision(0, ts, state) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_decisions_on_cuda_equal_the_eager_ones():
+    """DoViT in bf16 on CUDA: decisions captured in the blocks' graphs give the stops, tokens and
+    logits of the eager decisions (the heads made confident, so no confidence sits at xi)."""
+    model = tiny_segmenter(*DOVIT, "MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD", "0.5", seed=3).cuda().eval()
+    with torch.no_grad():
+        for head in model.token_reducer.aux_heads:
+            head.cls.weight.mul_(100.0)
+    x = images((64, 64), (64, 64), (64, 64), seed=4).cuda()
+    results = []
+    for graph_decisions in (False, True):
+        model._reduction.graph_decisions = graph_decisions
+        model._reduction.reset()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(3):  # capture, then replays
+                logits, reduced = model.reduced_network(x)
+            results.append((logits.float(), reduced.tokens.layout.lengths, model.cost_records(reduced, (64, 64))))
+    (a, la, ra), (b, lb, rb) = results
+    assert la == lb and [r["stopped"] for r in ra] == [r["stopped"] for r in rb]
+    torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
