@@ -10,10 +10,13 @@ gradient scaler, or bf16), the config's gradient clipping and optimizer. Three m
 the same loader and model:
 1. the plain step, as training runs it (no synchronisation inside), median seconds per iteration
    and the share of it spent waiting for the loader;
-2. the same steps with the device synchronised around each direct child of the model (e.g.
-   backbone, sem_seg_head, criterion), the backward pass and the optimizer step: seconds per phase;
-3. torch.profiler over the plain steps: device-kernel time against wall time, and the top
-   operators by host time and by device time.
+2. the same batches again with the device synchronised around each direct child of the model
+   called as a module (e.g. backbone, sem_seg_head, criterion; a child's method called directly
+   is booked under "forward (outside the children)"), the backward pass and the optimizer step:
+   mean seconds per phase;
+3. torch.profiler over the same batches, plain steps: device-kernel time against wall time, and
+   the top operators by host time and by device time.
+Models that draw at random per step (ECO step A's depths) draw anew in each measurement.
 """
 from __future__ import annotations
 
@@ -142,10 +145,11 @@ def main(argv: List[str] | None = None) -> int:
     _sync(device)
 
     # 1. the plain step
-    times, waits = [], []
+    times, waits, replay = [], [], []
     end = time.perf_counter()
     for _ in range(args.iters):
         batch = next(batches)
+        replay.append(batch)
         got = time.perf_counter()
         step(batch)
         _sync(device)
@@ -161,8 +165,7 @@ def main(argv: List[str] | None = None) -> int:
     handles = _child_timers(model, step)
     step.marks.clear()
     t_total = 0.0
-    for _ in range(args.iters):
-        batch = next(batches)
+    for batch in replay:
         t = time.perf_counter()
         step(batch, timed=True)
         t_total += time.perf_counter() - t
@@ -182,8 +185,8 @@ def main(argv: List[str] | None = None) -> int:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         t = time.perf_counter()
-        for _ in range(args.iters):
-            step(next(batches))
+        for batch in replay:
+            step(batch)
         _sync(device)
         wall = (time.perf_counter() - t) / args.iters
     events = prof.key_averages()

@@ -57,3 +57,19 @@ TINY_OPTS = [
     "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "8",
 ]
 """Overrides that shrink configs/synthetic/maskformer2_tiny_cpu.yaml further for unit tests."""
+
+
+@pytest.fixture
+def same_points_per_item(monkeypatch):
+    """``torch.rand`` gives every item of the leading axis the same fixed values (the values
+    depend only on the trailing shape), so the matcher and the criterion sample the same points
+    for a mask whether it is scored alone or in a larger batch."""
+    real_rand = torch.rand
+
+    def rand(*size, generator=None, **kw):
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        g = torch.Generator().manual_seed(hash(shape[1:]) % 2**31)
+        values = real_rand(shape[1:], generator=g).to(**{k: v for k, v in kw.items() if k in ("device", "dtype")})
+        return values.expand(shape).clone()
+
+    monkeypatch.setattr(torch, "rand", rand)

@@ -381,3 +381,46 @@ def test_forward_equals_its_losses_layer_by_layer_from_cpu_indices():
     assert sorted(got) == sorted(expect)
     for k in expect:
         torch.testing.assert_close(got[k], expect[k], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped losses (ECO step A decodes all exits in one batch)
+
+
+def test_forward_groups_equals_forward_on_each_group_alone(same_points_per_item):
+    torch.manual_seed(5)
+    empty = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 32, 32, dtype=torch.bool)}
+    targets = _targets() + [_targets()[1], empty] + _targets()[:1]  # 3, 1, 1, 0, 3 targets
+    groups = [4, 2, 4, 6, 2]  # interleaved; group 6 holds only the image without targets
+    noisy = lambda o: {k: v + 2.0 * torch.randn_like(v) for k, v in o.items()}  # noqa: E731
+    base = {"pred_logits": torch.randn(5, 5, NUM_CLASSES + 1), "pred_masks": torch.randn(5, 5, 8, 8)}
+    outputs = {**base, "aux_outputs": [noisy(base), noisy(base)]}
+    crit = _criterion()
+
+    grouped = crit.forward_groups(outputs, targets, groups, all_groups=[2, 3, 4, 5, 6])
+    assert set(grouped) == {2, 4, 6}
+    for g, terms in grouped.items():
+        idx = [b for b, gb in enumerate(groups) if gb == g]
+
+        def sub(o):
+            return {k: v[idx] for k, v in o.items() if k != "aux_outputs"}
+
+        alone = crit({**sub(outputs), "aux_outputs": [sub(a) for a in outputs["aux_outputs"]]},
+                     [targets[b] for b in idx])
+        assert set(terms) == set(alone)
+        for name, value in alone.items():
+            assert terms[name].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-7), (g, name)
+    assert grouped[6]["loss_mask"].item() == 0.0 and grouped[6]["loss_ce"].item() > 0
+    # one backward reaches every layer's predictions
+    leaves = [outputs["pred_masks"].requires_grad_(), outputs["aux_outputs"][1]["pred_logits"].requires_grad_()]
+    sum(v for terms in crit.forward_groups(outputs, targets, groups).values() for v in terms.values()).backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
+
+
+def test_forward_groups_names_bad_groups():
+    crit = _criterion()
+    outputs = _outputs(_targets())
+    with pytest.raises(ValueError, match="1 group ids for 2 images"):
+        crit.forward_groups(outputs, _targets(), [2])
+    with pytest.raises(ValueError, match=r"groups \[7\] are not in all_groups \[2, 6\]"):
+        crit.forward_groups(outputs, _targets(), [2, 7], all_groups=[2, 6])

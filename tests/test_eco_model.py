@@ -54,7 +54,7 @@ def test_every_exit_gives_outputs_of_the_right_shape():
         assert results[0]["cost"]["exit"] == k
 
 
-def test_weighted_stochastic_depth_loss_equals_hand_computed_sum(monkeypatch):
+def test_weighted_stochastic_depth_loss_equals_hand_computed_sum(monkeypatch, same_points_per_item):
     model = _model(["MODEL.ECO.ENABLED", "True"]).train()
     batch = _batch(4)
     depths = torch.tensor([2, 4, 4, 6])
@@ -65,7 +65,8 @@ def test_weighted_stochastic_depth_loss_equals_hand_computed_sum(monkeypatch):
     total = sum(losses.values())
 
     # By hand: the plain M2F path at a fixed exit k, on the images whose depth reaches k,
-    # weighted alpha_k * n_k / N (Eq. 3), in the same order (the criterion samples points at random).
+    # weighted alpha_k * n_k / N (Eq. 3); the model decodes all exits in one batch, the points
+    # sampled for a mask are the same in both (same_points_per_item).
     alpha = alpha_weights([2, 3, 4, 5, 6], "linear")
     torch.manual_seed(123)
     images = model.preprocess_image(batch)
@@ -80,6 +81,11 @@ def test_weighted_stochastic_depth_loss_equals_hand_computed_sum(monkeypatch):
         expected = expected + alpha[k] * len(keep) / 4 * l_k
     assert set(losses) == {f"loss_exit{k}" for k in [2, 3, 4, 5, 6]}
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    for k in [2, 4, 6]:  # each exit's term alone, too
+        keep = [i for i in range(4) if depths[i] >= k]
+        sub = {name: f[keep] for name, f in features.items()}
+        l_k = sum(model.weighted_losses(model.sem_seg_head(sub, exit_layer=k), [targets[i] for i in keep]).values())
+        assert losses[f"loss_exit{k}"].item() == pytest.approx((alpha[k] * len(keep) / 4 * l_k).item(), rel=1e-5)
 
     # encoder layers past the deepest sampled depth get no gradient; DDP is told to expect that
     monkeypatch.setattr(stochastic_depth, "sample_depths", lambda n, exits, generator=None: torch.tensor([2, 3, 3, 2]))

@@ -18,9 +18,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
+from ..modeling.criterion import apply_loss_weights
 from ..modeling.meta_arch.image_list import ImageList
 from ..modeling.meta_arch.mask_former import MaskFormer
 from ..modeling.registry import META_ARCH_REGISTRY
+from ..utils.device import to_device
 from .exits import check_exits, exit_set
 from . import stochastic_depth
 from .gate import ExitGate, load_gate_checkpoint
@@ -156,7 +158,9 @@ class ECOMaskFormer(MaskFormer):
         """Step A (papers/004 Eq. 3): per image a depth K_i; every exit k <= K_i adds alpha_k L_k.
 
         The encoder runs once, cumulatively, up to the deepest sampled depth; at each exit the
-        shared transformer decoder sees only the images whose K_i reaches it.
+        shared transformer decoder sees only the images whose K_i reaches it. The decoder and the
+        criterion run once over all exits' images together, each exit's loss terms normalised
+        over its own images as if it had been decoded alone.
         """
         if self._depth_generator is None:
             from ..utils.comm import get_rank
@@ -169,12 +173,13 @@ class ECOMaskFormer(MaskFormer):
         needed = [k for k in self.eco_exits if k <= int(depths.max())]
         device = next(iter(features.values())).device
         keep = {k: (depths >= k).nonzero().flatten() for k in needed}
-        outputs = self.sem_seg_head.forward_multi_exit(
-            features, needed, images={k: idx.to(device) for k, idx in keep.items()}
+        # one decoder pass and one criterion pass over every (image, exit) pair, exit by exit
+        outputs = self.sem_seg_head.forward_exit_subsets(features, {k: to_device(idx, device) for k, idx in keep.items()})
+        pairs = [(k, i) for k in needed for i in keep[k].tolist()]
+        grouped = self.criterion.forward_groups(
+            outputs, [targets[i] for _, i in pairs], [k for k, _ in pairs], all_groups=self.eco_exits
         )
-        exit_losses = {
-            k: self.weighted_losses(out, [targets[i] for i in keep[k].tolist()]) for k, out in outputs.items()
-        }
+        exit_losses = {k: apply_loss_weights(terms, self.weight_dict) for k, terms in grouped.items()}
         counts = {k: len(idx) for k, idx in keep.items()}
         return stochastic_depth.combine_exit_losses(exit_losses, counts, len(targets), self.eco_alpha)
 

@@ -30,8 +30,24 @@ __all__ = [
     "build_matcher",
     "build_weight_dict",
     "dice_loss",
+    "dice_per_mask",
     "sigmoid_ce_loss",
+    "sigmoid_ce_per_mask",
 ]
+
+
+def dice_per_mask(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Dice loss of each mask, ``[M]``, from ``[M, P]`` logits and ``[M, P]`` targets in ``[0, 1]``."""
+    inputs = inputs.sigmoid().flatten(1)
+    targets = targets.flatten(1)
+    numerator = 2 * (inputs * targets).sum(-1)
+    denominator = inputs.sum(-1) + targets.sum(-1)
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+def sigmoid_ce_per_mask(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sigmoid BCE of each mask averaged over its points, ``[M]`` (shapes as :func:`dice_per_mask`)."""
+    return F.binary_cross_entropy_with_logits(inputs, targets, reduction="none").mean(1)
 
 
 def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
@@ -41,12 +57,7 @@ def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> 
         inputs: ``[M, P]`` logits.
         targets: ``[M, P]`` in ``[0, 1]``.
     """
-    inputs = inputs.sigmoid().flatten(1)
-    targets = targets.flatten(1)
-    numerator = 2 * (inputs * targets).sum(-1)
-    denominator = inputs.sum(-1) + targets.sum(-1)
-    loss = 1 - (numerator + 1) / (denominator + 1)
-    return loss.sum() / num_masks
+    return dice_per_mask(inputs, targets).sum() / num_masks
 
 
 def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
@@ -56,8 +67,7 @@ def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: floa
         inputs: ``[M, P]`` logits.
         targets: ``[M, P]`` in ``[0, 1]``.
     """
-    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    return loss.mean(1).sum() / num_masks
+    return sigmoid_ce_per_mask(inputs, targets).sum() / num_masks
 
 
 class _DeviceMatch:
@@ -159,38 +169,26 @@ class SetCriterion(nn.Module):
 
     # -- individual losses -------------------------------------------------------------------
 
-    def loss_labels(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
-                    indices: Matching, num_masks: float) -> dict[str, torch.Tensor]:
-        """Cross-entropy over C + 1 classes; unmatched queries target "no object" (weight eos_coef)."""
-        src_logits = outputs["pred_logits"].float()  # [B, Q, C+1]
+    def _target_classes(self, src_logits: torch.Tensor, targets: Sequence[Mapping[str, torch.Tensor]],
+                        match: _DeviceMatch) -> torch.Tensor:
+        """The class each query is trained towards, ``[B, Q]``: its matched target's, else "no object"."""
         if src_logits.shape[-1] != self.num_classes + 1:
             raise ValueError(
                 f"SetCriterion: pred_logits has {src_logits.shape[-1]} classes, expected num_classes + 1 = "
                 f"{self.num_classes + 1}"
             )
         device = src_logits.device
-        match = _DeviceMatch.of(indices, targets, device)
         labels = torch.cat([t["labels"] for t in targets]).to(device)  # (N_total,), no copy once on the device
-        target_classes_o = labels[match.tgt_row]
         target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)
-        target_classes[match.batch_idx, match.src_idx] = target_classes_o
-        loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)
-        return {"loss_ce": loss_ce}
+        target_classes[match.batch_idx, match.src_idx] = labels[match.tgt_row]
+        return target_classes
 
-    def loss_masks(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
-                   indices: Matching, num_masks: float) -> dict[str, torch.Tensor]:
-        """Sigmoid BCE and dice of matched masks on importance-sampled points."""
-        pred_masks = outputs["pred_masks"]  # [B, Q, h, w]
+    def _point_logits_and_labels(self, pred_masks: torch.Tensor, targets: Sequence[Mapping[str, torch.Tensor]],
+                                 match: _DeviceMatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted logits and target values ``[M, P]`` of the matched masks at importance-sampled points."""
         device = pred_masks.device
-        match = _DeviceMatch.of(indices, targets, device)
-        if match.count == 0:
-            # No targets anywhere in the batch: keep the graph (DDP) with an exact zero.
-            zero = pred_masks.float().sum() * 0.0
-            return {"loss_mask": zero, "loss_dice": zero.clone()}
         src_masks = pred_masks[match.batch_idx, match.src_idx].float()[:, None]  # [M, 1, h, w]
-
         target_masks = _matched_target_masks(targets, match, device)  # [M, 1, H, W]
-
         with torch.no_grad():
             point_coords = get_uncertain_point_coords_with_randomness(
                 src_masks,
@@ -201,10 +199,61 @@ class SetCriterion(nn.Module):
             )  # [M, P, 2]
             point_labels = point_sample(target_masks, point_coords, align_corners=False).squeeze(1)  # [M, P]
         point_logits = point_sample(src_masks, point_coords, align_corners=False).squeeze(1)  # [M, P]
+        return point_logits, point_labels
+
+    def loss_labels(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
+                    indices: Matching, num_masks: float) -> dict[str, torch.Tensor]:
+        """Cross-entropy over C + 1 classes; unmatched queries target "no object" (weight eos_coef)."""
+        src_logits = outputs["pred_logits"].float()  # [B, Q, C+1]
+        match = _DeviceMatch.of(indices, targets, src_logits.device)
+        target_classes = self._target_classes(src_logits, targets, match)
+        loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)
+        return {"loss_ce": loss_ce}
+
+    def loss_masks(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
+                   indices: Matching, num_masks: float) -> dict[str, torch.Tensor]:
+        """Sigmoid BCE and dice of matched masks on importance-sampled points."""
+        pred_masks = outputs["pred_masks"]  # [B, Q, h, w]
+        match = _DeviceMatch.of(indices, targets, pred_masks.device)
+        if match.count == 0:
+            # No targets anywhere in the batch: keep the graph (DDP) with an exact zero.
+            zero = pred_masks.float().sum() * 0.0
+            return {"loss_mask": zero, "loss_dice": zero.clone()}
+        point_logits, point_labels = self._point_logits_and_labels(pred_masks, targets, match)
         return {
             "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks),
             "loss_dice": dice_loss(point_logits, point_labels, num_masks),
         }
+
+    def _grouped_losses(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
+                        match: _DeviceMatch, group: torch.Tensor, num_masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One layer's losses per group, ``{name: [G]}``: what :meth:`loss_labels` and
+        :meth:`loss_masks` give on each group's images alone (``group`` [B] on the device, group
+        index of each image; ``num_masks`` [G] each group's normaliser)."""
+        num_groups = num_masks.numel()
+        out: dict[str, torch.Tensor] = {}
+
+        def per_group(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return values.new_zeros(num_groups).index_add(0, index, values)
+
+        if "labels" in self.losses:
+            src_logits = outputs["pred_logits"].float()  # [B, Q, C+1]
+            target_classes = self._target_classes(src_logits, targets, match)  # [B, Q]
+            # F.cross_entropy's weighted mean, taken per group: sum of w_y * nll over sum of w_y
+            nll = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight, reduction="none")
+            weight = self.empty_weight[target_classes]  # [B, Q]
+            out["loss_ce"] = per_group(nll.sum(1), group) / per_group(weight.sum(1), group)
+        if "masks" in self.losses:
+            pred_masks = outputs["pred_masks"]
+            if match.count == 0:
+                zero = pred_masks.float().sum() * 0.0 + num_masks.new_zeros(num_groups)
+                out.update(loss_mask=zero, loss_dice=zero.clone())
+            else:
+                point_logits, point_labels = self._point_logits_and_labels(pred_masks, targets, match)
+                mask_group = group[match.batch_idx]  # (M,)
+                out["loss_mask"] = per_group(sigmoid_ce_per_mask(point_logits, point_labels), mask_group) / num_masks
+                out["loss_dice"] = per_group(dice_per_mask(point_logits, point_labels), mask_group) / num_masks
+        return out
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -225,6 +274,22 @@ class SetCriterion(nn.Module):
         total = torch.as_tensor([num_masks], dtype=torch.float32, device=device)
         dist.all_reduce(total)
         return torch.clamp(total / world_size, min=1).item()
+
+    def get_num_masks_per_group(self, targets: Sequence[Mapping[str, torch.Tensor]], groups: Sequence[int],
+                                all_groups: Sequence[int], device: torch.device) -> torch.Tensor:
+        """:meth:`get_num_masks` of each group of ``all_groups``, ``[G]`` on ``device``: one reduction
+        over processes for all groups, of the same length on every process."""
+        position = {g: j for j, g in enumerate(all_groups)}
+        counts = [0.0] * len(all_groups)
+        for t, g in zip(targets, groups):
+            counts[position[g]] += len(t["labels"])
+        total = torch.tensor(counts, dtype=torch.float32)
+        world_size = comm.get_world_size()
+        if world_size > 1:
+            total = total.to(device)
+            dist.all_reduce(total)
+            total = total / world_size
+        return to_device(total.clamp(min=1), device)
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -255,6 +320,39 @@ class SetCriterion(nn.Module):
                 l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_masks)
                 losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
         return losses
+
+    def forward_groups(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
+                       groups: Sequence[int], all_groups: Sequence[int] | None = None) -> dict[int, dict[str, torch.Tensor]]:
+        """The losses :meth:`forward` gives on each group's images alone, from one pass over the batch.
+
+        ``groups[b]`` names image b's group (ECO step A: the exit whose prediction it is, so the
+        decoder and the criterion run once for all exits). Every term keeps its group's own
+        normaliser: the class weights of the group's queries, the group's target masks (averaged
+        over processes). ``all_groups`` (default: the groups present) fixes the one reduction over
+        processes, so processes with different groups present still reduce alike. Returns
+        ``{group: losses}`` for the groups present, the names as :meth:`forward`'s.
+        """
+        if len(groups) != len(targets):
+            raise ValueError(f"SetCriterion.forward_groups: {len(groups)} group ids for {len(targets)} images")
+        present = sorted(set(groups))
+        all_groups = list(all_groups) if all_groups is not None else present
+        missing = [g for g in present if g not in all_groups]
+        if missing:
+            raise ValueError(f"SetCriterion.forward_groups: groups {missing} are not in all_groups {all_groups}")
+        device = outputs["pred_logits"].device
+        position = {g: j for j, g in enumerate(all_groups)}
+        group = to_device(torch.tensor([position[g] for g in groups], dtype=torch.int64), device)  # (B,)
+        num_masks = self.get_num_masks_per_group(targets, groups, all_groups, device)  # (G,)
+        counts = [len(t["labels"]) for t in targets]
+
+        per_layer: dict[str, torch.Tensor] = {}
+        layers = [{k: v for k, v in outputs.items() if k != "aux_outputs"}, *(outputs.get("aux_outputs", None) or [])]
+        for i, layer in enumerate(layers):
+            match = _DeviceMatch(self.matcher(layer, targets), device, counts)
+            suffix = "" if i == 0 else f"_{i - 1}"
+            for name, value in self._grouped_losses(layer, targets, match, group, num_masks).items():
+                per_layer[name + suffix] = value
+        return {g: {name: value[position[g]] for name, value in per_layer.items()} for g in present}
 
     def extra_repr(self) -> str:
         return (

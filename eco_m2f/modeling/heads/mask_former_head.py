@@ -100,6 +100,28 @@ class MaskFormerHead(nn.Module):
             out[k] = self.predictor(multi_scale, mask_features)
         return out
 
+    def forward_exit_subsets(
+        self,
+        features: Mapping[str, torch.Tensor],
+        images: Mapping[int, torch.Tensor],
+        inputs: Optional[EncoderInputs] = None,
+    ) -> Dict[str, Any]:
+        """One transformer-decoder pass over the images of several exits.
+
+        ``images[k]`` (LongTensor of batch positions) picks the images decoded at exit k; the
+        predictions hold them exit by exit in the order of ``images``, the images of an exit in
+        the order given: what :meth:`forward_multi_exit` gives for each exit, concatenated over
+        the batch axis. The encoder runs once, cumulatively, as there; the decoder's fixed cost per
+        call (and the criterion's after it) is paid once instead of once per exit.
+        """
+        exits = list(images)
+        decoded = self.pixel_decoder.forward_features_multi_exit(features, exits, inputs=inputs)
+        mask_features = torch.cat([decoded[k][0].index_select(0, images[k]) for k in exits])  # [sum n_k, C, H, W]
+        levels = len(decoded[exits[0]][2])
+        multi_scale = [torch.cat([decoded[k][2][level].index_select(0, images[k]) for k in exits])
+                       for level in range(levels)]
+        return self.predictor(multi_scale, mask_features)
+
     def forward_per_image_exit(
         self, features: Mapping[str, torch.Tensor], exit_per_image: torch.Tensor, inputs: Optional[EncoderInputs] = None
     ) -> Dict[str, Any]:
