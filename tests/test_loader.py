@@ -14,6 +14,7 @@ from eco_m2f.data.build import (
     get_detection_dataset_dicts,
 )
 from eco_m2f.data.catalog import DatasetCatalog, MetadataCatalog
+from eco_m2f.data.prefetch import PrefetchIterator, pin_batch
 from eco_m2f.data.samplers import InferenceSampler, TrainingSampler
 from test_mappers import IGNORE, check_aligned, make_cfg, register_tiny, unregister, write_tiny_dataset
 
@@ -198,3 +199,64 @@ def test_negative_seed_draws_a_seed_and_explicit_dataset(tiny6):
     assert len(a) == len(b) == 12 and a != b  # fresh random seeds (equal with probability ~0)
     only_first = build_detection_train_loader(loader_cfg(name), dataset=[dicts[0]], total_batch_size=2)
     assert {d["image_id"] for batch in take(only_first, 3) for d in batch} == {0}
+
+
+# ---------------------------------------------------------------------------------------------- read-ahead
+@pytest.mark.parametrize("workers", [0, 2])
+def test_prefetched_batches_equal_the_plain_loader(tiny6, workers):
+    name, _ = tiny6
+    plain = take(build_detection_train_loader(loader_cfg(name, workers=workers)), 4)
+    cfg = loader_cfg(name, workers=workers, **{"DATALOADER.PREFETCH_BATCHES": 2})
+    it = iter(build_detection_train_loader(cfg))
+    assert isinstance(it, PrefetchIterator)
+    ahead = [next(it) for _ in range(4)]
+    it.close()
+    assert fingerprint(ahead) == fingerprint(plain)
+    assert all(torch.equal(a["instances"]["gt_masks"], b["instances"]["gt_masks"])
+               for ba, bb in zip(ahead, plain) for a, b in zip(ba, bb))
+    assert not it._thread.is_alive()
+
+
+def test_prefetch_raises_the_loading_error_in_the_consumer():
+    def batches():
+        yield [1]
+        raise ValueError("corrupt image /data/x.png")
+
+    it = PrefetchIterator(batches(), depth=2)
+    assert next(it) == [1]
+    with pytest.raises(ValueError, match="corrupt image /data/x.png"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+    finite = PrefetchIterator(iter([[1], [2]]), depth=1)
+    assert list(finite) == [[1], [2]]
+
+
+def test_prefetch_stops_its_thread_on_close_of_an_infinite_source():
+    it = PrefetchIterator(itertools.count(), depth=3)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    it.close()
+    assert not it._thread.is_alive()
+
+
+def test_pin_batch_keeps_the_structure_and_leaves_other_devices_alone():
+    meta = torch.empty(3, device="meta")
+    batch = [{"image": meta, "instances": {"gt_classes": (meta, 7)}, "file_name": "a"}]
+    out = pin_batch(batch)
+    assert out == [{"image": meta, "instances": {"gt_classes": (meta, 7)}, "file_name": "a"}]
+    assert out[0]["image"] is meta and isinstance(out[0]["instances"]["gt_classes"], tuple)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pin_batch_pins_cpu_tensors():
+    batch = [{"image": torch.arange(6).view(2, 3), "instances": {"gt_classes": torch.tensor([1])}}]
+    pinned = pin_batch(batch)
+    assert pinned[0]["image"].is_pinned() and pinned[0]["instances"]["gt_classes"].is_pinned()
+    assert torch.equal(pinned[0]["image"], batch[0]["image"])
+
+
+def test_negative_prefetch_is_an_error_naming_the_key(tiny6):
+    name, _ = tiny6
+    with pytest.raises(ValueError, match="DATALOADER.PREFETCH_BATCHES must be >= 0"):
+        build_detection_train_loader(loader_cfg(name, **{"DATALOADER.PREFETCH_BATCHES": -1}))

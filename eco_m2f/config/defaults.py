@@ -94,6 +94,8 @@ def add_base_config(cfg: CN) -> None:
     cfg.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
     cfg.DATALOADER.REPEAT_THRESHOLD = 0.0
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+    # training batches read ahead by a background thread (pinned on CUDA); 0: none
+    cfg.DATALOADER.PREFETCH_BATCHES = 0
 
     # --------------------------------------------------------------- solver
     cfg.SOLVER = CN()

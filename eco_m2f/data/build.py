@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import pickle
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..utils import comm
+from ..utils.device import resolve_device
 from .mappers import build_mapper, build_test_mapper
+from .prefetch import PrefetchIterator
 from .samplers import (
     AspectRatioGroupedBatches,
     InferenceSampler,
@@ -154,15 +156,22 @@ def worker_init_fn(worker_id: int) -> None:
 class TrainLoader:
     """Infinite iterable of training batches (lists of mapped dicts), optionally grouped by aspect ratio."""
 
-    def __init__(self, data_loader: DataLoader, batch_size: int, aspect_ratio_grouping: bool):
+    def __init__(self, data_loader: DataLoader, batch_size: int, aspect_ratio_grouping: bool,
+                 prefetch_batches: int = 0, pin_memory: bool = False):
         self.data_loader = data_loader
         self.batch_size = batch_size
         self.aspect_ratio_grouping = aspect_ratio_grouping
+        self.prefetch_batches = prefetch_batches
+        self.pin_memory = pin_memory
 
     def __iter__(self) -> Iterator[list[dict]]:
         if self.aspect_ratio_grouping:
-            return iter(AspectRatioGroupedBatches(self.data_loader, self.batch_size))
-        return iter(self.data_loader)
+            batches: Iterable[list[dict]] = AspectRatioGroupedBatches(self.data_loader, self.batch_size)
+        else:
+            batches = self.data_loader
+        if self.prefetch_batches > 0:
+            return PrefetchIterator(batches, self.prefetch_batches, pin=self.pin_memory)
+        return iter(batches)
 
 
 def build_detection_train_loader(
@@ -219,7 +228,11 @@ def build_detection_train_loader(
     else:
         loader = DataLoader(map_dataset, sampler=sampler, batch_size=batch_size, drop_last=True,
                             collate_fn=trivial_batch_collator, **common)
-    return TrainLoader(loader, batch_size, grouping)
+    prefetch = int(cfg.DATALOADER.PREFETCH_BATCHES)
+    if prefetch < 0:
+        raise ValueError(f"DATALOADER.PREFETCH_BATCHES must be >= 0 (0: no read-ahead thread), got {prefetch}")
+    pin = prefetch > 0 and torch.cuda.is_available() and resolve_device(cfg.MODEL.DEVICE).type == "cuda"
+    return TrainLoader(loader, batch_size, grouping, prefetch_batches=prefetch, pin_memory=pin)
 
 
 def derive_loader_seed(seed: int, rank: int) -> int:
