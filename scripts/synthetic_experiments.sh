@@ -16,7 +16,8 @@
 #   all    bench, m2f and eco in turn
 # Usage: scripts/synthetic_experiments.sh STAGE [OUT_DIR]
 # Sizes come from the environment: NTRAIN NVAL SIZE PRESET GEN_WORKERS (processes drawing the data) ITERS STEPA_ITERS BETAS TREND_BETA CKPT
-# WALL_BATCHES WALL_DTYPE TREND_KS TREND_LOSSES,
+# WALL_BATCHES WALL_DTYPE TREND_KS TREND_LOSSES, PARALLEL=1 (trends: the two step-A trainings at once,
+# then the K_user and gate-loss sweeps at once; the wall-time benchmarks always run alone),
 # CONFIG / ECO_CONFIG, EXTRA (KEY VALUE ...).
 # TRAIN_SECONDS / STEPA_SECONDS bound the wall time of training: a run stopped by the bound
 # continues from its last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is printed.
@@ -140,11 +141,25 @@ trends)
   trained "$TRAIN_SECONDS" "$out/m2f" --config-file "$cfg" SOLVER.MAX_ITER "$ITERS" "${ckpt[@]}" "${extra[@]}"
   [ -f "$out/m2f/model_final.pth" ] || { stamp "the parent is not finished: rerun to continue"; exit 3; }
   exits_table "$out/m2f/model_trained.pth" "$cfg" baseline_exits "baseline M2F, truncated encoder"
-  for alpha in linear uniform; do
-    name=$([ "$alpha" = linear ] && echo wsd || echo usd)
-    stamp "step A, $name (MODEL.ECO.ALPHA $alpha): $STEPA_ITERS iterations"
-    trained "$STEPA_SECONDS" "$out/stepA_$name" --config-file "$eco_cfg" MODEL.WEIGHTS "$out/m2f/model_trained.pth" \
-      MODEL.ECO.ALPHA "$alpha" SOLVER.MAX_ITER "$STEPA_ITERS" "${ckpt[@]}" "${extra[@]}"
+  step_a() {  # step_a ALPHA NAME: train step A (kept when finished)
+    stamp "step A, $2 (MODEL.ECO.ALPHA $1): $STEPA_ITERS iterations"
+    trained "$STEPA_SECONDS" "$out/stepA_$2" --config-file "$eco_cfg" MODEL.WEIGHTS "$out/m2f/model_trained.pth" \
+      MODEL.ECO.ALPHA "$1" SOLVER.MAX_ITER "$STEPA_ITERS" "${ckpt[@]}" "${extra[@]}"
+  }
+  if [ "${PARALLEL:-0}" = 1 ]; then
+    # both from the same parent at once (the GPU has room beside one host-bound training);
+    # each one's output goes to its folder's stdout.log
+    pids=()
+    for name in wsd usd; do
+      alpha=$([ "$name" = wsd ] && echo linear || echo uniform)
+      mkdir -p "$out/stepA_$name"
+      step_a "$alpha" "$name" > "$out/stepA_$name/stdout.log" 2>&1 & pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || stamp "a step-A run stopped (see $out/stepA_*/stdout.log)"; done
+  fi
+  for name in wsd usd; do
+    alpha=$([ "$name" = wsd ] && echo linear || echo uniform)
+    [ "${PARALLEL:-0}" = 1 ] || step_a "$alpha" "$name"
     [ -f "$out/stepA_$name/model_final.pth" ] || { stamp "step A ($name) is not finished: rerun to continue"; exit 3; }
     exits_table "$out/stepA_$name/model_trained.pth" "$eco_cfg" "stepA_${name}_exits" "ECO-M2F step A ($name), fixed exits"
   done
@@ -154,16 +169,28 @@ trends)
     --field objects --field occluded_fraction --field boundary_fraction --json "$out/exit_complexity.json" | tee "$out/exit_complexity.txt"
   stamp "trade-off sweep over betas $BETAS (with the fixed exits)"
   [ -f "$out/derived/sweep/sweep.csv" ] || scripts/sweep_beta.sh "$eco_cfg" "$out/derived" "$BETAS" "${extra[@]}"
-  for k in ${TREND_KS:-5 4}; do
-    stamp "K_user $k at beta $TREND_BETA"
-    [ -f "$out/derived/sweep_k$k/sweep.csv" ] || scripts/sweep_beta.sh "$eco_cfg" "$out/derived" "$TREND_BETA" --no-fixed \
-      --k-user "$k" --output-dir "$out/derived/sweep_k$k" "${extra[@]}"
-  done
-  for loss in ${TREND_LOSSES:-u-CE soft-CE soft-MSE}; do
-    stamp "gate loss $loss at beta $TREND_BETA"
-    [ -f "$out/derived/sweep_$loss/sweep.csv" ] || scripts/sweep_beta.sh "$eco_cfg" "$out/derived" "$TREND_BETA" --no-fixed \
-      --output-dir "$out/derived/sweep_$loss" MODEL.ECO.GATE.LOSS "$loss" "${extra[@]}"
-  done
+  k_user() {  # k_user K: the sweep at TREND_BETA with the user budget K
+    stamp "K_user $1 at beta $TREND_BETA"
+    [ -f "$out/derived/sweep_k$1/sweep.csv" ] || scripts/sweep_beta.sh "$eco_cfg" "$out/derived" "$TREND_BETA" --no-fixed \
+      --k-user "$1" --output-dir "$out/derived/sweep_k$1" "${extra[@]}"
+  }
+  gate_loss() {  # gate_loss LOSS: the sweep at TREND_BETA with another gate loss
+    stamp "gate loss $1 at beta $TREND_BETA"
+    [ -f "$out/derived/sweep_$1/sweep.csv" ] || scripts/sweep_beta.sh "$eco_cfg" "$out/derived" "$TREND_BETA" --no-fixed \
+      --output-dir "$out/derived/sweep_$1" MODEL.ECO.GATE.LOSS "$1" "${extra[@]}"
+  }
+  if [ "${PARALLEL:-0}" = 1 ]; then  # all at once, each one's output in its sweep folder's stdout.log
+    pids=()
+    for k in ${TREND_KS:-5 4}; do mkdir -p "$out/derived/sweep_k$k"; k_user "$k" > "$out/derived/sweep_k$k/stdout.log" 2>&1 & pids+=($!); done
+    for loss in ${TREND_LOSSES:-u-CE soft-CE soft-MSE}; do
+      mkdir -p "$out/derived/sweep_$loss"; gate_loss "$loss" > "$out/derived/sweep_$loss/stdout.log" 2>&1 & pids+=($!)
+    done
+    failed=0; for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    [ "$failed" = 0 ] || { stamp "a K_user or gate-loss sweep failed (see $out/derived/sweep_*/stdout.log)"; exit 1; }
+  else
+    for k in ${TREND_KS:-5 4}; do k_user "$k"; done
+    for loss in ${TREND_LOSSES:-u-CE soft-CE soft-MSE}; do gate_loss "$loss"; done
+  fi
   gate_cfg="$out/derived/gate_beta${TREND_BETA}_k6/config.yaml"
   if [ -f "$gate_cfg" ]; then
     stamp "wall time of the gated model (beta $TREND_BETA) and of fixed exits 2 and 6, real images"

@@ -21,7 +21,7 @@ def test_the_trends_stage_writes_every_table_and_resumes(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, NTRAIN="10", NVAL="4", SIZE="64", ITERS="3", STEPA_ITERS="2", CKPT="2",
                BETAS="0.001", TREND_BETA="0.001", TREND_KS="4", TREND_LOSSES="soft-CE", WALL_BATCHES="2 1", WALL_DTYPE="fp32",
                CONFIG="configs/synthetic/maskformer2_tiny_cpu.yaml", ECO_CONFIG="configs/synthetic/eco_m2f_tiny_cpu.yaml",
-               EXTRA=" ".join(TINY_OPTS), OMP_NUM_THREADS="2")
+               EXTRA=" ".join(TINY_OPTS), OMP_NUM_THREADS="1", PARALLEL="1")
     env.pop("DETECTRON2_DATASETS", None)  # the stage generates its own (hard) dataset under OUT
     out = tmp_path / "trends"
     cmd = ["bash", str(REPO / "scripts" / "synthetic_experiments.sh"), "trends", str(out)]
@@ -41,6 +41,9 @@ def test_the_trends_stage_writes_every_table_and_resumes(tmp_path):
     assert [r["kind"] for r in rows] == ["fixed"] * 5 + ["gated"] and rows[0]["PQ_th"] != ""
     assert (out / "derived" / "sweep_k4" / "sweep.csv").is_file() and (out / "derived" / "gate_beta0.001_k4").is_dir()
     assert (out / "derived" / "gate_beta0.001_k6_soft-CE" / "gate.pth").is_file()
+    # PARALLEL=1: the two step-A runs and the two extra sweeps ran side by side, each logging to its folder
+    assert "Starting training" in (out / "stepA_usd" / "stdout.log").read_text()
+    assert (out / "derived" / "sweep_k4" / "stdout.log").is_file()
     for e in ("gated", "2", "6"):
         timings = json.loads((out / f"wall_time_{e}.json").read_text())
         assert [t["batch"] for t in timings] == [2, 1] and all(t["images_per_s"] > 0 for t in timings)
