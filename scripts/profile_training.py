@@ -14,8 +14,8 @@ the same loader and model:
    called as a module (e.g. backbone, sem_seg_head, criterion; a child's method called directly
    is booked under "forward (outside the children)"), the backward pass and the optimizer step:
    mean seconds per phase;
-3. torch.profiler over the same batches, plain steps: device-kernel time against wall time, and
-   the top operators by host time and by device time.
+3. torch.profiler over the same batches, plain steps: device-kernel time against wall time, the
+   top host operators by host time and the top device kernels and copies by device time.
 Models that draw at random per step (ECO step A's depths) draw anew in each measurement.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterator, List
 
 import torch
 import torch.nn as nn
+from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,13 +53,11 @@ class _Step:
 
     def __init__(self, cfg, model: nn.Module, device: torch.device) -> None:
         self.model, self.device = model, device
-        precision = select_precision(cfg, device.type if device.type == "cuda" else "cpu")
-        self.dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
-        self.precision = precision
+        self.precision = select_precision(cfg, device.type)
+        self.dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(self.precision)
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
         self.optimizer = build_optimizer(cfg, model)
-        clipper = build_gradient_clipper(cfg)
-        self.clip = clipper
+        self.clip = build_gradient_clipper(cfg)
         self.marks: Dict[str, float] = {}
 
     def _mark(self, name: str, start: float) -> float:
@@ -191,15 +190,18 @@ def main(argv: List[str] | None = None) -> int:
         wall = (time.perf_counter() - t) / args.iters
     events = prof.key_averages()
     dev_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    device_us = sum(getattr(e, dev_attr) for e in events) / args.iters
+    # kernels and copies are events of their own on the device; the host operators that launched
+    # them repeat their time as "self device time", so only the device's own events are counted
+    on_device = [e for e in events if e.device_type != DeviceType.CPU]
+    device_us = sum(getattr(e, dev_attr) for e in on_device) / args.iters
     print(f"profiled: {wall * 1e3:.1f} ms/iter wall, device kernels {device_us / 1e3:.1f} ms/iter "
           f"({device_us / 1e6 / wall:.0%} of wall)")
     tables: Dict[str, List[Dict[str, Any]]] = {}
-    for key, label in (("self_cpu_time_total", "host"), (dev_attr, "device")):
-        rows = sorted(events, key=lambda e: -getattr(e, key))[: args.top]
+    for label, key, pool in (("host", "self_cpu_time_total", events), ("device", dev_attr, on_device)):
+        rows = sorted(pool, key=lambda e: -getattr(e, key))[: args.top]
         tables[label] = [{"op": e.key, "calls_per_iter": e.count / args.iters,
                           "ms_per_iter": getattr(e, key) / 1e3 / args.iters} for e in rows]
-        print(f"top operators by {label} time (ms/iter, calls/iter):")
+        print(f"top {'host operators' if label == 'host' else 'device kernels'} by {label} time (ms/iter, calls/iter):")
         for r in tables[label]:
             print(f"  {r['ms_per_iter']:8.2f}  {r['calls_per_iter']:7.1f}  {r['op'][:90]}")
     if args.json:

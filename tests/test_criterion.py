@@ -285,53 +285,51 @@ def test_bad_arguments():
 # num_masks is averaged over processes
 
 
-def _dist_worker(rank: int, world_size: int, init_file: str, results) -> None:
+def _num_masks_job(rank: int):
+    n = 3 if rank == 0 else 0  # 3 masks on rank 0, none on rank 1 -> 1.5 each
+    targets = [{"labels": torch.zeros(n, dtype=torch.int64), "masks": torch.zeros(n, 4, 4)}]
+    return _tiny_criterion().get_num_masks(targets, torch.device("cpu"))
+
+
+def _num_masks_per_group_job(rank: int):
+    # rank 0 decoded exits 2 and 4 (3 + 1 masks at exit 2, 2 at exit 4); rank 1 only exit 6 (4 masks)
+    n = [3, 1, 2] if rank == 0 else [4]
+    groups = [2, 2, 4] if rank == 0 else [6]
+    targets = [{"labels": torch.zeros(k, dtype=torch.int64), "masks": torch.zeros(k, 4, 4)} for k in n]
+    return _tiny_criterion().get_num_masks_per_group(targets, groups, [2, 4, 6], torch.device("cpu")).tolist()
+
+
+def _tiny_criterion() -> SetCriterion:
+    return SetCriterion(2, HungarianMatcher(1.0, 1.0, 1.0, num_points=4), {}, 0.1, num_points=4)
+
+
+def _dist_worker(rank: int, world_size: int, init_file: str, results, job) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        n = 3 if rank == 0 else 0  # 3 masks on rank 0, none on rank 1 -> 1.5 each
-        targets = [{"labels": torch.zeros(n, dtype=torch.int64), "masks": torch.zeros(n, 4, 4)}]
-        crit = SetCriterion(2, HungarianMatcher(1.0, 1.0, 1.0, num_points=4), {}, 0.1, num_points=4)
-        results[rank] = crit.get_num_masks(targets, torch.device("cpu"))
+        results[rank] = job(rank)
     finally:
         dist.destroy_process_group()
+
+
+def _on_two_processes(tmp_path, job) -> dict:
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_dist_worker, args=(2, str(tmp_path / "init"), results, job), nprocs=2, join=True,
+                           start_method="spawn")
+        return dict(results)
 
 
 def test_num_masks_is_averaged_across_processes(tmp_path):
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(_dist_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True,
-                           start_method="spawn")
-        assert dict(results) == {0: 1.5, 1: 1.5}
-
-
-def _dist_groups_worker(rank: int, world_size: int, init_file: str, results) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        # rank 0 decoded exits 2 and 4 (3 + 1 masks at exit 2, 2 at exit 4); rank 1 only exit 6 (4 masks)
-        n = [3, 1, 2] if rank == 0 else [4]
-        groups = [2, 2, 4] if rank == 0 else [6]
-        targets = [{"labels": torch.zeros(k, dtype=torch.int64), "masks": torch.zeros(k, 4, 4)} for k in n]
-        crit = SetCriterion(2, HungarianMatcher(1.0, 1.0, 1.0, num_points=4), {}, 0.1, num_points=4)
-        results[rank] = crit.get_num_masks_per_group(targets, groups, [2, 4, 6], torch.device("cpu")).tolist()
-    finally:
-        dist.destroy_process_group()
+    assert _on_two_processes(tmp_path, _num_masks_job) == {0: 1.5, 1: 1.5}
 
 
 def test_num_masks_per_group_is_one_reduction_when_processes_hold_different_groups(tmp_path):
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(_dist_groups_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True,
-                           start_method="spawn")
-        # per group: masks over both processes / 2, at least 1
-        assert dict(results) == {0: [2.0, 1.0, 2.0], 1: [2.0, 1.0, 2.0]}
+    # per group: masks over both processes / 2, at least 1
+    assert _on_two_processes(tmp_path, _num_masks_per_group_job) == {0: [2.0, 1.0, 2.0], 1: [2.0, 1.0, 2.0]}
 
 
 # ---------------------------------------------------------------------------------------------
