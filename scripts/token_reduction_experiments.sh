@@ -26,10 +26,11 @@
 #   sharing_ft  fine-tune the dense Segmenter with dCTS sharing on (frozen dCTS policy; FT_ITERS,
 #           at most SHARING_FT_SECONDS), then the sharing sweep's settings on those weights
 #   dtop    fine-tune DToP (linear heads after layers 6 and 8, theta FT_THETA) from the dense
-#           model; then its sweep: dense, theta 1.0 (nothing pruned) and every theta of THETAS
+#           model; then its sweep: dense, theta 1.0 (nothing pruned), every theta of THETAS, and
+#           every theta of GRAPHED_THETAS with its decisions captured in the CUDA graphs
 #   step    STEP (dCTS + DToP) on the DToP model's weights (its auxiliary heads; with
 #           STEP_FT_SECONDS > 0 first fine-tuned with sharing on): the sweep of the dCTS
-#           settings x thetas of STEP_SETTINGS
+#           settings x thetas of STEP_THETAS, each also with captured decisions when STEP_GRAPHED=1
 #   maps    token-map pictures of the PAUMER model at tau 0.4 and of the DoViT model at xi FT_XI
 #           (needs eco_m2f.visualization)
 #   report  the tables of every sweep done so far
@@ -37,8 +38,8 @@
 # Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
 # DECISION_LAYERS FT_XI XIS GRAPHED_XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS
-# DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS
-# STEP_FT_SECONDS SHARING_FT_SECONDS HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
+# DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS GRAPHED_THETAS
+# STEP_THETAS STEP_GRAPHED STEP_FT_SECONDS SHARING_FT_SECONDS HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
 # fine-tunings, SOLVER.LR_MULTIPLIERS) WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
 # "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"). A stage that finished is not redone (a trained
 # model is kept, the sweep reuses finished evaluations); a training stopped by its time bound
@@ -257,6 +258,9 @@ dtop)
   finetune "$FT_SECONDS" dtop "$dtop_cfg" "$(dense_weights)" "${dtop[@]}" MODEL.TOKEN_REDUCTION.DTOP.THETA "$FT_THETA"
   settings=(--setting theta1.0 MODEL.TOKEN_REDUCTION.DTOP.THETA 1.0)
   for t in $THETAS; do settings+=(--setting "theta$t" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t"); done
+  for t in ${GRAPHED_THETAS:-}; do
+    settings+=(--setting "theta$t-graphed" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t" MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS True)
+  done
   sweep dtop "$dtop_cfg" "DToP pruning after layers $DTOP_LAYERS (trained at theta $FT_THETA), ${SIZE}x${SIZE}" "${settings[@]}"
   ;;
 step)
@@ -270,7 +274,12 @@ step)
   settings=()
   for d in "${step_dcts[@]}"; do
     read -r -a kv <<< "$d"
-    for t in $STEP_THETAS; do settings+=(--setting "${kv[0]}-theta$t" "${kv[@]:1}" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t"); done
+    for t in $STEP_THETAS; do
+      settings+=(--setting "${kv[0]}-theta$t" "${kv[@]:1}" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t")
+      if [ "${STEP_GRAPHED:-0}" = 1 ]; then
+        settings+=(--setting "${kv[0]}-theta$t-graphed" "${kv[@]:1}" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t" MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS True)
+      fi
+    done
   done
   SWEEP_WEIGHTS="$weights" sweep step "$step_cfg" "STEP (dCTS, then DToP after layers $DTOP_LAYERS) on $(basename "$(dirname "$weights")")'s weights, ${SIZE}x${SIZE}" "${settings[@]}"
   ;;

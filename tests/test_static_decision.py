@@ -1,6 +1,7 @@
 """Decisions captured after the blocks (token_reduction/static_decision.py), run eagerly on CPU
-on bucketed rows exactly as a CUDA graph runs them: the removal equals TokenSet.keep, and DoViT
-with graph decisions equals DoViT without them (a GPU test replays the real graphs)."""
+on bucketed rows exactly as a CUDA graph runs them: the removal equals TokenSet.keep, and DoViT,
+DToP and STEP with graph decisions equal themselves without them (a GPU test replays the real
+graphs)."""
 from __future__ import annotations
 
 import sys
@@ -11,13 +12,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from token_reducers import images, tiny_segmenter  # noqa: E402
+from token_reducers import LINEAR, SETR, images, tiny_segmenter  # noqa: E402
 from eco_m2f.modeling.token_reduction import TokenSet  # noqa: E402
 from eco_m2f.modeling.token_reduction.blocks import run_blocks  # noqa: E402
 from eco_m2f.modeling.token_reduction.encoder_loop import ReductionLoop  # noqa: E402
 from eco_m2f.modeling.token_reduction.packing import StaticLayout  # noqa: E402
 from eco_m2f.modeling.token_reduction.static_decision import finish_keep, row_images, static_keep  # noqa: E402
 
+ATM = ["MODEL.SEM_SEG_HEAD.NAME", "ATMHead", "MODEL.SEM_SEG_HEAD.ATM.HIDDEN_DIM", "16", "MODEL.SEM_SEG_HEAD.ATM.NUM_HEADS", "2",
+       "MODEL.SEM_SEG_HEAD.ATM.NUM_LAYERS", "1", "MODEL.SEM_SEG_HEAD.ATM.DROPOUT", "0.0", "MODEL.VIT.OUT_INDICES", "[0, 2]"]
+DTOP = ["MODEL.TOKEN_REDUCTION.NAME", "DTOP", "MODEL.TOKEN_REDUCTION.DTOP.PRUNE_LAYERS", "[1, 2]",
+        "MODEL.TOKEN_REDUCTION.DTOP.THETA", "0.6", "MODEL.TOKEN_REDUCTION.DTOP.TOP_K_PER_CLASS", "1"]
+STEP = ["MODEL.TOKEN_REDUCTION.NAME", "STEP", "MODEL.POLICY.WINDOW_SIZES", "[2, 4]", "MODEL.TOKEN_REDUCTION.DCTS.WINDOW_SIZES", "[2, 4]",
+        "MODEL.TOKEN_REDUCTION.DCTS.SETTING", "", "MODEL.TOKEN_REDUCTION.DCTS.THRESHOLDS", "[0.5, 0.55]", *DTOP[2:]]
 DOVIT = ["MODEL.TOKEN_REDUCTION.NAME", "DoViT", "MODEL.TOKEN_REDUCTION.DOVIT.DECISION_LAYERS", "[1, 2]",
          "MODEL.TOKEN_REDUCTION.DOVIT.AUX_HIDDEN", "8", "MODEL.TOKEN_REDUCTION.DOVIT.DISTILL_WEIGHT", "0.0"]
 
@@ -135,6 +142,70 @@ def test_dovit_with_graph_decisions_equals_dovit(monkeypatch, merge):
     torch.testing.assert_close(graphed.features.prefix, eager.features.prefix, rtol=1e-5, atol=1e-5)
 
 
+def _eager_and_graphed(model, x, monkeypatch):
+    """The pass with eager decisions, then with every decision on the captured path (the rows
+    in a bucketed buffer, as a graph holds them); and the layers that took that path."""
+    _, eager = model.reduced_network(x, record_maps=True)
+    loop, calls = model._reduction, []
+    monkeypatch.setattr(ReductionLoop, "_graphed", lambda self, start, stop, tokens: _EagerGraph(self.backbone.blocks[start:stop], calls))
+    loop.cuda_graphs = loop.graph_decisions = True
+    _, graphed = model.reduced_network(x, record_maps=True)
+    monkeypatch.undo()
+    loop.cuda_graphs = loop.graph_decisions = False
+    return eager, graphed, [key[1] for key in calls]
+
+
+@pytest.mark.parametrize("name,opts", [("DTOP", []), ("DTOP", LINEAR), ("DTOP", SETR), ("DTOP", ATM), ("STEP", [])])
+def test_dtop_and_step_with_graph_decisions_equal_their_eager_decisions(monkeypatch, name, opts):
+    """Images that prune different numbers of tokens (and, in STEP, share different windows),
+    the top-k-per-class exception on: the same records, token maps, finalised values and scores."""
+    model = tiny_segmenter(*(DTOP if name == "DTOP" else STEP), *opts, seed=1)
+    with torch.no_grad():
+        for head in model.token_reducer.heads.values():  # confident heads
+            head[1].weight.mul_(20.0)
+        x = torch.cat([images((64, 80), seed=s) for s in (3, 4, 5)])
+        eager, graphed, layers = _eager_and_graphed(model, x, monkeypatch)
+        want = model.head_outputs(model.sem_seg_head, eager.features, eager)
+        got = model.head_outputs(model.sem_seg_head, graphed.features, graphed)
+        records = model.cost_records(eager, (64, 80))
+    assert layers == [0, 1]
+    pruned = [r["pruned"] for r in records]
+    assert len({tuple(p) for p in pruned}) > 1 and all(sum(p) for p in pruned)
+    assert model.cost_records(graphed, (64, 80)) == records
+    assert graphed.tokens.layout.lengths == eager.tokens.layout.lengths
+    for key, value in eager.state.token_maps.items():
+        assert torch.equal(graphed.state.token_maps[key], value), key
+    for kind in eager.tokens.finals:
+        torch.testing.assert_close(graphed.tokens.overlay_final(torch.zeros(3, 20, want_width(eager, kind)), kind),
+                                   eager.tokens.overlay_final(torch.zeros(3, 20, want_width(eager, kind)), kind), rtol=1e-5, atol=1e-5)
+    assert set(graphed.tokens.finals) == set(eager.tokens.finals)
+    for key in ("pred_tokens", "pred_maps", "pred_masks", "final_scores"):
+        if key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+
+
+def want_width(done, kind: str) -> int:
+    return done.tokens.finals[kind].chunks[0].shape[1]
+
+
+def test_the_benchmark_scales_each_methods_classifiers_and_refuses_other_methods(capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_graph_decisions.py"
+    spec = importlib.util.spec_from_file_location("benchmark_graph_decisions", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    dovit, dtop = tiny_segmenter(*DOVIT).token_reducer, tiny_segmenter(*DTOP).token_reducer
+    assert bench._classifiers(dovit) == [h.cls for h in dovit.aux_heads]
+    assert bench._classifiers(dtop) == [h[1] for h in dtop.heads.values()] and len(dtop.heads) == 2
+    atm_aux = ["MODEL.TOKEN_REDUCTION.DTOP.AUX_HEAD", "atm", "MODEL.SEM_SEG_HEAD.ATM.NUM_LAYERS", "1"]
+    with pytest.raises(SystemExit, match="linear auxiliary heads"):
+        bench._classifiers(tiny_segmenter(*DTOP, *atm_aux).token_reducer)
+    with pytest.raises(SystemExit):
+        bench.main(["--config-file", str(path.parents[1] / "configs/synthetic/paumer_tiny_cpu.yaml")])
+    assert "MODEL.TOKEN_REDUCTION.NAME is 'PAUMER'" in capsys.readouterr().err
+
+
 def test_no_static_decision_in_training_or_at_xi_one():
     model = tiny_segmenter(*DOVIT, "MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD", "1.0", seed=3)
     reducer = model.token_reducer
@@ -149,14 +220,22 @@ def test_no_static_decision_in_training_or_at_xi_one():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_captured_decisions_on_cuda_equal_the_eager_ones():
-    """DoViT in bf16 on CUDA: decisions captured in the blocks' graphs give the stops, tokens and
-    logits of the eager decisions (the heads made confident, so no confidence sits at xi)."""
-    model = tiny_segmenter(*DOVIT, "MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD", "0.5", seed=3).cuda().eval()
+@pytest.mark.parametrize("name", ["DoViT", "DTOP", "STEP"])
+def test_captured_decisions_on_cuda_equal_the_eager_ones(name):
+    """bf16 on CUDA: decisions captured in the blocks' graphs give the removals, tokens and
+    logits of the eager decisions (the heads made confident, so that few confidences sit at the
+    threshold)."""
+    if name == "DoViT":
+        model, record = tiny_segmenter(*DOVIT, "MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD", "0.5", seed=3), "stopped"
+        heads, size = [h.cls for h in model.token_reducer.aux_heads], (64, 64)
+    else:
+        model, record = tiny_segmenter(*(DTOP if name == "DTOP" else STEP), seed=1), "pruned"
+        heads, size = [h[1] for h in model.token_reducer.heads.values()], (64, 80)
     with torch.no_grad():
-        for head in model.token_reducer.aux_heads:
-            head.cls.weight.mul_(100.0)
-    x = images((64, 64), (64, 64), (64, 64), seed=4).cuda()
+        for layer in heads:
+            layer.weight.mul_(100.0 if name == "DoViT" else 20.0)
+    model = model.cuda().eval()
+    x = torch.cat([images(size, seed=s) for s in (3, 4, 5)]).cuda()
     results = []
     for graph_decisions in (False, True):
         model._reduction.graph_decisions = graph_decisions
@@ -164,7 +243,8 @@ def test_captured_decisions_on_cuda_equal_the_eager_ones():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             for _ in range(3):  # capture, then replays
                 logits, reduced = model.reduced_network(x)
-            results.append((logits.float(), reduced.tokens.layout.lengths, model.cost_records(reduced, (64, 64))))
+            results.append((logits.float(), reduced.tokens.layout.lengths, model.cost_records(reduced, size)))
     (a, la, ra), (b, lb, rb) = results
-    assert la == lb and [r["stopped"] for r in ra] == [r["stopped"] for r in rb]
+    assert any(sum(r[record]) for r in ra)
+    assert la == lb and [r[record] for r in ra] == [r[record] for r in rb]
     torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)

@@ -18,7 +18,7 @@ itself, the counterpart of :meth:`TokenSet.keep` on bucketed rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, Optional, Union
+from typing import Callable, Dict, Hashable, Mapping, Optional, Union
 
 import torch
 
@@ -62,14 +62,17 @@ def row_images(rows: int, layout: Layout, batch: int) -> torch.Tensor:
 
 def static_keep(
     rows: torch.Tensor, layout: Layout, owner: torch.Tensor, num_prefix: int, leave: torch.Tensor,
+    permute: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Dict[str, torch.Tensor]:
     """The removal of :meth:`TokenSet.keep` on bucketed rows, every size fixed by the input.
 
     ``rows`` (R, C) packed tokens (images by ``layout``, padding past them), ``owner`` (B, G)
     each cell's patch row as in :class:`TokenSet`, ``leave`` (R,) bool the patch rows that leave
-    (False on prefix and padding rows). Returns:
+    (False on prefix and padding rows); ``permute``: name -> (R, D) per-row values that move with
+    the rows (e.g. the logits a leaving token is finalised with). Returns:
 
     * ``x`` (R, C): the staying rows in order, then the leaving ones in order, then the padding;
+      every tensor of ``permute`` in the same order, under its name;
     * ``kept`` (B,) long: rows each image keeps, prefix included (the new lengths);
     * ``owner`` (B, G): each cell's new patch row, -1 where it left or was not live;
     * ``cell_rank`` (B, G): a leaving cell's row among the leaving rows; ``newly_final`` (B, G).
@@ -90,15 +93,17 @@ def static_keep(
     leave_rank = torch.cumsum(leave, 0) - 1  # (R,) a leaving row's rank among the leaving rows
     newly_final = owned & leave.index_select(0, cell_row.view(-1)).view_as(owner)
     cell_rank = torch.where(newly_final, leave_rank.index_select(0, cell_row.view(-1)).view_as(owner), -1)
-    return {"x": rows.index_select(0, order), "kept": kept, "owner": new_owner, "cell_rank": cell_rank,
-            "newly_final": newly_final}
+    out = {name: values.index_select(0, order) for name, values in (permute or {}).items()}
+    out.update(x=rows.index_select(0, order), kept=kept, owner=new_owner, cell_rank=cell_rank, newly_final=newly_final)
+    return out
 
 
 def finish_keep(tokens: TokenSet, outputs: Dict[str, torch.Tensor], save_features: bool,
-                kept: Optional[HostCopy] = None) -> TokenSet:
+                kept: Optional[HostCopy] = None, save_logits: bool = False) -> TokenSet:
     """The token set after :func:`static_keep`'s removal (host side): one wait for the counts,
     then slices of the graph's rows. What outlives the graph's next replay is copied: the
-    staying rows, the owners and the leaving rows' features (``save_features``)."""
+    staying rows, the owners and the leaving rows' features (``save_features``) and their
+    ``outputs["logits"]`` rows (``save_logits``: permuted with the rows by ``static_keep``)."""
     counts = (kept or HostCopy(outputs["kept"])).wait()
     old, p = tokens.layout, tokens.num_prefix
     new = PackedLayout([int(n) for n in counts], p, old.device)
@@ -107,4 +112,7 @@ def finish_keep(tokens: TokenSet, outputs: Dict[str, torch.Tensor], save_feature
     if save_features and new.num_patches < old.num_patches:
         store = finals.get("features") or FinalStore.empty(tokens.batch_size, tokens.num_cells, x.device)
         finals["features"] = store.add(x[new.total: old.total].clone(), outputs["cell_rank"], outputs["newly_final"])
+    if save_logits and new.num_patches < old.num_patches:
+        store = finals.get("logits") or FinalStore.empty(tokens.batch_size, tokens.num_cells, x.device)
+        finals["logits"] = store.add(outputs["logits"][new.total: old.total].clone(), outputs["cell_rank"], outputs["newly_final"])
     return TokenSet(x[: new.total].clone(), new, tokens.grid, outputs["owner"].clone(), finals, tokens.history)

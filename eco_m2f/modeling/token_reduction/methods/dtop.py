@@ -36,12 +36,16 @@ Training (step 2, fine-tuning a dense model): each auxiliary head's loss on the 
 its layer, weight ``AUX_LOSS_WEIGHT``; with ``PRUNE_IN_TRAINING`` tokens are pruned as in
 inference and their auxiliary predictions stand in the map the main loss sees (gradients reach
 the auxiliary heads through them). theta >= 1 prunes nothing and runs no head in inference:
-the dense Segmenter, exactly. Cost records: ``pruned`` (tokens pruned at each prune layer);
+the dense Segmenter, exactly. With ``MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS`` a decision of the
+linear heads is captured in the CUDA graph of the blocks before it (:meth:`DTOP.static_decision`:
+the head, the ranking, the removal and the finalised values on the graph's rows; only the
+kept counts wait for the host); ATM auxiliary heads, which attend over each image's tokens,
+decide eagerly. Cost records: ``pruned`` (tokens pruned at each prune layer);
 token map ``"pruned at layer"``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,7 +53,9 @@ from timm.layers import trunc_normal_
 
 from ...heads.vit_decode_head import tokens_to_map
 from ..flops import token_wise_flops
+from ..packing import HostCopy
 from ..plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenReducer, overlay_final_logits, paper_layers
+from ..static_decision import StaticDecision, finish_keep, row_images, static_keep
 from ..token_set import TokenSet
 from ..token_targets import cell_class_counts, live_token_cross_entropy
 
@@ -205,6 +211,50 @@ class DTOP(TokenReducer):
             maps = state.token_maps[PRUNED_MAP]
             state.token_maps[PRUNED_MAP] = torch.where(before & ~kept.live_cells(), prune_layer, maps)
         return kept
+
+    def static_decision(self, layer: int, tokens: TokenSet, state: ReductionState) -> Optional[StaticDecision]:
+        """:meth:`reduce` in inference with linear heads, for capture after the blocks (see
+        :mod:`..static_decision`): the head on every row of the graph, the confidence, the
+        per-class ranking of each image's patch rows (prefix and padding rows form a group of
+        their own, so that they take no top-k place), the removal and the finalised values."""
+        if state.training or self.theta >= 1.0 or self.aux_head != "linear" or tokens.layout.num_patches == 0:
+            return None
+        index = self.decision_layers.index(layer)
+        prune_layer = self.prune_layers[index]
+        head, theta, top_k, k, p = self.heads[f"layer{prune_layer}"], self.theta, self.top_k, self.num_classes, tokens.num_prefix
+        save_features = self.output_kind == "dense"
+        logit_space = self.logit_space
+        live = list(tokens.live_counts)
+
+        def compute(rows: torch.Tensor, layout, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            owner = inputs["owner"]
+            b = owner.shape[0]
+            image = row_images(rows.shape[0], layout, b)  # (R,), b on padding rows
+            offsets = layout.offsets(torch.int32)[: b + 1].long()
+            position = torch.arange(rows.shape[0], device=rows.device) - offsets.index_select(0, image)
+            patch = (image < b) & (position >= p)
+            scores = head(rows)  # (R, K): prefix and padding rows are cut by `patch`
+            probs = scores.float().softmax(-1)
+            confidence, label = probs.max(dim=-1)
+            prune = patch & prune_mask(confidence, label, torch.where(patch, image, b), k, theta, top_k)
+            final = scores if logit_space else probs  # what a finalised token leaves (_final_values)
+            return static_keep(rows, layout, owner, p, prune, permute={"logits": final})
+
+        def finish(after: TokenSet, outputs: Dict[str, torch.Tensor]) -> TokenSet:
+            kept_counts = HostCopy(outputs["kept"])  # queued first; the host work below overlaps it
+            state.add_flops("token_reducer", [token_wise_flops(head) * n for n in live])
+            kept = finish_keep(after, outputs, save_features=save_features, kept=kept_counts, save_logits=True)
+            pruned = [n - m for n, m in zip(live, kept.live_counts)]
+            for record, n in zip(state.cost, pruned):
+                record["pruned"][index] = n
+            if not any(pruned):
+                return after
+            if state.record_maps:
+                maps = state.token_maps[PRUNED_MAP]
+                state.token_maps[PRUNED_MAP] = torch.where(after.live_cells() & ~kept.live_cells(), prune_layer, maps)
+            return kept
+
+        return StaticDecision(("dtop", layer, theta, top_k, logit_space, save_features), {"owner": tokens.owner}, compute, finish)
 
     # ------------------------------------------------------------------ training
     def _aux_loss(self, head: nn.Module, scores: torch.Tensor, raw: Dict[str, Any], tokens: TokenSet, state: ReductionState) -> torch.Tensor:
