@@ -12,7 +12,8 @@
 #          of the parent, step A with WSD (alpha linear) and USD (alpha uniform) and their fixed
 #          exits, step B on WSD, best exit by image complexity, the beta sweep (BETAS, at least five
 #          for the trend), K_user 5 and 4 and the three other gate losses at TREND_BETA, and the
-#          gated model's wall time at batch 8 and 1 beside fixed exits 2 and 6 (real images, bf16)
+#          gated model's wall time at batch 8 and 1 beside fixed exits 2 and 6 (real images, bf16);
+#          then all of it as tables (scripts/trends_report.py: trends_report.{md,json,png})
 #   all    bench, m2f and eco in turn
 # Usage: scripts/synthetic_experiments.sh STAGE [OUT_DIR]
 # Sizes come from the environment: NTRAIN NVAL SIZE PRESET GEN_WORKERS (processes drawing the data) ITERS STEPA_ITERS BETAS TREND_BETA CKPT
@@ -204,6 +205,8 @@ trends)
   else
     stamp "no gate config $gate_cfg: TREND_BETA must be one of BETAS ($BETAS)"
   fi
+  stamp "the tables: $out/trends_report.md"
+  "$py" scripts/trends_report.py "$out" --trend-beta "$TREND_BETA"
   stamp "done"
   ;;
 *)

@@ -47,6 +47,11 @@ def test_the_trends_stage_writes_every_table_and_resumes(tmp_path):
     for e in ("gated", "2", "6"):
         timings = json.loads((out / f"wall_time_{e}.json").read_text())
         assert [t["batch"] for t in timings] == [2, 1] and all(t["images_per_s"] > 0 for t in timings)
+    report = (out / "trends_report.md").read_text()  # the stage ends with the tables of all of it
+    for heading in ("Table 5: PQ at", "Step B: best exit of the 10 training images", "Fig. 5 / Table 3", "Table 4: K_user at beta 0.001",
+                    "Table T2: gate losses at beta 0.001", "Wall time"):
+        assert heading in report, heading
+    assert "| K_user 4 |" in report and "| soft-CE |" in report and (out / "trends_report.png").is_file()
 
     again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=800)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
