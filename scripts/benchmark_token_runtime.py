@@ -84,7 +84,7 @@ def _uniform_key(opts: tr.InferenceOptions):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_stack_arguments(p, budget=0.25)
-    p.add_argument("--eager", nargs="+", default=None, help="eager attention implementations (default: flash varlen padded on CUDA; padded jagged flex on CPU)")
+    p.add_argument("--eager", nargs="+", default=None, help="eager attention implementations (default: flash varlen triton padded on CUDA; padded jagged flex on CPU)")
     p.add_argument("--configs", nargs="+", default=None, help=f"graph configurations (default: all of {list(GRAPH_CONFIGS)})")
     p.add_argument("--no-compile", action="store_true", help="leave out the compiled configurations and baseline")
     p.add_argument("--patterns", nargs="+", default=None, help="subset of the named keep patterns")
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     unknown += [name for name in args.configs or [] if name not in GRAPH_CONFIGS]
     if unknown:
         p.error(f"unknown patterns or configurations {unknown}; patterns: {list(patterns)}; configurations: {list(GRAPH_CONFIGS)}")
-    wanted = args.eager or (["flash", "varlen", "padded"] if cuda else ["padded", "jagged", "flex"])
+    wanted = args.eager or (["flash", "varlen", "triton", "padded"] if cuda else ["padded", "jagged", "flex"])
 
     n, b = args.tokens, args.batch
     grid = (1, n)  # the runtime never looks at the grid's shape, only at its cell count

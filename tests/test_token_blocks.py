@@ -164,9 +164,9 @@ def test_bad_blocks_and_attention_names_fail_clearly():
 # image's kept tokens; on CPU the same check runs in float32 with float32's tolerance.
 PRECISION_CASES = [pytest.param("cpu", torch.float32, impl, id=f"cpu-float32-{impl}") for impl in CPU_IMPLS] + [
     pytest.param("cuda", torch.bfloat16, impl, marks=pytest.mark.gpu, id=f"cuda-bfloat16-{impl}")
-    for impl in ("padded", "jagged", "flash", "varlen", "flex")
+    for impl in ("padded", "jagged", "flash", "varlen", "flex", "triton")
 ]
-DIFFERENTIABLE = ("padded", "jagged", "flash")  # the training backends (flex: no CPU backward; varlen: no dropout)
+DIFFERENTIABLE = ("padded", "jagged", "flash")  # the training backends (flex: no CPU backward; varlen: no dropout; triton: inference)
 
 
 @pytest.mark.parametrize("device, dtype, impl", PRECISION_CASES)

@@ -57,7 +57,7 @@ def _check_replays(attention: str, device: str, dtype: torch.dtype, tolerance: f
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention", ["flash", "varlen"])
+@pytest.mark.parametrize("attention", ["flash", "varlen", "triton"])
 def test_graph_replays_equal_each_image_alone_for_different_lengths(attention):
     graphed = _check_replays(attention, "cuda", torch.bfloat16, BF16_TOLERANCE)
     assert len(graphed) == 2  # the first two batches share a bucket of 128 rows

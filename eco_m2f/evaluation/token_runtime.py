@@ -56,6 +56,7 @@ GRAPH_CONFIGS: Dict[str, InferenceOptions] = {
     "flash-exact": InferenceOptions(attention="flash", row_bucket=1, len_bucket=1, compile=False),
     "flash-64-compiled": InferenceOptions(attention="flash", row_bucket=64, compile=True),
     "flash-64-compiled-nocopy": InferenceOptions(attention="flash", row_bucket=64, compile=True, copy_output=False),
+    "triton-64-compiled": InferenceOptions(attention="triton", row_bucket=64, compile=True),
 }
 
 
@@ -272,6 +273,7 @@ def attention_alone(lengths: Sequence[int], heads: int, head_dim: int, full_len:
         cases[f"flash varlen, max {label} ({max_len})"] = lambda layout=layout: packed_attention(q, k, v, layout, "flash", 0.0, scale)
     exact = StaticLayout(offsets, longest)
     cases["varlen_attn (torch.nn.attention.varlen)"] = lambda: packed_attention(q, k, v, exact, "varlen", 0.0, scale)
+    cases.update(_triton_cases(q, k, v, offsets, longest, scale))
     flops = 4 * heads * head_dim * sum(n * n for n in lengths)
     rows = []
     with torch.inference_mode():
@@ -283,6 +285,29 @@ def attention_alone(lengths: Sequence[int], heads: int, head_dim: int, full_len:
             except Exception as exc:  # a backend this torch lacks must not hide the others
                 rows.append({"case": case, "failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"})
     return rows
+
+
+#: tile settings of the project's Triton kernel that the attention profile times
+TRITON_CONFIGS = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4))
+
+
+def _triton_cases(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int,
+                  scale: float) -> Dict[str, Callable[[], torch.Tensor]]:
+    """The Triton kernel at each of :data:`TRITON_CONFIGS`, the longest length rounded to 128;
+    none where triton is not installed or the tensors are on the CPU without its interpreter."""
+    try:
+        from eco_m2f.modeling.token_reduction.triton_attention import TritonAttentionConfig, interpreted, varlen_attention_triton
+    except ImportError:
+        return {}
+    if not (q.is_cuda or interpreted()):
+        return {}
+    max_len = -(-longest // 128) * 128
+    cases = {}
+    for m, n, warps, stages in TRITON_CONFIGS:
+        config = TritonAttentionConfig(m, n, warps, stages)
+        cases[f"triton varlen {config.label()}, max len/128 ({max_len})"] = (
+            lambda config=config: varlen_attention_triton(q, k, v, offsets, max_len, scale, config))
+    return cases
 
 
 def token_wise_alone(block: nn.Module, rows: Sequence[int], budget_s: float = 0.05) -> Dict[int, Dict[str, float]]:

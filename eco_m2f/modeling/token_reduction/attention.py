@@ -15,7 +15,10 @@ the tokens of its own image only. They differ in how the ragged batch meets the 
   (CUDA, fp16/bf16, no attention dropout, torch >= 2.10; with torch 2.11 on an H200 it ran the
   flash kernel, later torch sends images over 128 tokens to cuDNN on Hopper and Blackwell);
 * ``flex``: FlexAttention on the whole packed sequence with a per-image block mask, built once
-  per layout and compiled on CUDA (no attention dropout; forward only on CPU).
+  per layout and compiled on CUDA (no attention dropout; forward only on CPU);
+* ``triton``: the project's own ragged kernel (:mod:`.triton_attention`), written so that
+  Triton compiles it to Hopper's matrix instructions (CUDA fp16/bf16, or CPU under Triton's
+  interpreter; inference only: no backward, no attention dropout).
 
 cuDNN's ragged attention is not offered: with torch 2.11 on an H200 its capture into a CUDA
 graph fails and leaves the process's CUDA context broken (``results/token_runtime_h200/NOTES.md``).
@@ -46,9 +49,9 @@ __all__ = [
 ]
 
 #: Names accepted wherever an attention implementation is chosen.
-ATTENTION_IMPLS = ("auto", "padded", "jagged", "flash", "varlen", "flex")
+ATTENTION_IMPLS = ("auto", "padded", "jagged", "flash", "varlen", "flex", "triton")
 #: Backends that read the image offsets from a device tensor (so a CUDA graph can replay them).
-DEVICE_OFFSET_IMPLS = ("flash", "varlen")
+DEVICE_OFFSET_IMPLS = ("flash", "varlen", "triton")
 #: The ``auto`` choice on CUDA; fallbacks follow in order where it does not apply.
 DEFAULT_CUDA_ATTENTION = "flash"
 _CUDA_FALLBACKS = ("jagged", "padded")
@@ -165,7 +168,23 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayou
     return out[0].transpose(0, 1)  # (T, H, D)
 
 
-_BACKENDS: Dict[str, AttentionFn] = {"padded": _padded, "jagged": _jagged, "flash": _flash, "varlen": _varlen, "flex": _flex}
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    from . import triton_attention
+
+    return triton_attention
+
+
+def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, dropout_p: float, scale: float) -> torch.Tensor:
+    if dropout_p > 0:
+        raise ValueError("attention 'triton' has no attention dropout; use 'flash', 'jagged' or 'padded' when training with attn_drop > 0")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("attention 'triton' is inference only (no backward); train with 'flash', 'jagged' or 'padded'")
+    return _triton_module().varlen_attention_triton(q, k, v, layout.offsets(torch.int32), layout.max_len, scale)
+
+
+_BACKENDS: Dict[str, AttentionFn] = {"padded": _padded, "jagged": _jagged, "flash": _flash, "varlen": _varlen, "flex": _flex,
+                                     "triton": _triton}
 
 
 # ---------------------------------------------------------------------- choice
@@ -173,6 +192,13 @@ def attention_unavailable(impl: str, device: torch.device, dtype: torch.dtype, d
     """Why ``impl`` cannot run tensors of ``device`` / ``dtype`` (empty string when it can)."""
     if impl not in _BACKENDS:
         return f"unknown attention implementation '{impl}'; known: {list(ATTENTION_IMPLS)}"
+    if impl == "triton":
+        try:
+            module = _triton_module()
+        except ImportError as e:
+            return f"'triton' needs the triton package ({e})"
+        if module.interpreted():
+            return "" if dtype.is_floating_point and not dropout else f"'triton' runs float tensors without attention dropout, got {dtype}"
     if impl in DEVICE_OFFSET_IMPLS and (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
         return f"'{impl}' needs CUDA fp16/bf16 tensors, got {device.type} {dtype}"
     if impl == "varlen":
@@ -185,7 +211,7 @@ def attention_unavailable(impl: str, device: torch.device, dtype: torch.dtype, d
             _flex_fn(device.type)
         except ImportError:
             return f"'flex' needs torch.nn.attention.flex_attention (torch >= 2.5), this is torch {torch.__version__}"
-    if impl in ("varlen", "flex") and dropout:
+    if impl in ("varlen", "flex", "triton") and dropout:
         return f"'{impl}' has no attention dropout"
     return ""
 

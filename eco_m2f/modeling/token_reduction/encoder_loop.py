@@ -29,7 +29,7 @@ __all__ = ["ReducedPass", "ReductionLoop", "grid_outputs", "overlay_final_logits
 
 #: Name of the framework's own token map: how many blocks each cell's token went through.
 BLOCKS_MAP = "blocks"
-_GRAPH_ATTENTION = ("auto", "flash", "varlen")  # the kernels a captured graph can replay
+_GRAPH_ATTENTION = ("auto", "flash", "varlen", "triton")  # the kernels a captured graph can replay
 
 
 @dataclass

@@ -21,7 +21,8 @@ class InferenceOptions:
 
     Attributes:
         attention: ragged attention inside the graphs, one that reads the image offsets from the
-            device: ``flash`` (flash varlen) or ``varlen`` (``torch.nn.attention.varlen``).
+            device: ``flash`` (flash varlen), ``varlen`` (``torch.nn.attention.varlen``) or ``triton``
+            (:mod:`.triton_attention`).
         row_bucket: packed row counts are rounded up to a multiple of this (1: exact rows, one
             graph per total). Padding rows cost what real rows cost in every token-wise layer;
             a smaller bucket wastes less and captures more graphs.

@@ -1,0 +1,104 @@
+"""The runtime's own ragged attention kernel (token_reduction/triton_attention.py).
+
+On CPU the kernel runs under Triton's interpreter in a subprocess (TRITON_INTERPRET must be set
+before triton is imported): against softmax attention on each image alone, for images longer
+than a query block, an image without patch tokens, a grid sized past the longest image (as a
+bucketed CUDA graph runs it) and a padding image after the last, on strided views of one qkv
+projection, in float32 and bfloat16; and inside the blocks against the padded backend. The
+GPU tests of test_token_blocks.py and test_token_graphs.py run it eagerly and in graphs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from eco_m2f.modeling.token_reduction import resolve_attention
+from eco_m2f.modeling.token_reduction.options import InferenceOptions
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+_INTERPRETED_CHECK = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, "tests")
+    from eco_m2f.modeling.token_reduction import TokenSet, packed_attention, resolve_attention, run_blocks
+    from eco_m2f.modeling.token_reduction.packing import StaticLayout
+    from eco_m2f.modeling.token_reduction.triton_attention import TritonAttentionConfig, varlen_attention_triton
+    from vit_blocks_reference import tiny_blocks
+
+    torch.manual_seed(0)
+    lengths = [1, 37, 70, 5]  # block_m 32: image 2 spans three query blocks, image 0 holds its class token only
+    heads, dim = 3, 24
+    qkv = torch.randn(sum(lengths), 3, heads, dim)
+    q, k, v = qkv.unbind(1)  # views, row stride 3 * H * D
+    scale = dim ** -0.5
+    def reference(q, k, v, lengths):
+        out, s = [], 0
+        for n in lengths:
+            qq, kk, vv = (t[s:s + n].float().transpose(0, 1) for t in (q, k, v))
+            out.append(F.scaled_dot_product_attention(qq, kk, vv, scale=scale).transpose(0, 1))
+            s += n
+        return torch.cat(out)
+    ref = reference(q, k, v, lengths)
+    offsets = torch.tensor([0, 1, 38, 108, 113], dtype=torch.int32)
+    config = TritonAttentionConfig(block_m=32, block_n=16)
+    result = {"resolved": resolve_attention("triton", "cpu", torch.float32)}
+    out = varlen_attention_triton(q, k, v, offsets, 70, scale, config)
+    result["exact"] = (out - ref).abs().max().item()
+    result["dtype"] = str(out.dtype)
+    # a bucketed graph: the grid sized for 128 rows, 15 padding rows after the last image
+    padded_qkv = torch.cat([qkv, torch.full((15, 3, heads, dim), 7.0)])
+    pq, pk, pv = padded_qkv.unbind(1)
+    bucket = StaticLayout(torch.tensor([0, 1, 38, 108, 113, 128], dtype=torch.int32), 128)
+    got = packed_attention(pq, pk, pv, bucket, "triton", 0.0, scale)
+    result["bucketed"] = (got[:113] - ref).abs().max().item()
+    result["padding_finite"] = bool(torch.isfinite(got[113:]).all())
+    bq, bk, bv = (t.bfloat16() for t in (q, k, v))
+    result["bf16"] = (varlen_attention_triton(bq, bk, bv, offsets, 70, scale, config).float() - reference(bq, bk, bv, lengths)).abs().max().item()
+    result["bf16_scale"] = ref.abs().max().item()
+    # the blocks on a reduced token set, against the padded backend
+    blocks = tiny_blocks(depth=2, dim=48, heads=3, sharpness=3.0).eval()
+    tokens = torch.randn(3, 1 + 12, 48)
+    ts = TokenSet.from_dense(tokens, (3, 4)).keep_topk(torch.rand(36), [12, 4, 0])
+    with torch.no_grad():
+        a = run_blocks(blocks, ts, "padded").x
+        b = run_blocks(blocks, ts, "triton").x
+    result["blocks"] = (a - b).abs().max().item()
+    try:
+        x = tokens.clone().requires_grad_()
+        run_blocks(blocks, TokenSet.from_dense(x, (3, 4)).keep_topk(torch.rand(36), [12, 4, 0]), "triton")
+        result["grad_error"] = ""
+    except ValueError as e:
+        result["grad_error"] = str(e)
+    print("RESULT " + json.dumps(result))
+    """
+)
+
+
+def test_kernel_matches_softmax_attention_per_image_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert r["resolved"] == "triton" and r["dtype"] == "torch.float32"
+    assert r["exact"] < 1e-5 and r["bucketed"] < 1e-5 and r["padding_finite"]
+    assert r["bf16_scale"] > 0.5 and r["bf16"] < 0.05  # bf16 inputs and output, float32 softmax
+    assert r["blocks"] < 1e-5
+    assert "inference only" in r["grad_error"]
+
+
+def test_triton_attention_is_refused_where_it_cannot_run():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("under the interpreter the kernel runs on CPU")
+    with pytest.raises(ValueError, match="'triton' needs CUDA fp16/bf16"):
+        resolve_attention("triton", "cpu", torch.float32)
+    assert InferenceOptions(attention="triton").attention == "triton"  # graphs can replay it
