@@ -96,6 +96,41 @@ def test_kernel_matches_softmax_attention_per_image_under_interpreter():
     assert "inference only" in r["grad_error"]
 
 
+def _compile_for_hopper(dtype: str, config):
+    """The kernel compiled ahead of time for sm_90 (no GPU needed: Triton ships ptxas)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from eco_m2f.modeling.token_reduction.triton_attention import _varlen_attention_fwd as kernel
+
+    names = kernel.arg_names
+    signature = {n: ("*i32" if n == "offsets_ptr" else f"*{dtype}") if n.endswith("_ptr") else
+                 "fp32" if n == "qk_scale" else "i32" if n.startswith("stride") else "constexpr" for n in names}
+    constants = {"D": 64, "BLOCK_D": 64, "EVEN_D": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "DOT_F32": False}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles for the GPU")
+def test_kernel_compiles_to_hopper_matrix_instructions():
+    """ViT head dim 64, every tile setting the profile times: a cubin, and its products are wgmma."""
+    from eco_m2f.evaluation.token_runtime import TRITON_CONFIGS
+    from eco_m2f.modeling.token_reduction.triton_attention import DEFAULT_TRITON_ATTENTION, TritonAttentionConfig
+
+    cases = [("fp16", DEFAULT_TRITON_ATTENTION)] + [("bf16", TritonAttentionConfig(*c)) for c in TRITON_CONFIGS]
+    for dtype, config in cases:
+        try:
+            compiled = _compile_for_hopper(dtype, config)
+        except (ImportError, RuntimeError) as e:  # a triton without its NVIDIA backend or ptxas
+            if "ptxas" in str(e) or "backend" in str(e).lower():
+                pytest.skip(f"triton cannot compile for sm_90 here: {e}")
+            raise
+        ptx = compiled.asm["ptx"]
+        assert compiled.asm.get("cubin"), config
+        assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx, (dtype, config)
+
+
 def test_triton_attention_is_refused_where_it_cannot_run():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("under the interpreter the kernel runs on CPU")
