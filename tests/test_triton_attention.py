@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -97,7 +98,8 @@ def test_kernel_matches_softmax_attention_per_image_under_interpreter():
 
 
 def _compile_for_hopper(dtype: str, config):
-    """The kernel compiled ahead of time for sm_90 (no GPU needed: Triton ships ptxas)."""
+    """The kernel compiled ahead of time for sm_90 (no GPU needed: Triton ships ptxas), with the
+    16-divisible pointers and strides that its launches get (ViT rows of 3 x H x 64 values)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -108,17 +110,37 @@ def _compile_for_hopper(dtype: str, config):
     signature = {n: ("*i32" if n == "offsets_ptr" else f"*{dtype}") if n.endswith("_ptr") else
                  "fp32" if n == "qk_scale" else "i32" if n.startswith("stride") else "constexpr" for n in names}
     constants = {"D": 64, "BLOCK_D": 64, "EVEN_D": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "DOT_F32": False}
-    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()})
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n.startswith("stride")}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()},
+                       attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def _resource_usage(cubin: bytes) -> str:
+    """cuobjdump's register and stack line of a cubin ("" without the tool)."""
+    import shutil
+
+    import triton
+
+    tool = shutil.which("cuobjdump") or str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    if not Path(tool).is_file():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return next((line for line in out.splitlines() if "REG:" in line), "")
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles for the GPU")
 def test_kernel_compiles_to_hopper_matrix_instructions():
-    """ViT head dim 64, every tile setting the profile times: a cubin, and its products are wgmma."""
+    """ViT head dim 64, every tile setting the profile times: a cubin whose products are wgmma
+    and whose loads are pipelined (cp.async); the default spills no register."""
     from eco_m2f.evaluation.token_runtime import TRITON_CONFIGS
     from eco_m2f.modeling.token_reduction.triton_attention import DEFAULT_TRITON_ATTENTION, TritonAttentionConfig
 
     cases = [("fp16", DEFAULT_TRITON_ATTENTION)] + [("bf16", TritonAttentionConfig(*c)) for c in TRITON_CONFIGS]
+    assert TritonAttentionConfig(*TRITON_CONFIGS[0]) == DEFAULT_TRITON_ATTENTION
     for dtype, config in cases:
         try:
             compiled = _compile_for_hopper(dtype, config)
@@ -128,7 +150,11 @@ def test_kernel_compiles_to_hopper_matrix_instructions():
             raise
         ptx = compiled.asm["ptx"]
         assert compiled.asm.get("cubin"), config
-        assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx, (dtype, config)
+        assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx and "cp.async" in ptx, (dtype, config)
+        if config == DEFAULT_TRITON_ATTENTION:
+            usage = _resource_usage(compiled.asm["cubin"])
+            if usage:
+                assert "STACK:0 " in usage, usage
 
 
 def test_triton_attention_is_refused_where_it_cannot_run():

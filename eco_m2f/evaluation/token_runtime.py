@@ -288,7 +288,7 @@ def attention_alone(lengths: Sequence[int], heads: int, head_dim: int, full_len:
 
 
 #: tile settings of the project's Triton kernel that the attention profile times
-TRITON_CONFIGS = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4))
+TRITON_CONFIGS = ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4))
 
 
 def _triton_cases(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int,
