@@ -41,7 +41,8 @@
 # DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS GRAPHED_THETAS
 # STEP_THETAS STEP_GRAPHED STEP_FT_SECONDS SHARING_FT_SECONDS HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
 # fine-tunings, SOLVER.LR_MULTIPLIERS) WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
-# "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"). A stage that finished is not redone (a trained
+# "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"), SWEEP_ATTENTIONS (e.g. "triton": every setting of
+# a sweep also evaluated and timed with that attention). A stage that finished is not redone (a trained
 # model is kept, the sweep reuses finished evaluations); a training stopped by its time bound
 # continues from its last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is
 # printed.
@@ -144,12 +145,30 @@ dcts_policy_weights() { echo "${DCTS_POLICY_WEIGHTS:-$out/policy_dcts/model_trai
 sweep() {
   local name=$1 cfg=$2 title=$3 weights=${SWEEP_WEIGHTS:-$out/$1/model_trained.pth}; shift 3
   local -n overrides=$name
+  if [ -n "${SWEEP_ATTENTIONS:-}" ]; then local extra; mapfile -t extra < <(with_attentions "$@"); set -- "$@" "${extra[@]}"; fi
   stamp "$name sweep: dense, $*"
   mkdir -p "$out/${name}_sweep"
   echo "$title" > "$out/${name}_sweep/title.txt"
   "$py" scripts/sweep_token_reduction.py --config-file "$cfg" --weights "$weights" \
     --dense-weights "$(dense_weights)" "$@" --output-dir "$out/${name}_sweep" "${BENCH[@]}" "${overrides[@]}"
   stamp "done"
+}
+
+# with_attentions SETTINGS...: every --setting NAME KEY VALUE ... once more per attention of
+# SWEEP_ATTENTIONS, named NAME-ATTENTION, with MODEL.TOKEN_REDUCTION.ATTENTION set (evaluation only:
+# the fine-tunings keep theirs); one argument per line.
+with_attentions() {
+  local a i n=$# args=("$@")
+  for a in $SWEEP_ATTENTIONS; do
+    i=0
+    while [ "$i" -lt "$n" ]; do
+      if [ "${args[i]}" != --setting ]; then i=$((i + 1)); continue; fi
+      printf '%s\n' --setting "${args[i + 1]}-$a"
+      i=$((i + 2))
+      while [ "$i" -lt "$n" ] && [ "${args[i]}" != --setting ]; do printf '%s\n' "${args[i]}"; i=$((i + 1)); done
+      printf '%s\n' MODEL.TOKEN_REDUCTION.ATTENTION "$a"
+    done
+  done
 }
 
 sweep_tables() {

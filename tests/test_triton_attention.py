@@ -157,6 +157,32 @@ def test_kernel_compiles_to_hopper_matrix_instructions():
                 assert "STACK:0 " in usage, usage
 
 
+def test_a_model_set_to_triton_attention_trains_with_the_default_attention():
+    """The kernel has no backward: a training pass of a model configured with it runs ``auto``
+    (here on CPU: padded) and gives the losses and gradients of a model configured with ``auto``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from token_reducers import K, tiny_segmenter
+
+    opts = ["MODEL.TOKEN_REDUCTION.NAME", "DTOP", "MODEL.TOKEN_REDUCTION.DTOP.PRUNE_LAYERS", "[1, 2]",
+            "MODEL.TOKEN_REDUCTION.DTOP.THETA", "0.6"]
+    g = torch.Generator().manual_seed(11)
+    batch = [{"image": torch.randint(0, 256, (3, 64, 64), generator=g, dtype=torch.uint8), "height": 64, "width": 64,
+              "sem_seg": torch.randint(0, K, (64, 64), generator=g)} for _ in range(2)]
+    results = []
+    for attention in ("auto", "triton"):
+        model = tiny_segmenter(*opts, "MODEL.TOKEN_REDUCTION.ATTENTION", attention, seed=1).train()
+        with torch.no_grad():
+            for head in model.token_reducer.heads.values():
+                head[1].weight.mul_(40.0)
+        torch.manual_seed(0)
+        losses = model(batch)
+        sum(losses.values()).backward()
+        results.append((losses, model.backbone.blocks[0].attn.qkv.weight.grad.clone()))
+    (a, ga), (b, gb) = results
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(ga, gb) and ga.abs().sum() > 0
+
+
 def test_triton_attention_is_refused_where_it_cannot_run():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("under the interpreter the kernel runs on CPU")

@@ -30,6 +30,7 @@ __all__ = ["ReducedPass", "ReductionLoop", "grid_outputs", "overlay_final_logits
 #: Name of the framework's own token map: how many blocks each cell's token went through.
 BLOCKS_MAP = "blocks"
 _GRAPH_ATTENTION = ("auto", "flash", "varlen", "triton")  # the kernels a captured graph can replay
+_INFERENCE_ONLY = ("triton",)  # kernels without a backward
 
 
 @dataclass
@@ -51,7 +52,8 @@ class ReductionLoop:
     the blocks' parameters move (captured graphs point at their memory).
 
     Args:
-        attention: the runtime's attention implementation (``MODEL.TOKEN_REDUCTION.ATTENTION``).
+        attention: the runtime's attention implementation (``MODEL.TOKEN_REDUCTION.ATTENTION``);
+            ``triton`` (inference only) runs every pass that records gradients with ``auto``.
         cuda_graphs: replay each run of blocks as a CUDA graph in fp16/bf16 inference on CUDA
             (``MODEL.TOKEN_REDUCTION.CUDA_GRAPHS``); only with ``auto``, ``flash`` or ``varlen``.
         graph_decisions: with the graphs, capture a decision the reducer offers as a
@@ -96,13 +98,15 @@ class ReductionLoop:
         graphed = self._graphed(start, stop, tokens)
         if graphed is not None:
             return graphed(tokens)
+        # an inference-only kernel (triton) leaves passes that need a backward to the default
+        attention = "auto" if self.attention in _INFERENCE_ONLY and torch.is_grad_enabled() else self.attention
         if self.backbone.use_checkpoint and self.backbone.training and torch.is_grad_enabled():
             x, layout, history = tokens.x, tokens.layout, list(tokens.history)
             for block in blocks:
-                x = tcp.checkpoint(run_block, block, x, layout, self.attention, use_reentrant=False)
+                x = tcp.checkpoint(run_block, block, x, layout, attention, use_reentrant=False)
                 history.append(layout.lengths)
             return tokens.with_features(x, tuple(history))
-        return run_blocks(blocks, tokens, self.attention)
+        return run_blocks(blocks, tokens, attention)
 
     # ------------------------------------------------------------------ the pass
     def encode(self, images: torch.Tensor, targets: torch.Tensor | None = None, record_maps: bool = False) -> ReducedPass:
