@@ -15,7 +15,7 @@ from eco_m2f.data.build import (
 )
 from eco_m2f.data.catalog import DatasetCatalog, MetadataCatalog
 from eco_m2f.data.prefetch import PrefetchIterator, pin_batch
-from eco_m2f.data.samplers import InferenceSampler, TrainingSampler
+from eco_m2f.data.samplers import AspectRatioGroupedBatches, InferenceSampler, TrainingSampler
 from test_mappers import IGNORE, check_aligned, make_cfg, register_tiny, unregister, write_tiny_dataset
 
 SIZES = [(64, 64), (48, 64), (64, 48), (64, 64), (40, 64), (64, 64)]
@@ -133,6 +133,41 @@ def test_train_loader_aspect_ratio_grouping(tiny6):
         assert len(b) == 4
         landscape = {d["image"].shape[-1] > d["image"].shape[-2] for d in b}
         assert len(landscape) == 1, "a batch mixes landscape and portrait images"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("grouping", [True, False])
+def test_whole_batch_messages_give_the_batches_of_sample_by_sample_messages(tiny6, workers, grouping):
+    """The workers hand over a batch of consecutive samples at a time; the batches (grouped by
+    orientation or not) are those of handing them over one by one."""
+    name, _ = tiny6
+    opts = {"INPUT.CROP.ENABLED": False, "INPUT.MIN_SIZE_TRAIN": (32,)}
+    cfg = loader_cfg(name, workers=workers, grouping=grouping, seed=5, **opts)
+    batched = take(build_detection_train_loader(cfg), 6)
+    single = take(build_detection_train_loader(cfg, samples_per_message=1), 6)
+    assert fingerprint(batched) == fingerprint(single) and all(len(b) == 4 for b in batched)
+    if grouping:  # both orientations occur, never in one batch
+        orientations = [{d["image"].shape[-1] > d["image"].shape[-2] for d in b} for b in batched]
+        assert all(len(o) == 1 for o in orientations) and len({o.pop() for o in orientations}) == 2
+        stream = itertools.chain.from_iterable(take(build_detection_train_loader(loader_cfg(name, seed=5, **opts)), 12))
+        assert fingerprint(batched) == fingerprint(list(itertools.islice(iter(AspectRatioGroupedBatches(stream, 4)), 6)))
+    with pytest.raises(ValueError, match="samples_per_message must be >= 1"):
+        build_detection_train_loader(cfg, samples_per_message=-1)
+
+
+def test_the_loader_benchmark_times_both_transfers_on_the_same_batches(tiny6):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_loader.py"
+    spec = importlib.util.spec_from_file_location("benchmark_loader", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    name, _ = tiny6
+    cfg = loader_cfg(name, workers=2, grouping=True, **{"INPUT.CROP.ENABLED": False, "INPUT.MIN_SIZE_TRAIN": (32,)})
+    (w1, ids1), (w0, ids0) = (bench.time_loader(cfg, n, 3, 0.05) for n in (1, 0))
+    assert len(w1) == len(w0) == 3 and all(w >= 0 for w in w1 + w0)
+    assert ids1 == ids0 and len(ids0) == 4 and all(len(b) == 4 for b in ids0)
 
 
 def test_same_seed_same_batches_regardless_of_workers(tiny6):

@@ -9,6 +9,7 @@ r-th contiguous block; batches are plain lists (``trivial_batch_collator``).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import pickle
 import random
@@ -141,10 +142,6 @@ def trivial_batch_collator(batch: list[dict]) -> list[dict]:
     return batch
 
 
-def _first_item(batch: list[dict]) -> dict:
-    return batch[0]
-
-
 def worker_init_fn(worker_id: int) -> None:
     """Seed python/numpy in a loader worker from torch's per-worker seed (itself from the loader's generator)."""
     seed = torch.initial_seed() % 2**32
@@ -154,24 +151,43 @@ def worker_init_fn(worker_id: int) -> None:
 
 # ------------------------------------------------------------------------------------------------------ loaders
 class TrainLoader:
-    """Infinite iterable of training batches (lists of mapped dicts), optionally grouped by aspect ratio."""
+    """Infinite iterable of training batches (lists of mapped dicts), optionally grouped by aspect ratio.
+
+    ``data_loader`` yields lists of consecutive samples of the stream, ``batch_size`` of them by
+    default: the workers then hand over a whole batch per message (a message per sample costs the
+    main process several times as much: ``scripts/benchmark_loader.py``). With grouping, or
+    messages of another size, the samples are regrouped here in stream order, so the batches are
+    the ones a sample-by-sample loader gives, for any worker count.
+    """
 
     def __init__(self, data_loader: DataLoader, batch_size: int, aspect_ratio_grouping: bool,
-                 prefetch_batches: int = 0, pin_memory: bool = False):
+                 prefetch_batches: int = 0, pin_memory: bool = False, samples_per_message: int | None = None):
         self.data_loader = data_loader
         self.batch_size = batch_size
         self.aspect_ratio_grouping = aspect_ratio_grouping
         self.prefetch_batches = prefetch_batches
         self.pin_memory = pin_memory
+        self.samples_per_message = batch_size if samples_per_message is None else int(samples_per_message)
 
     def __iter__(self) -> Iterator[list[dict]]:
+        samples = itertools.chain.from_iterable(self.data_loader)  # the stream, sample by sample
         if self.aspect_ratio_grouping:
-            batches: Iterable[list[dict]] = AspectRatioGroupedBatches(self.data_loader, self.batch_size)
+            batches: Iterable[list[dict]] = AspectRatioGroupedBatches(samples, self.batch_size)
+        elif self.samples_per_message != self.batch_size:
+            batches = _consecutive(samples, self.batch_size)
         else:
             batches = self.data_loader
         if self.prefetch_batches > 0:
             return PrefetchIterator(batches, self.prefetch_batches, pin=self.pin_memory)
         return iter(batches)
+
+
+def _consecutive(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Lists of ``size`` consecutive samples."""
+    it = iter(samples)
+    while batch := list(itertools.islice(it, size)):
+        if len(batch) == size:
+            yield batch
 
 
 def build_detection_train_loader(
@@ -186,12 +202,16 @@ def build_detection_train_loader(
     seed: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    samples_per_message: int | None = None,
 ) -> TrainLoader:
     """Infinite training loader over ``DATASETS.TRAIN`` (or ``dataset_names`` / a ready list of dicts).
 
     Batches: lists of ``total_batch_size // world_size`` mapped dicts (``SOLVER.IMS_PER_BATCH`` by default);
     workers: ``DATALOADER.NUM_WORKERS`` (0 maps in this process); order and augmentation seeded with ``SEED``
     (a shared random seed when SEED < 0). ``rank``/``world_size`` default to the process group's.
+    ``samples_per_message``: samples a worker hands over at a time (default: a batch; the batches
+    are the same for any value, only the transfer differs: 1 is the sample-by-sample baseline of
+    ``scripts/benchmark_loader.py``).
     """
     d_rank, d_world = comm.get_rank(), comm.get_world_size()
     rank = d_rank if rank is None else int(rank)
@@ -223,16 +243,17 @@ def build_detection_train_loader(
     generator = torch.Generator().manual_seed(derive_loader_seed(seed, rank))
     common = dict(num_workers=workers, worker_init_fn=worker_init_fn, generator=generator)
     map_dataset = MapDataset(dataset, mapper)
-    if grouping:  # single mapped dicts, grouped into batches afterwards by orientation
-        loader = DataLoader(map_dataset, sampler=sampler, batch_size=1, collate_fn=_first_item, **common)
-    else:
-        loader = DataLoader(map_dataset, sampler=sampler, batch_size=batch_size, drop_last=True,
-                            collate_fn=trivial_batch_collator, **common)
+    # consecutive samples per message (default: a batch); TrainLoader regroups them where needed
+    per_message = batch_size if samples_per_message is None else int(samples_per_message)
+    if per_message < 1:
+        raise ValueError(f"samples_per_message must be >= 1, got {samples_per_message}")
+    loader = DataLoader(map_dataset, sampler=sampler, batch_size=per_message, drop_last=True,
+                        collate_fn=trivial_batch_collator, **common)
     prefetch = int(cfg.DATALOADER.PREFETCH_BATCHES)
     if prefetch < 0:
         raise ValueError(f"DATALOADER.PREFETCH_BATCHES must be >= 0 (0: no read-ahead thread), got {prefetch}")
     pin = prefetch > 0 and torch.cuda.is_available() and resolve_device(cfg.MODEL.DEVICE).type == "cuda"
-    return TrainLoader(loader, batch_size, grouping, prefetch_batches=prefetch, pin_memory=pin)
+    return TrainLoader(loader, batch_size, grouping, prefetch_batches=prefetch, pin_memory=pin, samples_per_message=per_message)
 
 
 def derive_loader_seed(seed: int, rank: int) -> int:
