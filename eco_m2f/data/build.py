@@ -170,13 +170,13 @@ class TrainLoader:
         self.samples_per_message = batch_size if samples_per_message is None else int(samples_per_message)
 
     def __iter__(self) -> Iterator[list[dict]]:
-        samples = itertools.chain.from_iterable(self.data_loader)  # the stream, sample by sample
-        if self.aspect_ratio_grouping:
-            batches: Iterable[list[dict]] = AspectRatioGroupedBatches(samples, self.batch_size)
-        elif self.samples_per_message != self.batch_size:
-            batches = _consecutive(samples, self.batch_size)
-        else:
-            batches = self.data_loader
+        batches: Iterable[list[dict]] = self.data_loader
+        if self.aspect_ratio_grouping or self.samples_per_message != self.batch_size:
+            samples = itertools.chain.from_iterable(self.data_loader)  # the stream, sample by sample
+            if self.aspect_ratio_grouping:
+                batches = AspectRatioGroupedBatches(samples, self.batch_size)
+            else:
+                batches = _consecutive(samples, self.batch_size)
         if self.prefetch_batches > 0:
             return PrefetchIterator(batches, self.prefetch_batches, pin=self.pin_memory)
         return iter(batches)

@@ -31,7 +31,7 @@ __all__ = ["EXIT_TABLES", "collect", "format_report", "plot_trends", "write_repo
 #: (file stem, row label) of the fixed-exit tables, in the order of the paper's Table 5
 EXIT_TABLES = (("baseline_exits", "baseline (parent, encoder cut)"), ("stepA_usd_exits", "USD step A"),
                ("stepA_wsd_exits", "WSD step A"))
-_LOSS_PREFIX = "sweep_"
+_EXTRA_SWEEP_PREFIX = "sweep_"  # derived/sweep_k{K}, derived/sweep_{loss}: the sweeps at the trend beta
 
 
 def _read_json(path: Path) -> Any:
@@ -72,8 +72,8 @@ def collect(out_dir: str | os.PathLike, trend_beta: Optional[float] = None) -> D
     extra: Dict[str, List[Mapping[str, Any]]] = {}
     if derived.is_dir():
         for d in sorted(derived.iterdir()):
-            if d.is_dir() and d.name.startswith(_LOSS_PREFIX) and (d / "sweep.json").is_file():
-                extra[d.name[len(_LOSS_PREFIX):]] = _read_json(d / "sweep.json")
+            if d.is_dir() and d.name.startswith(_EXTRA_SWEEP_PREFIX) and (d / "sweep.json").is_file():
+                extra[d.name[len(_EXTRA_SWEEP_PREFIX):]] = _read_json(d / "sweep.json")
     if trend_beta is None:
         betas = {float(r["exit_or_beta"]) for rows in extra.values() for r in _gated(rows)}
         if len(betas) > 1:

@@ -192,14 +192,13 @@ def attention_unavailable(impl: str, device: torch.device, dtype: torch.dtype, d
     """Why ``impl`` cannot run tensors of ``device`` / ``dtype`` (empty string when it can)."""
     if impl not in _BACKENDS:
         return f"unknown attention implementation '{impl}'; known: {list(ATTENTION_IMPLS)}"
+    interpreted = False  # Triton's interpreter runs the triton kernel on CPU tensors of any float dtype
     if impl == "triton":
         try:
-            module = _triton_module()
+            interpreted = _triton_module().interpreted()
         except ImportError as e:
             return f"'triton' needs the triton package ({e})"
-        if module.interpreted():
-            return "" if dtype.is_floating_point and not dropout else f"'triton' runs float tensors without attention dropout, got {dtype}"
-    if impl in DEVICE_OFFSET_IMPLS and (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
+    if impl in DEVICE_OFFSET_IMPLS and not interpreted and (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
         return f"'{impl}' needs CUDA fp16/bf16 tensors, got {device.type} {dtype}"
     if impl == "varlen":
         try:

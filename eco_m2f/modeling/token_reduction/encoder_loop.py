@@ -55,7 +55,7 @@ class ReductionLoop:
         attention: the runtime's attention implementation (``MODEL.TOKEN_REDUCTION.ATTENTION``);
             ``triton`` (inference only) runs every pass that records gradients with ``auto``.
         cuda_graphs: replay each run of blocks as a CUDA graph in fp16/bf16 inference on CUDA
-            (``MODEL.TOKEN_REDUCTION.CUDA_GRAPHS``); only with ``auto``, ``flash`` or ``varlen``.
+            (``MODEL.TOKEN_REDUCTION.CUDA_GRAPHS``); only with ``auto``, ``flash``, ``varlen`` or ``triton``.
         graph_decisions: with the graphs, capture a decision the reducer offers as a
             :class:`~.static_decision.StaticDecision` in the graph of the blocks before it
             (``MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS``).

@@ -18,14 +18,14 @@ itself, the counterpart of :meth:`TokenSet.keep` on bucketed rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, Mapping, Optional, Union
+from typing import Callable, Dict, Hashable, Mapping, Optional, Tuple, Union
 
 import torch
 
 from .packing import HostCopy, PackedLayout, StaticLayout
 from .token_set import FinalStore, TokenSet, _stable_partition
 
-__all__ = ["StaticDecision", "finish_keep", "row_images", "static_keep"]
+__all__ = ["StaticDecision", "finish_keep", "patch_row_images", "row_images", "static_keep"]
 
 Layout = Union[PackedLayout, StaticLayout]
 
@@ -58,6 +58,15 @@ def row_images(rows: int, layout: Layout, batch: int) -> torch.Tensor:
     offsets = layout.offsets(torch.int32)[: batch + 1].long()  # (B + 1,)
     index = torch.arange(rows, device=offsets.device)
     return torch.searchsorted(offsets[1:].contiguous(), index, right=True)
+
+
+def patch_row_images(rows: int, layout: Layout, batch: int, num_prefix: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """((rows,) long image of every row as :func:`row_images`, (rows,) bool: the row is a patch
+    token of a real image, not a prefix token nor padding)."""
+    image = row_images(rows, layout, batch)
+    offsets = layout.offsets(torch.int32)[: batch + 1].long()
+    position = torch.arange(rows, device=offsets.device) - offsets.index_select(0, image)
+    return image, (image < batch) & (position >= num_prefix)
 
 
 def static_keep(
@@ -109,10 +118,9 @@ def finish_keep(tokens: TokenSet, outputs: Dict[str, torch.Tensor], save_feature
     new = PackedLayout([int(n) for n in counts], p, old.device)
     x = outputs["x"]
     finals = dict(tokens.finals)
-    if save_features and new.num_patches < old.num_patches:
-        store = finals.get("features") or FinalStore.empty(tokens.batch_size, tokens.num_cells, x.device)
-        finals["features"] = store.add(x[new.total: old.total].clone(), outputs["cell_rank"], outputs["newly_final"])
-    if save_logits and new.num_patches < old.num_patches:
-        store = finals.get("logits") or FinalStore.empty(tokens.batch_size, tokens.num_cells, x.device)
-        finals["logits"] = store.add(outputs["logits"][new.total: old.total].clone(), outputs["cell_rank"], outputs["newly_final"])
+    if new.num_patches < old.num_patches:
+        for kind, rows in (("features", x if save_features else None), ("logits", outputs["logits"] if save_logits else None)):
+            if rows is not None:
+                store = finals.get(kind) or FinalStore.empty(tokens.batch_size, tokens.num_cells, x.device)
+                finals[kind] = store.add(rows[new.total: old.total].clone(), outputs["cell_rank"], outputs["newly_final"])
     return TokenSet(x[: new.total].clone(), new, tokens.grid, outputs["owner"].clone(), finals, tokens.history)

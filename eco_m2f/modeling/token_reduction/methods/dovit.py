@@ -31,7 +31,7 @@ from ..dovit_aux_head import PointwiseAuxHead
 from ..dovit_rules import StoppedSum, merge_stopped_into_cls, ramped_threshold, stop_mask
 from ..packing import HostCopy
 from ..plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenReducer, paper_layers
-from ..static_decision import StaticDecision, finish_keep, row_images, static_keep
+from ..static_decision import StaticDecision, finish_keep, patch_row_images, static_keep
 from ..teacher import FrozenTeacher, build_teacher_model
 from ..token_set import TokenSet
 from ..token_targets import cell_class_counts, live_token_cross_entropy
@@ -145,10 +145,7 @@ class DoViT(TokenReducer):
         def compute(rows: torch.Tensor, layout, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             owner = inputs["owner"]
             b = owner.shape[0]
-            image = row_images(rows.shape[0], layout, b)  # (R,), b on padding rows
-            offsets = layout.offsets(torch.int32)[: b + 1].long()
-            position = torch.arange(rows.shape[0], device=rows.device) - offsets.index_select(0, image)
-            patch = (image < b) & (position >= p)
+            image, patch = patch_row_images(rows.shape[0], layout, b, p)  # (R,) each; image b on padding rows
             stop = patch & stop_mask(head(rows), threshold)  # the head on every row: prefix and padding are cut by `patch`
             out = static_keep(rows, layout, owner, p, stop)
             weight = stop.to(torch.float32)

@@ -55,7 +55,7 @@ from ...heads.vit_decode_head import tokens_to_map
 from ..flops import token_wise_flops
 from ..packing import HostCopy
 from ..plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenReducer, overlay_final_logits, paper_layers
-from ..static_decision import StaticDecision, finish_keep, row_images, static_keep
+from ..static_decision import StaticDecision, finish_keep, patch_row_images, static_keep
 from ..token_set import TokenSet
 from ..token_targets import cell_class_counts, live_token_cross_entropy
 
@@ -229,10 +229,7 @@ class DTOP(TokenReducer):
         def compute(rows: torch.Tensor, layout, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             owner = inputs["owner"]
             b = owner.shape[0]
-            image = row_images(rows.shape[0], layout, b)  # (R,), b on padding rows
-            offsets = layout.offsets(torch.int32)[: b + 1].long()
-            position = torch.arange(rows.shape[0], device=rows.device) - offsets.index_select(0, image)
-            patch = (image < b) & (position >= p)
+            image, patch = patch_row_images(rows.shape[0], layout, b, p)  # (R,) each; image b on padding rows
             scores = head(rows)  # (R, K): prefix and padding rows are cut by `patch`
             probs = scores.float().softmax(-1)
             confidence, label = probs.max(dim=-1)
