@@ -2,6 +2,7 @@
 layouts and the inference options, against the eager blocks."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -113,7 +114,13 @@ def test_inference_options_default_and_overrides(monkeypatch):
     blocks = tiny_blocks(depth=1)
     graphed = GraphedBlocks(blocks)
     assert graphed.options == options_module.DEFAULT_INFERENCE and graphed.compiled
-    assert graphed.options.label() == "flash rows/64 len/128 compiled"
+    # the runtime's own kernel where triton is installed (faster than flash varlen in the graphs), flash otherwise
+    installed = importlib.util.find_spec("triton") is not None
+    assert graphed.options.label() == f"{'triton' if installed else 'flash'} rows/64 len/128 compiled"
+    monkeypatch.setattr(options_module.importlib.util, "find_spec", lambda name: None)
+    assert options_module._graph_attention() == "flash"
+    monkeypatch.setattr(options_module.importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
+    assert options_module._graph_attention() == "triton"
     monkeypatch.setattr(options_module, "DEFAULT_INFERENCE", InferenceOptions(attention="varlen", row_bucket=16, compile=False))
     graphed = GraphedBlocks(blocks, len_bucket=0)
     assert (graphed.options.attention, graphed.options.row_bucket, graphed.options.len_bucket) == ("varlen", 16, 0)

@@ -8,6 +8,7 @@ stack and prints the line to put here.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from .attention import DEVICE_OFFSET_IMPLS
@@ -75,9 +76,16 @@ class InferenceOptions:
         return " ".join(parts)
 
 
+def _graph_attention() -> str:
+    """``triton`` where the package is installed, else ``flash``: inside the graphs the runtime's
+    own kernel took 51 us per call against flash varlen's 69 us at mixed lengths on one H200
+    (``results/token_runtime_h200/NOTES.md``, run 3)."""
+    return "triton" if importlib.util.find_spec("triton") is not None else "flash"
+
+
 #: The options every ``GraphedBlocks(blocks)`` gets: the recommendation of
-#: ``scripts/benchmark_token_runtime.py`` on one H200 (``results/token_runtime_h200/NOTES.md``, run 2).
-DEFAULT_INFERENCE = InferenceOptions(attention="flash", row_bucket=64, len_bucket=128, dense_when_uniform=True, compile=True)
+#: ``scripts/benchmark_token_runtime.py`` on one H200 (``results/token_runtime_h200/NOTES.md``, run 3).
+DEFAULT_INFERENCE = InferenceOptions(attention=_graph_attention(), row_bucket=64, len_bucket=128, dense_when_uniform=True, compile=True)
 
 
 def default_inference() -> InferenceOptions:
