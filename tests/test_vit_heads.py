@@ -50,6 +50,34 @@ def test_token_heads_on_a_ragged_batch_equal_each_image_alone(name):
             assert torch.allclose(batched["pred_logits"][i], alone["pred_logits"][0], atol=1e-5)
 
 
+
+def test_mask_transformer_packed_path_equals_the_padded_one_at_real_slots():
+    """With host lengths and no gradients the mask transformer runs on the packed real tokens:
+    equal to the masked padded path at every real slot, also with slots wider than the longest
+    image and an image that holds no token; with gradients it keeps the padded path."""
+    head = _head("SegmenterMaskTransformerHead")
+    gen = torch.Generator().manual_seed(2)
+    lengths = (12, 7, 0, 9)
+    x = torch.randn(len(lengths), 14, C, generator=gen)  # two slots past the longest image
+    padding = torch.arange(14).view(1, -1) >= torch.tensor(lengths).view(-1, 1)
+    x[padding] = 100.0  # garbage in the empty slots must not leak
+    with torch.no_grad():
+        padded = head(x, padding)["pred_tokens"]
+        packed = head(x, padding, lengths=lengths)["pred_tokens"]
+        assert torch.equal(head.forward_packed(x, lengths)["pred_tokens"], packed)
+    real = ~padding
+    assert torch.allclose(packed[real], padded[real], atol=1e-5)
+    assert not torch.allclose(packed[padding], padded[padding])  # the packed path did run
+    with torch.no_grad():
+        for i, n in enumerate(lengths):
+            if n:
+                alone = head(x[i : i + 1, :n])["pred_tokens"][0]
+                assert torch.allclose(packed[i, :n], alone, atol=1e-5)
+    trained = head(x, padding, lengths=lengths)["pred_tokens"]  # gradients on: the padded path
+    assert torch.equal(trained.detach(), padded) and trained.requires_grad
+    with pytest.raises(ValueError, match="do not fit"):
+        head.forward_packed(x, (12, 7, 15, 0))
+
 def test_grid_heads_output_resolution_and_auxiliary_variants():
     maps = torch.randn(2, C, 3, 5)
     assert _head("SETRNaiveHead")(maps)["pred_maps"].shape == (2, K, 3, 5)

@@ -48,6 +48,9 @@ class ViTFeatures:
         padding_mask: B x N bool, True where a sequence slot holds no token (a batch whose
             images keep different numbers of tokens); None when every image has all h*w
             patches in row-major order (the dense case).
+        lengths: with ``padding_mask``, the number of real tokens of each image as host
+            integers (what the mask says, known without asking the GPU), so that a head can
+            run on the packed tokens alone; None where unknown.
     """
 
     tokens: torch.Tensor
@@ -55,6 +58,7 @@ class ViTFeatures:
     grid: Tuple[int, int]
     layers: Dict[int, torch.Tensor] = field(default_factory=dict)
     padding_mask: Optional[torch.Tensor] = None
+    lengths: Optional[Tuple[int, ...]] = None
 
     @property
     def dense(self) -> bool:

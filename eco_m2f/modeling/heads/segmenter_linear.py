@@ -28,8 +28,10 @@ class SegmenterLinearHead(ViTDecodeHead):
         trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """tokens B x N x C -> {"pred_tokens": B x N x K} (each token on its own; the mask is not needed)."""
+    def forward(
+        self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, lengths: Optional[Sequence[int]] = None
+    ) -> Dict[str, torch.Tensor]:
+        """tokens B x N x C -> {"pred_tokens": B x N x K} (each token on its own; mask and lengths are not needed)."""
         return {"pred_tokens": self.head(tokens)}
 
     def flops(self, num_tokens: int, grid: Tuple[int, int], size: Sequence[int]) -> int:

@@ -9,7 +9,7 @@ decoder_norm, mask_norm}``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,9 @@ from timm.models.vision_transformer import Block
 
 from ..registry import SEM_SEG_HEADS_REGISTRY, ShapeSpec
 from .vit_decode_head import ViTDecodeHead, resize_logits_flops
+
+if TYPE_CHECKING:  # the token-reduction package imports the heads, so the head imports it where it runs
+    from ..token_reduction.packing import PackedLayout
 
 __all__ = ["SegmenterMaskTransformerHead"]
 
@@ -70,8 +73,16 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
         self.proj_patch = nn.Parameter(scale * torch.randn(dim, dim))
         self.proj_classes = nn.Parameter(scale * torch.randn(dim, dim))
 
-    def forward(self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """tokens B x N x C (``padding_mask`` B x N, True = empty slot) -> {"pred_tokens": B x N x K}."""
+    def forward(
+        self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, lengths: Optional[Sequence[int]] = None
+    ) -> Dict[str, torch.Tensor]:
+        """tokens B x N x C (``padding_mask`` B x N, True = empty slot) -> {"pred_tokens": B x N x K}.
+
+        Without gradients, a ragged batch whose ``lengths`` are given runs :meth:`forward_packed`:
+        the empty slots then cost nothing (values there are unspecified).
+        """
+        if padding_mask is not None and lengths is not None and not torch.is_grad_enabled():
+            return self.forward_packed(tokens, lengths)
         b, n, _ = tokens.shape
         k = self.num_classes
         x = self.proj_dec(tokens)
@@ -88,6 +99,37 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
         masks = patches @ classes.transpose(1, 2)  # B x N x K
         return {"pred_tokens": self.mask_norm(masks)}
 
+    def forward_packed(self, tokens: torch.Tensor, lengths: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """The decoder on the real tokens only: image b's first ``lengths[b]`` slots of
+        ``tokens`` (B x N x C) and the K class embeddings packed into one buffer, the blocks run
+        by the token runtime (attention within each image, token-wise layers on the packed rows),
+        then the patch-class products per image. Equals :meth:`forward` with the padding mask at
+        every real slot; empty slots come back as ``mask_norm`` of zeros."""
+        from ..token_reduction.blocks import run_block
+        from ..token_reduction.packing import PackedLayout
+
+        b, n, c = tokens.shape
+        k, dim = self.num_classes, self.proj_dec.out_features
+        if len(lengths) != b or max(lengths) > n or min(lengths) < 0:
+            raise ValueError(f"lengths {list(lengths)} do not fit {b} images of {n} token slots")
+        # each image's rows: its K class embeddings (the layout's prefix), then its real tokens
+        layout = PackedLayout([k + int(m) for m in lengths], k, tokens.device)
+        slots = layout.pad_rows(False)  # the real slots of the (B * N) padded rows, image-major
+        if layout.pad_width(False) != n:  # the padding is wider than the longest image
+            slots = slots + _wider_padding_shift(layout, n)
+        patches = self.proj_dec(tokens.reshape(b * n, c).index_select(0, slots))  # Tp x D
+        classes = self.cls_emb.expand(b, -1, -1).to(patches.dtype).reshape(b * k, dim)
+        x = patches.new_empty(layout.total, dim)
+        x = x.index_copy(0, layout.prefix_rows(), classes).index_copy(0, layout.patch_rows(), patches)  # T x D
+        for block in self.blocks:
+            x = run_block(block, x, layout)
+        x = self.decoder_norm(x)
+        patches = F.normalize(x.index_select(0, layout.patch_rows()) @ self.proj_patch.to(x.dtype), dim=-1)  # Tp x D
+        classes = F.normalize(x.index_select(0, layout.prefix_rows()) @ self.proj_classes.to(x.dtype), dim=-1)
+        padded = patches.new_zeros(b * n, dim).index_copy(0, slots, patches).view(b, n, dim)
+        masks = padded @ classes.view(b, k, dim).transpose(1, 2)  # B x N x K
+        return {"pred_tokens": self.mask_norm(masks)}
+
     def flops(self, num_tokens: int, grid: Tuple[int, int], size: Sequence[int]) -> int:
         """proj_dec, the blocks on the N + K tokens, decoder_norm, the two projections, the
         patch-class products, mask_norm, then the upsampling (L2 normalisation costs none)."""
@@ -101,3 +143,10 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
         total += (n + k) * dim * dim  # proj_patch on the patches, proj_classes on the classes
         total += n * dim * k + token_wise_flops(self.mask_norm) * n
         return total + resize_logits_flops(k, grid, size)
+
+
+def _wider_padding_shift(layout: "PackedLayout", width: int) -> torch.Tensor:
+    """Per real token, how far its slot moves when images are padded to ``width`` instead of
+    the longest image (``layout.pad_rows`` assumes the latter): image b moves by b * (width - longest)."""
+    extra = width - layout.pad_width(False)
+    return layout.patch_batch_index() * extra

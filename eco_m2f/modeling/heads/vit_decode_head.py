@@ -7,9 +7,11 @@ auxiliary=False)`` with ``input_shape = {"tokens": ShapeSpec(channels=C, stride=
 by ``MODEL.SEM_SEG_HEAD.AUX_LOSS_WEIGHT`` instead of ``LOSS_WEIGHT``). Three input kinds
 (:attr:`ViTDecodeHead.input_kind`):
 
-* ``"tokens"``: ``forward(tokens B x N x C, padding_mask B x N bool | None)``; per-token outputs.
-  ``padding_mask`` is True where a slot holds no token, so a batch may hold a different number
-  of live tokens per image; attention inside the head ignores those slots.
+* ``"tokens"``: ``forward(tokens B x N x C, padding_mask B x N bool | None, lengths=None)``;
+  per-token outputs. ``padding_mask`` is True where a slot holds no token, so a batch may hold a
+  different number of live tokens per image; attention inside the head ignores those slots.
+  ``lengths`` (host ints, the real tokens per image, or None) lets a head skip the empty slots;
+  outputs at empty slots are unspecified.
 * ``"levels"``: as ``"tokens"`` but a list of B x N x C sequences, one per
   ``MODEL.VIT.OUT_INDICES`` entry (shallow to deep), sharing one ``padding_mask``.
 * ``"grid"``: ``forward(maps B x C x h x w)``; dense maps only.

@@ -165,7 +165,7 @@ class Segmenter(SegmentationModel):
             tokens = features.layers[layer]
             levels = [tokens]
         if head.input_kind == "tokens":
-            return head(tokens, features.padding_mask)
+            return head(tokens, features.padding_mask, lengths=features.lengths)
         if head.input_kind == "levels":
             return head(levels, features.padding_mask)
         if not features.dense:

@@ -168,10 +168,11 @@ class ReductionLoop:
         for i, t in captured.items():
             # a block kept before a reduction: its features of the tokens that are still live
             layers[i] = t.padded()[0] if t.owner is tokens.owner else tokens.padded(_rows_still_live(t, tokens))[0]
-        features = ViTFeatures(
-            tokens=patches, prefix=x.prefix(), grid=tokens.grid, layers=layers, padding_mask=None if uniform else ~real
-        )
         counts = list(tokens.live_counts)
+        features = ViTFeatures(
+            tokens=patches, prefix=x.prefix(), grid=tokens.grid, layers=layers, padding_mask=None if uniform else ~real,
+            lengths=None if uniform else tuple(counts),
+        )
         return ReducedPass(features, tokens, state, [tokens.num_prefix + n for n in counts], counts)
 
     # ------------------------------------------------------------------ pictures
