@@ -50,7 +50,6 @@ def test_token_heads_on_a_ragged_batch_equal_each_image_alone(name):
             assert torch.allclose(batched["pred_logits"][i], alone["pred_logits"][0], atol=1e-5)
 
 
-
 def test_mask_transformer_packed_path_equals_the_padded_one_at_real_slots():
     """With host lengths and no gradients the mask transformer runs on the packed real tokens:
     equal to the masked padded path at every real slot, also with slots wider than the longest
@@ -77,6 +76,7 @@ def test_mask_transformer_packed_path_equals_the_padded_one_at_real_slots():
     assert torch.equal(trained.detach(), padded) and trained.requires_grad
     with pytest.raises(ValueError, match="do not fit"):
         head.forward_packed(x, (12, 7, 15, 0))
+
 
 def test_grid_heads_output_resolution_and_auxiliary_variants():
     maps = torch.randn(2, C, 3, 5)

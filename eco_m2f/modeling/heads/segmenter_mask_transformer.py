@@ -9,7 +9,7 @@ decoder_norm, mask_norm}``).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,9 +19,6 @@ from timm.models.vision_transformer import Block
 
 from ..registry import SEM_SEG_HEADS_REGISTRY, ShapeSpec
 from .vit_decode_head import ViTDecodeHead, resize_logits_flops
-
-if TYPE_CHECKING:  # the token-reduction package imports the heads, so the head imports it where it runs
-    from ..token_reduction.packing import PackedLayout
 
 __all__ = ["SegmenterMaskTransformerHead"]
 
@@ -105,6 +102,7 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
         by the token runtime (attention within each image, token-wise layers on the packed rows),
         then the patch-class products per image. Equals :meth:`forward` with the padding mask at
         every real slot; empty slots come back as ``mask_norm`` of zeros."""
+        # imported here: the token-reduction package imports the heads
         from ..token_reduction.blocks import run_block
         from ..token_reduction.packing import PackedLayout
 
@@ -114,10 +112,9 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
             raise ValueError(f"lengths {list(lengths)} do not fit {b} images of {n} token slots")
         # each image's rows: its K class embeddings (the layout's prefix), then its real tokens
         layout = PackedLayout([k + int(m) for m in lengths], k, tokens.device)
-        slots = layout.pad_rows(False)  # the real slots of the (B * N) padded rows, image-major
-        if layout.pad_width(False) != n:  # the padding is wider than the longest image
-            slots = slots + _wider_padding_shift(layout, n)
-        patches = self.proj_dec(tokens.reshape(b * n, c).index_select(0, slots))  # Tp x D
+        width = layout.pad_width(False)  # the longest image (a view of all N slots when it fills them)
+        slots = layout.pad_rows(False)  # the real slots of the (B * width) padded rows, image-major
+        patches = self.proj_dec(tokens[:, :width].reshape(b * width, c).index_select(0, slots))  # Tp x D
         classes = self.cls_emb.expand(b, -1, -1).to(patches.dtype).reshape(b * k, dim)
         x = patches.new_empty(layout.total, dim)
         x = x.index_copy(0, layout.prefix_rows(), classes).index_copy(0, layout.patch_rows(), patches)  # T x D
@@ -126,9 +123,9 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
         x = self.decoder_norm(x)
         patches = F.normalize(x.index_select(0, layout.patch_rows()) @ self.proj_patch.to(x.dtype), dim=-1)  # Tp x D
         classes = F.normalize(x.index_select(0, layout.prefix_rows()) @ self.proj_classes.to(x.dtype), dim=-1)
-        padded = patches.new_zeros(b * n, dim).index_copy(0, slots, patches).view(b, n, dim)
-        masks = padded @ classes.view(b, k, dim).transpose(1, 2)  # B x N x K
-        return {"pred_tokens": self.mask_norm(masks)}
+        padded = patches.new_zeros(b * width, dim).index_copy(0, slots, patches).view(b, width, dim)
+        masks = padded @ classes.view(b, k, dim).transpose(1, 2)  # B x width x K
+        return {"pred_tokens": self.mask_norm(F.pad(masks, (0, 0, 0, n - width)))}  # B x N x K
 
     def flops(self, num_tokens: int, grid: Tuple[int, int], size: Sequence[int]) -> int:
         """proj_dec, the blocks on the N + K tokens, decoder_norm, the two projections, the
@@ -143,10 +140,3 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
         total += (n + k) * dim * dim  # proj_patch on the patches, proj_classes on the classes
         total += n * dim * k + token_wise_flops(self.mask_norm) * n
         return total + resize_logits_flops(k, grid, size)
-
-
-def _wider_padding_shift(layout: "PackedLayout", width: int) -> torch.Tensor:
-    """Per real token, how far its slot moves when images are padded to ``width`` instead of
-    the longest image (``layout.pad_rows`` assumes the latter): image b moves by b * (width - longest)."""
-    extra = width - layout.pad_width(False)
-    return layout.patch_batch_index() * extra
