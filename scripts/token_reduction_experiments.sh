@@ -45,7 +45,9 @@
 # a sweep also evaluated and timed with that attention). A stage that finished is not redone (a trained
 # model is kept, the sweep reuses finished evaluations); a training stopped by its time bound
 # continues from its last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is
-# printed.
+# printed. TRAIN_ONLY=1: the stages that train stop after training (their sweeps come from a later
+# call of the same stage, which keeps the trained model), so that trainings can run side by side
+# and every sweep is timed alone.
 # TINY=1: everything on the CPU with a tiny ViT and 64 x 64 images (a check of the script).
 set -euo pipefail
 stage=${1:?usage: $0 data|dense|untrained|paumer|dovit|policy|policy_dcts|sharing|sharing_ft|dtop|step|maps|report|all [OUT_DIR]}
@@ -145,6 +147,7 @@ dcts_policy_weights() { echo "${DCTS_POLICY_WEIGHTS:-$out/policy_dcts/model_trai
 sweep() {
   local name=$1 cfg=$2 title=$3 weights=${SWEEP_WEIGHTS:-$out/$1/model_trained.pth}; shift 3
   local -n overrides=$name
+  if [ "${TRAIN_ONLY:-0}" = 1 ]; then stamp "$name sweep left for a later call (TRAIN_ONLY=1)"; return; fi
   if [ -n "${SWEEP_ATTENTIONS:-}" ]; then local extra; mapfile -t extra < <(with_attentions "$@"); set -- "$@" "${extra[@]}"; fi
   stamp "$name sweep: dense, $*"
   mkdir -p "$out/${name}_sweep"
