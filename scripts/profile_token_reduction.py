@@ -4,7 +4,7 @@
     python scripts/profile_token_reduction.py --config-file configs/synthetic/dcts_vit_s_mask.yaml \\
         --size 1024 1024 --batch 8 1 --setting cts-S MODEL.TOKEN_REDUCTION.NAME CTS \\
         --setting dtop-theta1 MODEL.TOKEN_REDUCTION.NAME DTOP MODEL.TOKEN_REDUCTION.DTOP.THETA 1.0 \\
-        [--json OUT.json] [KEY VALUE ...]
+        [--json OUT.json] [-- KEY VALUE ...]
     python scripts/profile_token_reduction.py --device cpu --tiny     # a quick check of the script
 
 Random weights and random images by default (the time of a fixed configuration does not depend on
@@ -15,7 +15,10 @@ its attention forced to the flash kernel (the kernel the ragged runtime uses), a
 setting, the latency of ``model.network`` in bf16 at each batch size and the GPU time inside
 each stage (CUDA events around the policy, the embedding, the runs of blocks, the reductions,
 the decode head and the final upsampling; when a pass is launch-bound the stages add up to less
-than its latency), and the top kernels of each pass.
+than its latency), and the top kernels of each pass. Overrides for every model go behind ``--``
+(a --setting takes every word up to the next option); with ``--real-images`` the images must come
+out of the test mapper at ``--size`` (e.g. ``-- INPUT.MIN_SIZE_TEST 1024 INPUT.SIZE_DIVISIBILITY
+1024``), or the script stops.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eco_m2f.architectures import build_model  # noqa: E402
 from eco_m2f.config import setup_cfg  # noqa: E402
-from eco_m2f.evaluation.reduction_sweep import build_trained, parse_settings, timed_inputs  # noqa: E402
+from eco_m2f.evaluation.reduction_sweep import build_trained, parse_settings, split_shared_overrides, timed_inputs  # noqa: E402
 from eco_m2f.evaluation.throughput import host_profile, profile_kernels, stage_times, sync_points, time_forward  # noqa: E402
 
 TINY = ["MODEL.VIT.EMBED_DIM", "64", "MODEL.VIT.DEPTH", "4", "MODEL.VIT.NUM_HEADS", "2",
@@ -87,6 +90,11 @@ def profile(
                 x = torch.randn(b, 3, *sizes, generator=g).to(device)
             else:  # the sweep's timed batch: the first validation images, as the model pads them
                 x = model.preprocess_image(real[:b]).tensor
+                if list(x.shape[-2:]) != list(sizes):
+                    raise SystemExit(
+                        f"{name}: the validation images of {cfg.DATASETS.TEST[0]} come out at {list(x.shape[-2:])} "
+                        f"(INPUT.MIN_SIZE_TEST {cfg.INPUT.MIN_SIZE_TEST}, INPUT.SIZE_DIVISIBILITY "
+                        f"{cfg.INPUT.SIZE_DIVISIBILITY}), not --size {list(sizes)}: give the INPUT overrides behind --")
             time_forward(model.network, x, "bf16" if device == "cuda" else "fp32", warmup=10, iters=0)
             before = _captures(model)
             ms, ips = time_forward(model.network, x, "bf16" if device == "cuda" else "fp32", warmup=0, iters=30)
@@ -119,8 +127,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny ViT and 64 x 64 inputs (a check of the script)")
     parser.add_argument("--json", default="")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every model")
-    args = parser.parse_args()
+    parser.add_argument("opts", nargs="*", help="KEY VALUE overrides for every model (behind --)")
+    argv, shared = split_shared_overrides(sys.argv[1:])
+    args = parser.parse_intermixed_args(argv)
+    args.opts = list(args.opts) + shared
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (use --device cpu for a check of the script)")
     try:

@@ -3,7 +3,7 @@
 
     python scripts/sweep_token_reduction.py --config-file CONFIG --weights W [--dense-weights D]
         --setting NAME KEY VALUE [KEY VALUE ...] [--setting ...] [--output-dir DIR]
-        [--dtype bf16] [--warmup 10] [--iters 30] [KEY VALUE ...]
+        [--dtype bf16] [--warmup 10] [--iters 30] [-- KEY VALUE ...]
     python scripts/sweep_token_reduction.py --show DIR     # the table of a finished sweep
 
 For the dense baseline (CONFIG with MODEL.TOKEN_REDUCTION.NAME "", weights --dense-weights or
@@ -13,6 +13,8 @@ model.network on the first 8 validation images (batch 8 and batch 1), the speed-
 the share of the FLOP reduction that became time. Prints the table and writes sweep.csv,
 sweep.json and sweep.png (mIoU vs images/s and vs GFLOPs) to --output-dir (default
 OUTPUT_DIR/sweep). A rerun reuses the finished evaluations (evaluations.jsonl) and times again.
+Overrides for every row go behind ``--`` (or before the first --setting): a --setting takes every
+word up to the next option.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eco_m2f.evaluation.reduction_sweep import format_sweep_table, load_sweep, parse_settings, run_sweep  # noqa: E402
+from eco_m2f.evaluation.reduction_sweep import (  # noqa: E402
+    format_sweep_table, load_sweep, parse_settings, run_sweep, split_shared_overrides,
+)
 
 
 def main(argv=None) -> int:
@@ -40,8 +44,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--device", default=None)
-    p.add_argument("opts", nargs="*", help="KEY VALUE config overrides for every row")
+    p.add_argument("opts", nargs="*", help="KEY VALUE config overrides for every row (behind --)")
+    argv, shared = split_shared_overrides(sys.argv[1:] if argv is None else argv)
     args = p.parse_intermixed_args(argv)
+    args.opts = list(args.opts) + shared
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if args.show:
         print(format_sweep_table(load_sweep(args.show), args.dtype))

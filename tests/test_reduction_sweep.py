@@ -110,3 +110,35 @@ def test_token_map_pictures(weights, tmp_path):
     picture = np.asarray(Image.open(paths[0]))
     assert picture.shape[1] > 2 * 64 and picture.shape[2] == 3
     assert json.dumps(paths)
+
+
+def test_overrides_behind_a_double_dash_reach_every_row(monkeypatch, tmp_path):
+    """A --setting takes every word up to the next option; behind -- the overrides are every row's."""
+    assert rs.split_shared_overrides(["--setting", "a", "K", "1", "--", "X", "2"]) == (["--setting", "a", "K", "1"], ["X", "2"])
+    assert rs.split_shared_overrides(["--setting", "a", "K", "1", "X", "2"]) == (["--setting", "a", "K", "1", "X", "2"], [])
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_script", REPO / "scripts/sweep_token_reduction.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = {}
+    monkeypatch.setattr(script, "run_sweep", lambda config, settings, out, opts, *a, **k: seen.update(settings=settings, opts=opts) or [])
+    monkeypatch.setattr(script, "format_sweep_table", lambda rows, dtype: "")
+    w = tmp_path / "w.pth"
+    w.write_bytes(b"")
+    script.main(["--config-file", CONFIG, "--weights", str(w), "--output-dir", str(tmp_path / "s"),
+                 "--setting", "a", "K", "1", "--", "X", "2"])
+    assert [(s.name, s.overrides) for s in seen["settings"]] == [("a", ["K", "1"])]
+    assert seen["opts"] == ["X", "2", "MODEL.WEIGHTS", str(w)]
+
+
+def test_the_profile_stops_when_real_images_are_not_at_its_size(semantic_root, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(semantic_root))
+    cmd = [sys.executable, str(REPO / "scripts/profile_token_reduction.py"), "--config-file", CONFIG, "--device", "cpu",
+           "--tiny", "--real-images", "--batch", "2", "--", *OPTS, "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "256",
+           "INPUT.SIZE_DIVISIBILITY", "128"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "come out at [128, 128]" in done.stderr and "not --size [64, 64]" in done.stderr

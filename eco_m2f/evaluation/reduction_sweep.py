@@ -21,14 +21,14 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 
 __all__ = [
     "DENSE", "Setting", "SweepRow", "flop_time_share", "format_sweep_table", "load_sweep", "parse_settings", "run_sweep",
-    "write_sweep",
+    "split_shared_overrides", "write_sweep",
 ]
 
 #: Name of the dense baseline's row.
@@ -73,6 +73,19 @@ def parse_settings(specs: Sequence[Sequence[str]]) -> List[Setting]:
     if DENSE in names or len(set(names)) != len(names):
         raise ValueError(f"setting names must be distinct and not '{DENSE}' (the baseline's): {names}")
     return settings
+
+
+def split_shared_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """``[..., "--", KEY, VALUE, ...]`` -> (the arguments before ``--``, the overrides after it).
+
+    ``--setting NAME KEY VALUE ...`` takes every word up to the next option, so overrides meant
+    for every row, written after the last setting, would silently become that setting's alone;
+    behind ``--`` they are every row's."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
 
 
 def flop_time_share(t_dense: float, t: float, flop_ratio: float) -> float:
