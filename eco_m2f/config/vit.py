@@ -99,9 +99,11 @@ def add_vit_config(cfg: CN) -> None:
     # In fp16/bf16 inference on CUDA, replay each run of blocks between two reductions as one
     # CUDA graph (GraphedBlocks); only with ATTENTION "auto", "flash" or "varlen".
     cfg.MODEL.TOKEN_REDUCTION.CUDA_GRAPHS = True
-    # With CUDA_GRAPHS, capture a threshold decision (DoViT's) in the graph of the blocks before it,
-    # so that only its per-image counts wait for the host (token_reduction/static_decision.py).
-    cfg.MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS = False
+    # With CUDA_GRAPHS, capture a threshold decision (DoViT's, DToP's and STEP's with linear
+    # auxiliary heads) in the graph of the blocks before it, so that only its per-image counts wait
+    # for the host (token_reduction/static_decision.py); the same decisions, measured faster in the
+    # trained sweeps (README, run 7).
+    cfg.MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS = True
 
     # ------------------------------------------------------------------ inference
     # Sliding-window inference: CROP_SIZE windows every STRIDE pixels (the last one flush with

@@ -62,7 +62,7 @@ class ReductionLoop:
     """
 
     def __init__(self, backbone: "ViTBackbone", reducer: TokenReducer, attention: str = "auto", cuda_graphs: bool = True,
-                 graph_decisions: bool = False) -> None:
+                 graph_decisions: bool = True) -> None:
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"MODEL.TOKEN_REDUCTION.ATTENTION '{attention}' is not one of {list(ATTENTION_IMPLS)}")
         for block in backbone.blocks:
