@@ -104,6 +104,11 @@ def add_vit_config(cfg: CN) -> None:
     # for the host (token_reduction/static_decision.py); the same decisions, measured faster in the
     # trained sweeps (README, run 7).
     cfg.MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS = True
+    # With CUDA_GRAPHS, replay a token-wise decode head (mask transformer, linear) on the dense
+    # token grid that PAUMER and DoViT hand back as one CUDA graph (token_reduction/graphed_head.py):
+    # after a pass's last decision the host has waited for the GPU, and the head's eager kernels
+    # would keep it idle.
+    cfg.MODEL.TOKEN_REDUCTION.GRAPH_HEAD = True
 
     # ------------------------------------------------------------------ inference
     # Sliding-window inference: CROP_SIZE windows every STRIDE pixels (the last one flush with

@@ -36,6 +36,7 @@ from ..registry import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
 from ..token_reduction.cost import cost_records, dense_cost_records, merge_cost_records
 from ..token_reduction.encoder_loop import ReducedPass, ReductionLoop, grid_outputs
 from ..token_reduction.build import build_token_reducer
+from ..token_reduction.graphed_head import GraphedHead
 from ..token_reduction.plugin import TokenMap, TokenReducer
 from .base import SegmentationModel
 from .dense_inference import predict_sliding, predict_whole
@@ -103,10 +104,14 @@ class Segmenter(SegmentationModel):
         #: the token-reduction method acting between the blocks; None: the dense encoder
         self.token_reducer: Optional[TokenReducer] = None
         self._reduction: Optional[ReductionLoop] = None
+        #: graph replay of a token-wise head on the dense grid a reduced pass hands back (GRAPH_HEAD)
+        self._graphed_head: Optional[GraphedHead] = None
         if reduction.NAME:
             self.token_reducer = build_token_reducer(cfg, backbone, self.sem_seg_head)
             self._reduction = ReductionLoop(backbone, self.token_reducer, str(reduction.ATTENTION), bool(reduction.CUDA_GRAPHS),
                                             bool(reduction.GRAPH_DECISIONS))
+            if self._reduction.cuda_graphs and bool(reduction.GRAPH_HEAD):
+                self._graphed_head = GraphedHead()
         self._init_inference(cfg)
         self._check_train_crop(cfg)
 
@@ -165,6 +170,13 @@ class Segmenter(SegmentationModel):
             tokens = features.layers[layer]
             levels = [tokens]
         if head.input_kind == "tokens":
+            # tokens whose shape depends on the batch alone: the dense grid, or a fixed count per image
+            # (fixed-S CTS); counts that follow the content would capture a graph per count
+            graphed = self._graphed_head
+            if graphed is not None and graphed.applies(head, tokens) and (
+                features.dense or (features.padding_mask is None and not self.token_reducer.content_dependent_cost)
+            ):
+                return graphed(head, tokens)
             return head(tokens, features.padding_mask, lengths=features.lengths)
         if head.input_kind == "levels":
             return head(levels, features.padding_mask)
@@ -341,6 +353,8 @@ class Segmenter(SegmentationModel):
         out = super()._apply(fn, *args, **kwargs)
         if getattr(self, "_reduction", None) is not None:
             self._reduction.reset()
+        if getattr(self, "_graphed_head", None) is not None:
+            self._graphed_head.reset()
         return out
 
     # ------------------------------------------------------------------ checkpoints
