@@ -16,6 +16,9 @@ PAUMER = ["MODEL.TOKEN_REDUCTION.NAME", "PAUMER", "MODEL.TOKEN_REDUCTION.PAUMER.
           "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS", "[0.5]"]
 DOVIT = ["MODEL.TOKEN_REDUCTION.NAME", "DoViT", "MODEL.TOKEN_REDUCTION.DOVIT.DECISION_LAYERS", "[1, 2]",
          "MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD", "0.5"]
+# fixed S: the same number of tokens in every image, handed to the head as live tokens
+CTS = ["MODEL.TOKEN_REDUCTION.NAME", "CTS", "MODEL.TOKEN_REDUCTION.CTS.NUM_SHARED", "2",
+       "MODEL.TOKEN_REDUCTION.CTS.NUM_SHARED_OF", "0"]
 
 
 def test_graph_head_is_built_only_with_the_runtime_graphs_and_runs_eagerly_off_cuda():
@@ -35,7 +38,7 @@ def test_graph_head_is_built_only_with_the_runtime_graphs_and_runs_eagerly_off_c
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("opts", [PAUMER, DOVIT], ids=["PAUMER", "DoViT"])
+@pytest.mark.parametrize("opts", [PAUMER, DOVIT, CTS], ids=["PAUMER", "DoViT", "CTS"])
 def test_graphed_head_on_cuda_equals_the_eager_head(opts):
     """bf16 on CUDA: the logits of a pass with the head replayed equal those with the eager head,
     for a second input too (the replay reads its new tokens, the outputs are copies)."""
