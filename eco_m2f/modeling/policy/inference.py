@@ -27,6 +27,8 @@ from typing import Callable, Dict, Hashable, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ...utils.cuda_graph import warm_and_capture
+
 __all__ = ["FastPolicy", "fold_batchnorm"]
 
 
@@ -141,23 +143,19 @@ class FastPolicy:
                 with torch.autocast("cuda", dtype=cast or torch.bfloat16, enabled=cast is not None, cache_enabled=False):
                     return self._forward(images, mean, std)
 
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):  # warm-up outside the capture: compilation, cuDNN's kernel choice
+            def warmup() -> None:  # compilation and cuDNN's kernel choice happen here
                 try:
                     forward()
                 except Exception as exc:
                     if self._forward is fast.window_logits:
                         raise
                     warnings.warn(f"compiling the policy network failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                                  "it runs uncompiled", RuntimeWarning, stacklevel=3)
+                                  "it runs uncompiled", RuntimeWarning, stacklevel=5)
                     self.compile = False  # for good: a rebuilt copy (new weights) is not compiled again
                     self._forward = fast.window_logits
                     forward()
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = forward()
+
+            graph, logits = warm_and_capture(forward, x.device, self._pool, warmup)
         self.captures += 1
         captured = self._graphs[key] = _Captured(graph, images, logits)
         return captured

@@ -16,6 +16,8 @@ from typing import Dict, Hashable, Optional
 import torch
 import torch.nn as nn
 
+from ...utils.cuda_graph import warm_and_capture
+
 __all__ = ["GraphedHead"]
 
 
@@ -70,7 +72,6 @@ class GraphedHead:
             self._graphs.popitem(last=False)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        device = tokens.device
         with torch.inference_mode(False), torch.no_grad():  # plain buffers, writable in any mode
             static = torch.empty_like(tokens).copy_(tokens)
 
@@ -78,14 +79,7 @@ class GraphedHead:
                 with torch.autocast("cuda", dtype=cast or torch.bfloat16, enabled=cast is not None, cache_enabled=False):
                     return head(static)
 
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up outside the capture: library handles, kernel choices
-                forward()
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                outputs = forward()
+            graph, outputs = warm_and_capture(forward, tokens.device, self._pool)
         if not all(isinstance(t, torch.Tensor) for t in outputs.values()):
             raise TypeError(f"{type(head).__name__} returned non-tensor outputs; a graphed head needs a dict of tensors")
         self.captures += 1

@@ -27,6 +27,7 @@ from typing import Dict, Hashable, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ...utils.cuda_graph import warm_and_capture
 from .blocks import check_block, run_block, run_blocks
 from .fused import FusedBlocks, fusable
 from .options import InferenceOptions, default_inference
@@ -48,7 +49,7 @@ def _warn_once(key: Hashable, message: str) -> None:
 
 @dataclass
 class _Captured:
-    graph: torch.cuda.CUDAGraph
+    graph: Optional[torch.cuda.CUDAGraph]  # set once captured
     rows_in: torch.Tensor  # (rows, C) static input
     offsets: torch.Tensor  # (B + 2,) int32 static offsets; the last image is padding (ragged graphs)
     rows_out: torch.Tensor  # (rows, C) static output
@@ -191,7 +192,7 @@ class GraphedBlocks:
             rows_in = torch.zeros(rows, channels, device=device, dtype=dtype)  # padding rows start finite
             offsets = torch.full((batch + 1 + (not uniform),), rows, device=device, dtype=torch.int32)
             inputs = {} if decision is None else {name: torch.empty_like(t) for name, t in decision.inputs.items()}
-            captured = _Captured(torch.cuda.CUDAGraph(), rows_in, offsets, rows_in, inputs)
+            captured = _Captured(None, rows_in, offsets, rows_in, inputs)
             self._load(captured, tokens, decision)
             layout = StaticLayout(offsets, longest, uniform)
 
@@ -205,18 +206,16 @@ class GraphedBlocks:
                             x = run_block(block, x, layout, opts.attention)
                     return x, ({} if decision is None else decision.compute(x, layout, inputs))
 
-            start = time.perf_counter()
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up outside the capture: library handles, lazy init, compilation
+            start, warmed = time.perf_counter(), []
+
+            def warmup() -> None:  # library handles, lazy init, compilation; timed apart from the capture
                 forward()
-            torch.cuda.current_stream(device).wait_stream(side)
+                torch.cuda.synchronize(device)
+                warmed.append(time.perf_counter() - start)
+
+            captured.graph, (captured.rows_out, captured.outputs) = warm_and_capture(forward, device, self._pool, warmup)
             torch.cuda.synchronize(device)
-            warmup = time.perf_counter() - start
-            with torch.cuda.graph(captured.graph, pool=self._pool):
-                captured.rows_out, captured.outputs = forward()
-            torch.cuda.synchronize(device)
-        self._record(warmup, time.perf_counter() - start - warmup)
+        self._record(warmed[0], time.perf_counter() - start - warmed[0])
         self._graphs[key] = captured
         return captured
 
