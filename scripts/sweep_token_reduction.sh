@@ -2,7 +2,7 @@
 # Token-reduction trade-off sweep: scripts/sweep_token_reduction.sh CONFIG WEIGHTS [--dense-weights D] --setting NAME KEY VALUE ... [KEY VALUE ...]
 set -euo pipefail
 if [ "$#" -lt 2 ]; then
-  echo "usage: $0 CONFIG WEIGHTS [--dense-weights D] --setting NAME KEY VALUE [...] [KEY VALUE ...]" >&2
+  echo "usage: $0 CONFIG WEIGHTS [--dense-weights D] --setting NAME KEY VALUE [...] [-- KEY VALUE ...]" >&2
   exit 2
 fi
 config=$1; weights=$2; shift 2
