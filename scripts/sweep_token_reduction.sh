@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Token-reduction trade-off sweep: scripts/sweep_token_reduction.sh CONFIG WEIGHTS [--dense-weights D] --setting NAME KEY VALUE ... [KEY VALUE ...]
+# Token-reduction trade-off sweep: scripts/sweep_token_reduction.sh CONFIG WEIGHTS [--dense-weights D] --setting NAME KEY VALUE ... [-- KEY VALUE ...]
 set -euo pipefail
 if [ "$#" -lt 2 ]; then
   echo "usage: $0 CONFIG WEIGHTS [--dense-weights D] --setting NAME KEY VALUE [...] [-- KEY VALUE ...]" >&2
