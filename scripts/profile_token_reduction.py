@@ -15,7 +15,9 @@ its attention forced to the flash kernel (the kernel the ragged runtime uses), a
 setting, the latency of ``model.network`` in bf16 at each batch size and the GPU time inside
 each stage (CUDA events around the policy, the embedding, the runs of blocks, the reductions,
 the decode head and the final upsampling; when a pass is launch-bound the stages add up to less
-than its latency), and the top kernels of each pass. Overrides for every model go behind ``--``
+than its latency), the top kernels of each pass, and (``--gaps N``) where the GPU idles: the N
+lines of the package that launched the work after the longest idle time, and the host waits
+before them (:mod:`eco_m2f.evaluation.gpu_idle`). Overrides for every model go behind ``--``
 (a --setting takes every word up to the next option); with ``--real-images`` the images must come
 out of the test mapper at ``--size`` (e.g. ``-- INPUT.MIN_SIZE_TEST 1024 INPUT.SIZE_DIVISIBILITY
 1024``), or the script stops.
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eco_m2f.architectures import build_model  # noqa: E402
 from eco_m2f.config import setup_cfg  # noqa: E402
 from eco_m2f.evaluation.reduction_sweep import build_trained, parse_settings, split_shared_overrides, timed_inputs  # noqa: E402
+from eco_m2f.evaluation.gpu_idle import gpu_idle  # noqa: E402
 from eco_m2f.evaluation.throughput import host_profile, profile_kernels, stage_times, sync_points, time_forward  # noqa: E402
 
 TINY = ["MODEL.VIT.EMBED_DIM", "64", "MODEL.VIT.DEPTH", "4", "MODEL.VIT.NUM_HEADS", "2",
@@ -71,7 +74,7 @@ def _captures(model) -> int:
 
 def profile(
     cfg, name: str, sizes: List[int], batches: List[int], device: str, flash_only: bool = False, kernels: int = 0,
-    host: int = 0, syncs: bool = False, real_images: bool = False,
+    host: int = 0, syncs: bool = False, real_images: bool = False, gaps: int = 0,
 ) -> Dict[str, Any]:
     """Latency, images/s and stage times of one model at each batch size."""
     torch.manual_seed(0)
@@ -105,6 +108,8 @@ def profile(
                     row[f"b{b}"]["kernels"] = profile_kernels(model.network, x, "bf16", top=kernels)
                 if syncs:
                     row[f"b{b}"]["syncs"] = sync_points(model.network, x, "bf16")
+                if gaps and b == batches[0]:
+                    row[f"b{b}"]["gaps"] = gpu_idle(model.network, x, "bf16").table(top=gaps)
             if host and b == batches[0]:
                 row[f"b{b}"]["host"] = host_profile(model.network, x, "bf16" if device == "cuda" else "fp32", top=host)
     return row
@@ -119,6 +124,8 @@ def main() -> None:
                         help="a named setting: config overrides (repeatable)")
     parser.add_argument("--kernels", type=int, default=0, help="print the top N kernels of each pass at the first batch size")
     parser.add_argument("--host", type=int, default=0, help="print the top N Python functions by host time (cProfile) at the first batch size")
+    parser.add_argument("--gaps", type=int, default=0, help="at the first batch size, where the GPU idles in a pass: "
+                        "the top N places of the package that launched the work after a gap (CUDA)")
     parser.add_argument("--syncs", action="store_true", help="list the host syncs of one pass at every batch size (CUDA)")
     parser.add_argument("--weights", default="", help="trained weights of every model, loaded as the sweep loads them "
                         "(a model without a token reducer ignores token_reducer.* keys); default: random weights")
@@ -147,7 +154,7 @@ def main() -> None:
     rows = []
     for name, opts, flash in base + [(s.name, s.overrides, False) for s in settings]:
         cfg = setup_cfg(args.config_file, common + opts)
-        row = profile(cfg, name, sizes, args.batch, args.device, flash, args.kernels, args.host, args.syncs, args.real_images)
+        row = profile(cfg, name, sizes, args.batch, args.device, flash, args.kernels, args.host, args.syncs, args.real_images, args.gaps)
         rows.append(row)
         cells = []
         for b in args.batch:
@@ -157,7 +164,7 @@ def main() -> None:
             cells.append(f"b{b}: {r['ms']:.2f} ms ({r['img/s']:.1f} img/s{captured}){'; ' + stages if stages else ''}")
         print(f"{name:24s} " + " | ".join(cells), flush=True)
         first = row[f"b{args.batch[0]}"]
-        for key in ("kernels", "host"):
+        for key in ("kernels", "host", "gaps"):
             if key in first:
                 print(first.pop(key), flush=True)
         for b in args.batch:
