@@ -9,7 +9,8 @@
 #   untrained  evaluate the dense Segmenter as initialised (random weights, SEED), the baseline
 #           of the trained one's mIoU
 #   paumer  fine-tune PAUMER from it (FT_ITERS, at most FT_SECONDS), pausing after PAUSE_LAYERS;
-#           then its sweep: dense, tau 0 (no pausing) and every tau of TAUS at each pause layer
+#           then its sweep: dense, tau 0 (no pausing) and every tau of TAUS at each pause layer, and
+#           every tau of EAGER_TAUS with its pause steps outside the blocks' CUDA graphs
 #   dovit   fine-tune DoViT from it (FT_ITERS, at most FT_SECONDS) with decisions after
 #           DECISION_LAYERS at xi FT_XI, distilled from the dense model (the frozen teacher);
 #           then its sweep: dense, xi 1.0 (nothing stops) and every xi of XIS, and every xi of
@@ -37,7 +38,7 @@
 #   report  the tables of every sweep done so far
 #   all     data dense untrained paumer dovit policy policy_dcts sharing sharing_ft dtop step maps report
 # Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
-# Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS
+# Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS EAGER_TAUS
 # DECISION_LAYERS FT_XI XIS EAGER_XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS
 # POLICY_PRETRAINED DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS EAGER_THETAS
 # STEP_THETAS STEP_EAGER STEP_FT_SECONDS SHARING_FT_SECONDS HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
@@ -223,6 +224,9 @@ paumer)
   finetune "$FT_SECONDS" paumer "$paumer_cfg" "$(dense_weights)" "${paumer[@]}"
   settings=(--setting tau0 MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[0.0]")
   for tau in $TAUS; do settings+=(--setting "tau$tau" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[$tau]"); done
+  for tau in ${EAGER_TAUS:-}; do
+    settings+=(--setting "tau$tau-eager" MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS "[$tau]" MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS False)
+  done
   sweep paumer "$paumer_cfg" "PAUMER pausing after layers $PAUSE_LAYERS at the same tau each, ${SIZE}x${SIZE}" "${settings[@]}"
   ;;
 dovit)

@@ -25,6 +25,8 @@ DTOP = ["MODEL.TOKEN_REDUCTION.NAME", "DTOP", "MODEL.TOKEN_REDUCTION.DTOP.PRUNE_
         "MODEL.TOKEN_REDUCTION.DTOP.THETA", "0.6", "MODEL.TOKEN_REDUCTION.DTOP.TOP_K_PER_CLASS", "1"]
 STEP = ["MODEL.TOKEN_REDUCTION.NAME", "STEP", "MODEL.POLICY.WINDOW_SIZES", "[2, 4]", "MODEL.TOKEN_REDUCTION.DCTS.WINDOW_SIZES", "[2, 4]",
         "MODEL.TOKEN_REDUCTION.DCTS.SETTING", "", "MODEL.TOKEN_REDUCTION.DCTS.THRESHOLDS", "[0.5, 0.55]", *DTOP[2:]]
+PAUMER = ["MODEL.TOKEN_REDUCTION.NAME", "PAUMER", "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_LAYERS", "[1, 2]",
+          "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS", "[0.3, 0.5]"]
 DOVIT = ["MODEL.TOKEN_REDUCTION.NAME", "DoViT", "MODEL.TOKEN_REDUCTION.DOVIT.DECISION_LAYERS", "[1, 2]",
          "MODEL.TOKEN_REDUCTION.DOVIT.AUX_HIDDEN", "8", "MODEL.TOKEN_REDUCTION.DOVIT.DISTILL_WEIGHT", "0.0"]
 
@@ -97,10 +99,11 @@ def test_static_keep_of_nothing_and_of_everything():
 
 class _EagerGraph:
     """Stands in for GraphedBlocks on CPU: the blocks eagerly, then the decision on the rows in a
-    bucketed buffer, as the captured graph computes it."""
+    bucketed buffer (``uniform``: the exact rows of a uniform graph), as the captured graph
+    computes it."""
 
-    def __init__(self, blocks, calls):
-        self.blocks, self.calls = list(blocks), calls
+    def __init__(self, blocks, calls, uniform=False):
+        self.blocks, self.calls, self.uniform = list(blocks), calls, uniform
 
     def applies(self, tokens):
         return True
@@ -110,7 +113,7 @@ class _EagerGraph:
 
     def run_deciding(self, tokens, decision):
         after = run_blocks(self.blocks, tokens)
-        x, layout = _bucketed(after)
+        x, layout = _bucketed(after, uniform=self.uniform and after.layout.uniform)
         self.calls.append(decision.key)
         return after, decision.compute(x, layout, {k: v.clone() for k, v in decision.inputs.items()})
 
@@ -140,6 +143,71 @@ def test_dovit_with_graph_decisions_equals_dovit(monkeypatch, merge):
     assert graphed.tokens.layout.lengths == eager.tokens.layout.lengths
     torch.testing.assert_close(graphed.features.tokens, eager.features.tokens, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(graphed.features.prefix, eager.features.prefix, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_rows_picks_each_images_best_rows_and_never_padding():
+    from eco_m2f.modeling.token_reduction.methods.paumer import topk_rows
+
+    ts = _ragged()  # 3 images holding 21, 14 and 8 rows (one prefix row each)
+    x, layout = _bucketed(ts)
+    image = row_images(x.shape[0], layout, 3)
+    g = torch.Generator().manual_seed(2)
+    scores = torch.rand(x.shape[0], generator=g)
+    scores[ts.layout.prefix_rows()] = float("-inf")
+    scores[ts.layout.total:] = 5.0  # padding rows score highest and must still never be chosen
+    keep = torch.tensor([4, 0, 7])
+    got = topk_rows(scores, image, layout.offsets()[:4], layout.max_len, keep, 7)
+    expect = torch.zeros(x.shape[0], dtype=torch.bool)
+    for b, (start, n) in enumerate(zip(ts.layout.starts, ts.layout.lengths)):
+        best = scores[start: start + n].topk(int(keep[b])).indices + start
+        expect[best] = True
+    assert torch.equal(got, expect) and int(got.sum()) == 11
+
+
+class _NoWait:
+    """Stands in for HostCopy where no count may come back from the device."""
+
+    def __init__(self, *args):
+        raise AssertionError("a decision waited for counts that the host knows")
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+@pytest.mark.parametrize("opts", [[], ["MODEL.TOKEN_REDUCTION.PAUMER.EARLY_EXIT", "True"], SETR])
+def test_paumer_with_graph_decisions_equals_paumer(monkeypatch, uniform, opts):
+    """Top-k pausing captured after the blocks: the same tokens pause, the same features (or, with
+    the early exit, logits) come back, the same records; the counts are known, so no wait."""
+    model = tiny_segmenter(*PAUMER, *opts, seed=5).eval()
+    x = images((64, 64), (64, 64), seed=6) if uniform else images((64, 64), seed=6)
+    with torch.no_grad():
+        eager_logits, eager = model.reduced_network(x, record_maps=True)
+        eager_records = model.cost_records(eager, (64, 64))
+        loop, calls = model._reduction, []
+        monkeypatch.setattr(ReductionLoop, "_graphed",
+                            lambda self, start, stop, tokens: _EagerGraph(self.backbone.blocks[start:stop], calls, uniform))
+        monkeypatch.setattr("eco_m2f.modeling.token_reduction.static_decision.HostCopy", _NoWait)  # no count may be waited for
+        loop.cuda_graphs = loop.graph_decisions = True
+        logits, graphed = model.reduced_network(x, record_maps=True)
+        records = model.cost_records(graphed, (64, 64))
+    assert [key[1] for key in calls] == [0, 1]
+    assert [r["paused"] for r in records] == [r["paused"] for r in eager_records] and all(sum(r["paused"]) for r in records)
+    assert records == eager_records
+    assert graphed.tokens.layout.lengths == eager.tokens.layout.lengths
+    assert torch.equal(graphed.tokens.owner, eager.tokens.owner)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+    for name, values in eager.state.token_maps.items():
+        assert torch.equal(graphed.state.token_maps[name], values)
+
+
+def test_paumer_offers_no_static_decision_in_training_or_where_nothing_pauses():
+    from eco_m2f.modeling.token_reduction.plugin import ReductionState
+
+    model = tiny_segmenter(*PAUMER, "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS", "[0.0, 0.5]", seed=5)
+    reducer, ts = model.token_reducer, _ragged()
+    state = ReductionState(images=torch.zeros(3, 3, 64, 80), grid=(4, 5))
+    assert reducer.static_decision(0, ts, state) is None  # tau 0: reduce() passes the tokens on
+    assert reducer.static_decision(1, ts, state) is not None
+    training = ReductionState(images=torch.zeros(3, 3, 64, 80), grid=(4, 5), targets=torch.zeros(3, 64, 80, dtype=torch.long))
+    assert reducer.static_decision(1, ts, training) is None
 
 
 def _eager_and_graphed(model, x, monkeypatch):
@@ -220,14 +288,17 @@ def test_no_static_decision_in_training_or_at_xi_one():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", ["DoViT", "DTOP", "STEP"])
+@pytest.mark.parametrize("name", ["DoViT", "DTOP", "STEP", "PAUMER", "PAUMER-b1"])
 def test_captured_decisions_on_cuda_equal_the_eager_ones(name):
     """bf16 on CUDA: decisions captured in the blocks' graphs give the removals, tokens and
     logits of the eager decisions (the heads made confident, so that few confidences sit at the
-    threshold)."""
+    threshold, and PAUMER's entropies apart). PAUMER-b1: one image, in a bucketed graph."""
     if name == "DoViT":
         model, record = tiny_segmenter(*DOVIT, "MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD", "0.5", seed=3), "stopped"
         heads, size = [h.cls for h in model.token_reducer.aux_heads], (64, 64)
+    elif name.startswith("PAUMER"):
+        model, record = tiny_segmenter(*PAUMER, seed=5), "paused"
+        heads, size = list(model.token_reducer.classifiers.values()), (64, 64)
     else:
         model, record = tiny_segmenter(*(DTOP if name == "DTOP" else STEP), seed=1), "pruned"
         heads, size = [h[1] for h in model.token_reducer.heads.values()], (64, 80)
@@ -236,7 +307,13 @@ def test_captured_decisions_on_cuda_equal_the_eager_ones(name):
             layer.weight.mul_(100.0 if name == "DoViT" else 20.0)
     model = model.cuda().eval()
     # the batches of the CPU tests above, where the removals differ between images
-    x = (images(size, size, size, seed=4) if name == "DoViT" else torch.cat([images(size, seed=s) for s in (3, 4, 5)])).cuda()
+    if name == "PAUMER-b1":
+        x = images(size, seed=6)
+    elif name in ("DoViT", "PAUMER"):
+        x = images(size, size, size, seed=4)
+    else:
+        x = torch.cat([images(size, seed=s) for s in (3, 4, 5)])
+    x = x.cuda()
     results = []
     for graph_decisions in (False, True):
         model._reduction.graph_decisions = graph_decisions

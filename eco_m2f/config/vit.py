@@ -99,10 +99,10 @@ def add_vit_config(cfg: CN) -> None:
     # In fp16/bf16 inference on CUDA, replay each run of blocks between two reductions as one
     # CUDA graph (GraphedBlocks); only with ATTENTION "auto", "flash" or "varlen".
     cfg.MODEL.TOKEN_REDUCTION.CUDA_GRAPHS = True
-    # With CUDA_GRAPHS, capture a threshold decision (DoViT's, DToP's and STEP's with linear
-    # auxiliary heads) in the graph of the blocks before it, so that only its per-image counts wait
-    # for the host (token_reduction/static_decision.py); the same decisions, measured faster in the
-    # trained sweeps (README, run 7).
+    # With CUDA_GRAPHS, capture a decision (DoViT's, DToP's and STEP's with linear auxiliary heads,
+    # PAUMER's pause steps) in the graph of the blocks before it, so that only a threshold
+    # decision's per-image counts wait for the host (token_reduction/static_decision.py); the same
+    # decisions, measured faster in the trained sweeps (README, run 7).
     cfg.MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS = True
     # With CUDA_GRAPHS, replay a token-wise decode head (mask transformer, linear) on the dense
     # token grid that PAUMER and DoViT hand back as one CUDA graph (token_reduction/graphed_head.py):

@@ -1,4 +1,4 @@
-"""Threshold decisions captured in the CUDA graph of the blocks before them.
+"""Decisions captured in the CUDA graph of the blocks before them.
 
 A removal whose counts depend on the data (DoViT: a token stops where its auxiliary head is sure)
 must bring the per-image counts to the host before the next run of blocks can pick its graph.
@@ -7,7 +7,8 @@ the rows, the new owners, the stopped-token sum, the class-token merge: some 85 
 Python) comes after the blocks' graph, and the GPU, done with the blocks, waits for the CPU to
 issue them. Captured with the blocks, they replay in the same launch, on the graph's bucketed
 rows: each row's image is found from the offsets in the graph's device buffer, and the padding
-rows (image index B) neither stay nor leave. Only the counts then come to the host.
+rows (image index B) neither stay nor leave. Only the counts then come to the host; a removal
+whose counts the host knows (PAUMER's top-k) waits for nothing.
 
 :class:`StaticDecision` is what a reducer hands the encoder loop for one decision
 (``TokenReducer.static_decision``): the device tensors the graph reads (copied into its buffers
@@ -18,7 +19,7 @@ itself, the counterpart of :meth:`TokenSet.keep` on bucketed rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Hashable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -108,12 +109,16 @@ def static_keep(
 
 
 def finish_keep(tokens: TokenSet, outputs: Dict[str, torch.Tensor], save_features: bool,
-                kept: Optional[HostCopy] = None, save_logits: bool = False) -> TokenSet:
-    """The token set after :func:`static_keep`'s removal (host side): one wait for the counts,
+                kept: Optional[Union[HostCopy, Sequence[int]]] = None, save_logits: bool = False) -> TokenSet:
+    """The token set after :func:`static_keep`'s removal (host side): one wait for the counts
+    (none when ``kept``, the rows each image keeps with its prefix, is known on the host already),
     then slices of the graph's rows. What outlives the graph's next replay is copied: the
     staying rows, the owners and the leaving rows' features (``save_features``) and their
     ``outputs["logits"]`` rows (``save_logits``: permuted with the rows by ``static_keep``)."""
-    counts = (kept or HostCopy(outputs["kept"])).wait()
+    if kept is None or isinstance(kept, HostCopy):
+        counts = (kept or HostCopy(outputs["kept"])).wait()
+    else:
+        counts = list(kept)
     old, p = tokens.layout, tokens.num_prefix
     new = PackedLayout([int(n) for n in counts], p, old.device)
     x = outputs["x"]

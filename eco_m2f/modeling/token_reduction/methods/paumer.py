@@ -20,18 +20,20 @@ and 7-11 on 21.6% of the patches.
 """
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from ..flops import token_wise_flops
+from ..packing import host_ints
 from ..plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenReducer, paper_layers
+from ..static_decision import StaticDecision, finish_keep, patch_row_images, static_keep
 from ..token_set import TokenSet
 from ..token_targets import cell_class_counts, live_token_cross_entropy
 
-__all__ = ["PAUMER", "kept_counts", "token_entropy"]
+__all__ = ["PAUMER", "kept_counts", "token_entropy", "topk_rows"]
 
 _KEY = "MODEL.TOKEN_REDUCTION.PAUMER"
 
@@ -45,6 +47,26 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 def kept_counts(live: Sequence[int], ratio: float) -> List[int]:
     """Tokens each image keeps at a pause layer: ``N - int(tau * N)`` of its ``N`` live ones."""
     return [int(n) - int(ratio * int(n)) for n in live]
+
+
+def topk_rows(scores: torch.Tensor, image: torch.Tensor, offsets: torch.Tensor, width: int, keep: torch.Tensor,
+              k_max: int) -> torch.Tensor:
+    """(R,) bool: the ``keep[b]`` rows of highest ``scores`` in each image b of packed rows.
+
+    ``image`` (R,) is each row's image (``B`` on padding rows, which are never chosen),
+    ``offsets`` (B + 1,) the images' first rows on the device, ``width`` a bound on every
+    image's length and ``k_max >= max(keep)``: every size is fixed by the host, so this runs
+    inside a CUDA graph. Rows that must not be chosen (prefix tokens) carry ``-inf``.
+    """
+    b = keep.numel()
+    rows = scores.shape[0]
+    position = torch.arange(rows, device=scores.device) - offsets.long().index_select(0, image)
+    slot = torch.where(image < b, image * width + position, b * width)  # padding rows -> one spare slot
+    padded = scores.new_full((b * width + 1,), float("-inf")).index_copy(0, slot, scores)
+    top = padded[: b * width].view(b, width).topk(k_max, dim=1, largest=True, sorted=True).indices  # (B, k_max)
+    valid = torch.arange(k_max, device=scores.device).view(1, -1) < keep.view(-1, 1)
+    chosen = torch.zeros(b, width, dtype=torch.bool, device=scores.device).scatter(1, top, valid)
+    return torch.cat([chosen.view(-1), chosen.new_zeros(1)]).index_select(0, slot)
 
 
 def _check_ratio(value: float, key: str) -> float:
@@ -131,6 +153,40 @@ class PAUMER(TokenReducer):
             token_entropy(logits), keep, largest=True,
             save_features=self.output_kind == "dense", save_logits=logits if self.early_exit else None,
         )
+
+    def static_decision(self, layer: int, tokens: TokenSet, state: ReductionState) -> Optional[StaticDecision]:
+        """:meth:`reduce` in inference, for capture after the blocks (see :mod:`..static_decision`):
+        the classifier and the entropy on every row of the graph, the per-image top-k and the
+        removal. The counts are known on the host (``N - int(tau * N)``), so the pass never waits
+        for the GPU here: the blocks, the decision and the next blocks are queued back to back."""
+        if state.training:
+            return None
+        index = self.decision_layers.index(layer)
+        pause_layer = self.pause_layers[index]
+        live = list(tokens.live_counts)
+        keep = kept_counts(live, self.pause_ratios[index])
+        if keep == live:
+            return None  # nothing pauses: reduce() hands the tokens on without running the classifier
+        classifier = self.classifiers[f"layer{pause_layer}"]
+        p, b, k_max, early = tokens.num_prefix, tokens.batch_size, max(keep), self.early_exit
+
+        def compute(rows: torch.Tensor, layout, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            image, patch = patch_row_images(rows.shape[0], layout, b, p)  # (R,) each; image b on padding rows
+            logits = classifier(rows)  # (R, K): prefix and padding rows are never chosen
+            scores = torch.where(patch, token_entropy(logits), float("-inf"))
+            offsets = layout.offsets(torch.int32)[: b + 1]
+            stays = topk_rows(scores, image, offsets, layout.max_len, inputs["keep"], k_max)
+            return static_keep(rows, layout, inputs["owner"], p, patch & ~stays, {"logits": logits} if early else None)
+
+        def finish(after: TokenSet, outputs: Dict[str, torch.Tensor]) -> TokenSet:
+            state.add_flops("token_reducer", [token_wise_flops(classifier) * n for n in live])
+            for record, n, k in zip(state.cost, live, keep):
+                record["paused"][index] = n - k
+            return finish_keep(after, outputs, save_features=self.output_kind == "dense", kept=[p + k for k in keep],
+                               save_logits=early)
+
+        inputs = {"owner": tokens.owner, "keep": host_ints(keep, tokens.x.device)}
+        return StaticDecision(("paumer", layer, tuple(keep), early, self.output_kind), inputs, compute, finish)
 
     def describe_exit(self, blocks: int, depth: int) -> str:
         return f"all {depth} layers" if blocks >= depth else f"paused after layer {blocks}"
