@@ -150,9 +150,10 @@ class ReductionLoop:
         from ..backbone.vit import ViTFeatures
 
         p = tokens.num_prefix
-        x = torch.cat([tokens.prefix(), tokens.to_dense(final="features")], dim=1)  # B x (P + G) x C
-        x = self.backbone.norm(x)
-        layers = {i: t.to_dense(final="features") for i, t in captured.items()}
+        dense = tokens.to_dense(final="features")  # B x G x C
+        x = self.backbone.norm(torch.cat([tokens.prefix(), dense], dim=1))  # B x (P + G) x C
+        # the last block's output (Segmenter's OUT_INDICES) is the final set itself: reassembled once
+        layers = {i: dense if t is tokens else t.to_dense(final="features") for i, t in captured.items()}
         features = ViTFeatures(tokens=x[:, p:], prefix=x[:, :p], grid=tokens.grid, layers=layers)
         cells = [tokens.num_cells] * tokens.batch_size
         return ReducedPass(features, tokens, state, [p + g for g in cells], cells)
