@@ -112,20 +112,27 @@ def finish_keep(tokens: TokenSet, outputs: Dict[str, torch.Tensor], save_feature
                 kept: Optional[Union[HostCopy, Sequence[int]]] = None, save_logits: bool = False) -> TokenSet:
     """The token set after :func:`static_keep`'s removal (host side): one wait for the counts
     (none when ``kept``, the rows each image keeps with its prefix, is known on the host already),
-    then slices of the graph's rows. What outlives the graph's next replay is copied: the
-    staying rows, the owners and the leaving rows' features (``save_features``) and their
-    ``outputs["logits"]`` rows (``save_logits``: permuted with the rows by ``static_keep``)."""
-    if kept is None or isinstance(kept, HostCopy):
-        counts = (kept or HostCopy(outputs["kept"])).wait()
-    else:
-        counts = list(kept)
+    then slices. What outlives the graph's next replay is copied, and every copy is queued before
+    the wait, so that after it the host only slices and the next graph follows at once: the rows
+    (staying ones, then the leaving ones whose features are kept with ``save_features``), the
+    owners, and the ``outputs["logits"]`` rows (``save_logits``: permuted with the rows by
+    ``static_keep``)."""
+    if kept is None:
+        kept = HostCopy(outputs["kept"])  # queued first: it lands while the copies below run
+    x = outputs["x"].clone()  # (R, C): staying rows, leaving rows, padding
+    owner = outputs["owner"].clone()
+    logits = outputs["logits"].clone() if save_logits else None
+    stores = {}  # kind -> (store, its cell index with the leaving cells added)
+    for kind, wanted in (("features", save_features), ("logits", save_logits)):
+        if wanted:
+            store = tokens.finals.get(kind) or FinalStore.empty(tokens.batch_size, tokens.num_cells, x.device)
+            stores[kind] = (store, store.index_adding(outputs["cell_rank"], outputs["newly_final"]))
+    counts = kept.wait() if isinstance(kept, HostCopy) else list(kept)
     old, p = tokens.layout, tokens.num_prefix
     new = PackedLayout([int(n) for n in counts], p, old.device)
-    x = outputs["x"]
     finals = dict(tokens.finals)
     if new.num_patches < old.num_patches:
-        for kind, rows in (("features", x if save_features else None), ("logits", outputs["logits"] if save_logits else None)):
-            if rows is not None:
-                store = finals.get(kind) or FinalStore.empty(tokens.batch_size, tokens.num_cells, x.device)
-                finals[kind] = store.add(rows[new.total: old.total].clone(), outputs["cell_rank"], outputs["newly_final"])
-    return TokenSet(x[: new.total].clone(), new, tokens.grid, outputs["owner"].clone(), finals, tokens.history)
+        for kind, (store, index) in stores.items():
+            rows = x if kind == "features" else logits
+            finals[kind] = store.with_rows(rows[new.total: old.total], index)
+    return TokenSet(x[: new.total], new, tokens.grid, owner, finals, tokens.history)

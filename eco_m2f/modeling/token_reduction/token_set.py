@@ -49,9 +49,18 @@ class FinalStore:
     def add(self, values: torch.Tensor, cell_rank: torch.Tensor, newly_final: torch.Tensor) -> "FinalStore":
         """Append ``values`` (R x D); ``cell_rank`` (B x G) is each cell's row in ``values``,
         used where ``newly_final`` (B x G bool) is set."""
+        return self.with_rows(values, self.index_adding(cell_rank, newly_final))
+
+    def index_adding(self, cell_rank: torch.Tensor, newly_final: torch.Tensor) -> torch.Tensor:
+        """(B, G) the cell index once rows ranked ``cell_rank`` are appended where ``newly_final``:
+        it needs only the rows held so far, not the appended ones (so it can be queued before
+        their count is known)."""
+        return torch.where(newly_final, cell_rank + self.rows, self.index)
+
+    def with_rows(self, values: torch.Tensor, index: torch.Tensor) -> "FinalStore":
+        """Append ``values`` (R x D) with the new cell ``index`` of :meth:`index_adding`."""
         if self.chunks and values.shape[1:] != self.chunks[0].shape[1:]:
             raise ValueError(f"finalised values of shape {tuple(values.shape[1:])} do not match earlier ones {tuple(self.chunks[0].shape[1:])}")
-        index = torch.where(newly_final, cell_rank + self.rows, self.index)
         return FinalStore(self.chunks + (values,), index, self.rows + values.shape[0])
 
     def values(self) -> Optional[torch.Tensor]:
