@@ -51,6 +51,7 @@ def test_the_report_finds_every_gap_its_place_and_the_wait_before_it():
     assert report.span_us == pytest.approx(145 + 90)  # pass start to its last device work
     assert report.busy_us == pytest.approx(60 + 15 + 5 + 30)
     assert report.idle_us == pytest.approx(145 + 90 - 110)
+    assert report.device_events == 5
     gaps = [(g.start, g.end, g.launched_from, g.launch, g.after_wait) for g in report.gaps]
     assert gaps == [
         (0, 20, "modeling/token_reduction/graphs.py:133 _call", "cudaLaunchKernel", ""),

@@ -65,6 +65,7 @@ class IdleReport:
     span_us: float  # summed over passes: from the pass's host start to its last device work
     busy_us: float  # summed over passes: the union of device work
     gaps: List[Gap] = field(default_factory=list)
+    device_events: int = 0  # kernels, copies and memsets, summed over passes
     min_gap_us: float = 0.0
 
     @property
@@ -87,13 +88,14 @@ class IdleReport:
         shown = sum(g.us for g in self.gaps)
         lines = [
             f"GPU idle {self.idle_us / n / 1e3:.2f} ms of {self.span_us / n / 1e3:.2f} ms per pass "
-            f"(busy {self.busy_us / n / 1e3:.2f} ms; {self.passes} profiled passes with Python stacks; "
-            f"gaps of {self.min_gap_us:g} us or more: {shown / n / 1e3:.2f} ms per pass)",
-            f"{'idle ms/pass':>12} {'gaps/pass':>9}  next work launched from (call)  [after a host wait at]",
+            f"(busy {self.busy_us / n / 1e3:.2f} ms in {self.device_events / n:.0f} kernels and copies; {self.passes} profiled "
+            f"passes with Python stacks; gaps of {self.min_gap_us:g} us or more: {shown / n / 1e3:.2f} ms per pass, the rest "
+            f"between back-to-back kernels)",
+            f"{'idle ms/pass':>13} {'gaps/pass':>9}  next work launched from (call)  [after a host wait at]",
         ]
         for place, call, wait, us, count in self.by_place()[:top]:
             after = f"  [after a host wait at {wait}]" if wait else ""
-            lines.append(f"{us / n / 1e3:>12.3f} {count / n:>9.1f}  {place} ({call}){after}")
+            lines.append(f"{us / n / 1e3:>13.3f} {count / n:>9.1f}  {place} ({call}){after}")
         return "\n".join(lines)
 
 
@@ -196,6 +198,7 @@ def idle_report(events: Sequence[dict], package: str = "eco_m2f", min_gap_us: fl
         if not mine:
             continue
         busy = _merged([(a, b) for a, b, _ in mine])
+        report.device_events += len(mine)
         report.span_us += busy[-1][1] - start
         report.busy_us += sum(b - a for a, b in busy)
         opener: Dict[float, Optional[dict]] = {}
