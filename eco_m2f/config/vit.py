@@ -107,7 +107,8 @@ def add_vit_config(cfg: CN) -> None:
     # With CUDA_GRAPHS, replay a token-wise decode head (mask transformer, linear) on the dense
     # token grid that PAUMER and DoViT hand back as one CUDA graph (token_reduction/graphed_head.py):
     # after a pass's last decision the host has waited for the GPU, and the head's eager kernels
-    # would keep it idle.
+    # would keep it idle. Live tokens whose counts follow the content (dynamic CTS, dCTS, DToP,
+    # STEP) go through the mask transformer's packed rows in a graph per row bucket.
     cfg.MODEL.TOKEN_REDUCTION.GRAPH_HEAD = True
 
     # ------------------------------------------------------------------ inference

@@ -127,6 +127,44 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
         masks = padded @ classes.view(b, k, dim).transpose(1, 2)  # B x width x K
         return {"pred_tokens": self.mask_norm(F.pad(masks, (0, 0, 0, n - width)))}  # B x N x K
 
+    def forward_rows(self, rows: torch.Tensor, layout: Any, batch: int, attention: str = "auto") -> torch.Tensor:
+        """:meth:`forward_packed` with every size fixed by the input, as a CUDA graph replays it
+        for any lengths: ``rows`` (R, C) the live tokens of ``batch`` images one after another,
+        laid out by ``layout`` (a :class:`~..token_reduction.packing.StaticLayout`: the images'
+        offsets on the device, ``max_len`` a bound on their lengths; rows past the last image are
+        padding, finite). Returns (R, K), each real row's ``mask_norm`` output (padding rows
+        unspecified). Each image's K class embeddings go in front of its rows; the padding keeps
+        none."""
+        from ..token_reduction.blocks import run_block
+        from ..token_reduction.packing import StaticLayout
+
+        r, dev = rows.shape[0], rows.device
+        k, dim = self.num_classes, self.proj_dec.out_features
+        offsets = layout.offsets(torch.int32).long()  # (B + 1,) or (B + 2,): the last image padding
+        index = torch.arange(r, device=dev)
+        image = torch.searchsorted(offsets[1: batch + 1].contiguous(), index, right=True)  # (R,); B on padding
+        patch_rows = index + k * torch.clamp(image + 1, max=batch)  # a row's place behind its image's classes
+        starts = offsets[:batch] + k * torch.arange(batch, device=dev)  # (B,) first class row of each image
+        class_rows = (starts.view(-1, 1) + torch.arange(k, device=dev).view(1, -1)).view(-1)  # (B * K,)
+        patches = self.proj_dec(rows)  # R x D
+        classes = self.cls_emb.expand(batch, -1, -1).to(patches.dtype).reshape(batch * k, dim)
+        x = patches.new_empty(r + batch * k, dim).index_copy(0, patch_rows, patches).index_copy(0, class_rows, classes)
+        grown = offsets + k * torch.clamp(torch.arange(offsets.numel(), device=dev), max=batch)
+        decoder_layout = StaticLayout(grown.to(torch.int32), layout.max_len + k, uniform=False)
+        for block in self.blocks:
+            x = run_block(block, x, decoder_layout, attention)
+        x = self.decoder_norm(x)
+        patches = F.normalize(x.index_select(0, patch_rows) @ self.proj_patch.to(x.dtype), dim=-1)  # R x D
+        classes = F.normalize(x.index_select(0, class_rows) @ self.proj_classes.to(x.dtype), dim=-1)  # (B * K) x D
+        # the patch-class products per image on a (B + 1) x width grid, the padding image last
+        # (max_len bounds it too), so that every row has a slot of its own
+        width = int(layout.max_len)
+        slot = image * width + index - offsets.index_select(0, image)  # (R,)
+        grid = patches.new_zeros((batch + 1) * width, dim).index_copy(0, slot, patches)[: batch * width]
+        masks = grid.view(batch, width, dim) @ classes.view(batch, k, dim).transpose(1, 2)  # B x width x K
+        masks = torch.cat([masks.reshape(batch * width, k), masks.new_zeros(width, k)]).index_select(0, slot)  # R x K
+        return self.mask_norm(masks)
+
     def flops(self, num_tokens: int, grid: Tuple[int, int], size: Sequence[int]) -> int:
         """proj_dec, the blocks on the N + K tokens, decoder_norm, the two projections, the
         patch-class products, mask_norm, then the upsampling (L2 normalisation costs none)."""

@@ -23,6 +23,8 @@ the dense model's too.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -37,6 +39,7 @@ from ..token_reduction.cost import cost_records, dense_cost_records, merge_cost_
 from ..token_reduction.encoder_loop import ReducedPass, ReductionLoop, grid_outputs
 from ..token_reduction.build import build_token_reducer
 from ..token_reduction.graphed_head import GraphedHead
+from ..token_reduction.options import default_inference
 from ..token_reduction.plugin import TokenMap, TokenReducer
 from .base import SegmentationModel
 from .dense_inference import predict_sliding, predict_whole
@@ -111,7 +114,11 @@ class Segmenter(SegmentationModel):
             self._reduction = ReductionLoop(backbone, self.token_reducer, str(reduction.ATTENTION), bool(reduction.CUDA_GRAPHS),
                                             bool(reduction.GRAPH_DECISIONS))
             if self._reduction.cuda_graphs and bool(reduction.GRAPH_HEAD):
-                self._graphed_head = GraphedHead()
+                # the ragged attention of the blocks' graphs (MODEL.TOKEN_REDUCTION.ATTENTION, or their default)
+                options = default_inference()
+                if self._reduction.attention != "auto":
+                    options = dataclasses.replace(options, attention=self._reduction.attention)
+                self._graphed_head = GraphedHead(options=options)
         self._init_inference(cfg)
         self._check_train_crop(cfg)
 
@@ -177,6 +184,12 @@ class Segmenter(SegmentationModel):
                 features.dense or (features.padding_mask is None and not self.token_reducer.content_dependent_cost)
             ):
                 return graphed(head, tokens)
+            # counts that follow the content: the packed live rows in a graph per row bucket
+            lengths = features.lengths
+            if lengths is None and features.padding_mask is None:
+                lengths = (tokens.shape[1],) * tokens.shape[0]
+            if graphed is not None and not features.dense and lengths is not None and graphed.applies_packed(head, tokens):
+                return graphed.packed(head, tokens, lengths)
             return head(tokens, features.padding_mask, lengths=features.lengths)
         if head.input_kind == "levels":
             return head(levels, features.padding_mask)

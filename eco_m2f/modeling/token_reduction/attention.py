@@ -23,6 +23,10 @@ the tokens of its own image only. They differ in how the ragged batch meets the 
 cuDNN's ragged attention is not offered: with torch 2.11 on an H200 its capture into a CUDA
 graph fails and leaves the process's CUDA context broken (``results/token_runtime_h200/NOTES.md``).
 
+A :class:`~.packing.StaticLayout` (the device offsets of a CUDA graph) runs a backend that reads
+them (``flash``, ``varlen``, ``triton``); off CUDA, where no graph replays, code shaped for one is
+checked through one masked attention over all rows.
+
 When all images hold the same number of tokens the packed rows already form a dense batch, so
 every backend runs plain ``scaled_dot_product_attention`` on a view, exactly as timm's
 ``Attention`` does. ``auto`` picks :data:`DEFAULT_CUDA_ATTENTION` on CUDA (the fastest in
@@ -37,7 +41,7 @@ from typing import Callable, Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from .packing import PackedLayout
+from .packing import PackedLayout, StaticLayout
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -251,4 +255,26 @@ def packed_attention(
     if layout.uniform:
         return _dense(q, k, v, layout, dropout_p, scale)
     name = resolve_attention(impl, q.device.type, q.dtype, dropout_p > 0)
+    if isinstance(layout, StaticLayout) and name not in DEVICE_OFFSET_IMPLS:
+        if q.is_cuda:
+            raise ValueError(f"attention '{name}' needs the host lengths of a PackedLayout; a StaticLayout "
+                             f"(a CUDA graph's device offsets) takes one of {list(DEVICE_OFFSET_IMPLS)}")
+        return _static_masked(q, k, v, layout, dropout_p, scale)
     return _BACKENDS[name](q, k, v, layout, dropout_p, scale)
+
+
+def _static_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: StaticLayout, dropout_p: float,
+                   scale: float) -> torch.Tensor:
+    """A :class:`~.packing.StaticLayout` off CUDA (code shaped for a CUDA graph, checked on the
+    CPU): one attention over all rows whose mask keeps every row within its image, the images
+    found from the device offsets (rows past them form one more image). Quadratic in the rows."""
+    rows = q.shape[0]
+    offsets = layout.offsets(torch.int32).long()
+    image = torch.searchsorted(offsets[1:].contiguous(), torch.arange(rows, device=q.device), right=True)  # (T,)
+    mask = image.view(-1, 1) == image.view(1, -1)  # (T, T) True = may attend
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
+
+    out = F.scaled_dot_product_attention(whole(q), whole(k), whole(v), attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out[0].transpose(0, 1)  # (T, H, D)

@@ -55,18 +55,18 @@ def topk_rows(scores: torch.Tensor, image: torch.Tensor, offsets: torch.Tensor, 
 
     ``image`` (R,) is each row's image (``B`` on padding rows, which are never chosen),
     ``offsets`` (B + 1,) the images' first rows on the device, ``width`` a bound on every
-    image's length and ``k_max >= max(keep)``: every size is fixed by the host, so this runs
-    inside a CUDA graph. Rows that must not be chosen (prefix tokens) carry ``-inf``.
+    image's length, the padding's included, and ``k_max >= max(keep)``: every size is fixed by
+    the host, so this runs inside a CUDA graph. Rows that must not be chosen (prefix tokens)
+    carry ``-inf``.
     """
     b = keep.numel()
     rows = scores.shape[0]
-    position = torch.arange(rows, device=scores.device) - offsets.long().index_select(0, image)
-    slot = torch.where(image < b, image * width + position, b * width)  # padding rows -> one spare slot
-    padded = scores.new_full((b * width + 1,), float("-inf")).index_copy(0, slot, scores)
+    slot = image * width + torch.arange(rows, device=scores.device) - offsets.long().index_select(0, image)  # (R,)
+    padded = scores.new_full(((b + 1) * width,), float("-inf")).index_copy(0, slot, scores)  # the padding image last
     top = padded[: b * width].view(b, width).topk(k_max, dim=1, largest=True, sorted=True).indices  # (B, k_max)
     valid = torch.arange(k_max, device=scores.device).view(1, -1) < keep.view(-1, 1)
     chosen = torch.zeros(b, width, dtype=torch.bool, device=scores.device).scatter(1, top, valid)
-    return torch.cat([chosen.view(-1), chosen.new_zeros(1)]).index_select(0, slot)
+    return torch.cat([chosen.view(-1), chosen.new_zeros(width)]).index_select(0, slot)
 
 
 def _check_ratio(value: float, key: str) -> float:
