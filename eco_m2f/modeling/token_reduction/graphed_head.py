@@ -45,7 +45,7 @@ class GraphedHead:
     head's parameters move (a captured graph points at their memory).
     """
 
-    def __init__(self, max_graphs: int = 8, options: Optional[InferenceOptions] = None) -> None:
+    def __init__(self, max_graphs: int = 16, options: Optional[InferenceOptions] = None) -> None:
         #: the ragged graphs' row and length buckets and attention (default: the blocks' graphs')
         self.options = options if options is not None else default_inference()
         self.max_graphs = int(max_graphs)
