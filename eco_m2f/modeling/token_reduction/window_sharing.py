@@ -10,12 +10,15 @@ Two steps, both batched (the only loops run over window sizes):
   their own tokens.
 * :func:`embed_windows`: the token set. A window of n x n patches is area-averaged to one patch
   (an n x n mean of the pixels: for CTS, the 32x32 region 2x2-averaged to 16x16) and embedded by
-  the ViT's **own** patch embedding (its projection as one matrix product over the gathered
-  patches: only the live tokens are embedded); its position embedding is the mean of its cells'.
-  Tokens of an image are ordered by their window's top-left cell, row-major.
+  the ViT's **own** patch embedding (its projection as one matrix product); its position
+  embedding is the mean of its cells'. Tokens of an image are ordered by their window's top-left
+  cell, row-major. Every patch and every window of every size is embedded before the counts of
+  the windows taken are known (:func:`prepare_windows`), so that with a threshold the host waits
+  for them with that work queued and then only gathers the tokens (:func:`embed_prepared`).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
@@ -24,13 +27,14 @@ import torch.nn.functional as F
 
 from .cost import patch_embedding_flops
 from .flops import token_wise_flops
-from .packing import host_ints, true_indices
-from .token_set import TokenSet, mean_per_group
+from .packing import host_ints, to_device, true_indices
+from .token_set import TokenSet
 
 if TYPE_CHECKING:
     from ..backbone.vit import ViTBackbone
 
-__all__ = ["SharedWindows", "embed_windows", "pooling_flops", "resolve_windows"]
+__all__ = ["PreparedWindows", "SharedWindows", "embed_prepared", "embed_windows", "embedding_flops", "pooling_flops",
+           "prepare_windows", "resolve_windows"]
 
 
 @dataclass
@@ -103,15 +107,70 @@ def pooling_flops(backbone: "ViTBackbone", grid: Tuple[int, int], sizes: Sequenc
     return sum(ch * (h // n) * n * p * (w // n) * n * p for n in sizes if h // n and w // n)
 
 
-def embed_windows(
-    backbone: "ViTBackbone",
-    images: torch.Tensor,
-    windows: SharedWindows,
-    taken: Sequence[Sequence[int]],
-) -> Tuple[TokenSet, List[int]]:
-    """The token set of ``windows`` on B x 3 x H x W normalised images (padded to the patch size
-    here), with ``taken`` the host copy of ``windows.taken``. Returns it and the embedding's FLOPs
-    per image (projection and norm of its tokens, the averaging, the position-embedding resize)."""
+@dataclass
+class PreparedWindows:
+    """What :func:`embed_windows` computes before it needs the host counts of the windows taken.
+
+    A threshold (dynamic CTS, dCTS) makes the counts depend on the policy's scores: they must come
+    to the host before the token set can be built. Everything of fixed shape is queued first, so
+    that the GPU works while the host waits and only a gather follows the wait: every patch and
+    every window of every size embedded (window sizes the batch does not take included: a few
+    percent of the dense patch embedding per size), each with its position embedding.
+
+    Attributes:
+        windows: the resolved windows.
+        grid: the h x w patch grid.
+        leader: B x G bool, the top-left cell of every token's window.
+        owner: B x G long, each cell's token among all tokens of the batch (leaders in order).
+        source: B x G long, each leader cell's row in ``embedded``.
+        embedded: (R, C) the embedded patches, then the windows of each size, image-major.
+        prefix: B x P x C prefix tokens with their position embedding.
+    """
+
+    windows: SharedWindows
+    grid: Tuple[int, int]
+    leader: torch.Tensor
+    owner: torch.Tensor
+    source: torch.Tensor
+    embedded: torch.Tensor
+    prefix: torch.Tensor
+
+
+#: Index tensors of a grid and window size (they depend on nothing else), recently used first out.
+_GRID_INDICES: "OrderedDict[Tuple[int, int, int, str], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]" = OrderedDict()
+_MAX_GRID_INDICES = 64
+
+
+def _grid_indices(grid: Tuple[int, int], n: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For aligned n x n windows of an h x w grid: (the cells inside windows, each one's window,
+    both row-major; every cell's window, (G,), clamped where a cell lies outside them)."""
+    key = (int(grid[0]), int(grid[1]), int(n), str(device))
+    if key in _GRID_INDICES:
+        _GRID_INDICES.move_to_end(key)
+        return _GRID_INDICES[key]
+    h, w = grid
+    hn, wn = h // n, w // n
+    r, c = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)
+    every = ((r // n).clamp(max=max(hn - 1, 0)) * wn + (c // n).clamp(max=max(wn - 1, 0))).view(-1)
+    inside = ((r < hn * n) & (c < wn * n)).view(-1)
+    cells = torch.arange(h * w)[inside]
+    out = tuple(to_device(t, device) for t in (cells, every[inside], every))
+    _GRID_INDICES[key] = out
+    while len(_GRID_INDICES) > _MAX_GRID_INDICES:
+        _GRID_INDICES.popitem(last=False)
+    return out
+
+
+def _window_pos(cell_pos: torch.Tensor, grid: Tuple[int, int], n: int) -> torch.Tensor:
+    """(hn * wn, C): the mean position embedding of the cells of every aligned n x n window."""
+    cells, window, _ = _grid_indices(grid, n, cell_pos.device)
+    windows = (grid[0] // n) * (grid[1] // n)
+    sums = cell_pos.new_zeros(windows, cell_pos.shape[1]).index_add(0, window, cell_pos.index_select(0, cells))
+    return sums / float(n * n)
+
+
+def prepare_windows(backbone: "ViTBackbone", images: torch.Tensor, windows: SharedWindows) -> PreparedWindows:
+    """The part of :func:`embed_windows` that needs no host counts (see :class:`PreparedWindows`)."""
     from ..backbone.base import pad_to_multiple
 
     p = backbone.patch_size
@@ -121,38 +180,64 @@ def embed_windows(
     grid, cells = (h, w), h * w
     if tuple(windows.side.shape) != (b, cells):
         raise ValueError(f"windows for a {tuple(windows.side.shape)} grid, images of {b} x {h}x{w} patches")
-    counts = windows.counts(taken)
-    total = sum(counts)
     leader, top_left = _leaders(windows.side, grid)
     rank = torch.cumsum(leader.view(-1), 0) - 1  # token row of every leader cell, image after image
-    group = rank.view(b, cells).gather(1, top_left) - host_ints([sum(counts[:i]) for i in range(b)], images.device).view(-1, 1)
-
+    owner = rank.view(b, cells).gather(1, top_left)
     proj = backbone.patch_embed.proj
-    vectors = images.new_empty(total, ch * p * p)
-    per_size = [sum(int(row[i]) for row in taken) for i in range(len(windows.sizes))]  # batch totals
-    for n, count in zip((1,) + tuple(windows.sizes), [total - sum(per_size)] + per_size):
-        if count == 0:
-            continue
-        hn, wn = h // n, w // n
-        pooled = images if n == 1 else F.adaptive_avg_pool2d(images[..., : hn * n * p, : wn * n * p], (hn * p, wn * p))
-        patches = pooled.view(b, ch, hn, p, wn, p).permute(0, 2, 4, 1, 3, 5)  # B x hn x wn x ch x p x p (a view)
-        flat = true_indices((leader & (windows.side == n)).view(-1), count)  # leader cells of size n, in order
-        bi, cell = flat // cells, flat % cells
-        rows = rank.index_select(0, flat)
-        vectors = vectors.index_copy(0, rows, patches[bi, cell // w // n, cell % w // n].reshape(count, -1))
-    x = F.linear(vectors, proj.weight.flatten(1), proj.bias)  # (T, C): the patch embedding's convolution
-    x = backbone.patch_embed.norm(x)
     pos = backbone.position_embedding(grid)  # 1 x (P + G) x C
     num_prefix = backbone.num_prefix_tokens
-    x = x + mean_per_group(pos[:, num_prefix:].expand(b, -1, -1), group, counts).to(x.dtype)
-    prefix = backbone.prefix_tokens(b).to(x.dtype) + pos[:, :num_prefix].to(x.dtype)
-    tokens = TokenSet.from_groups(prefix, x, group, counts, grid, validate=False)
+    cell_pos = pos[0, num_prefix:]  # (G, C)
+    image = torch.arange(b, device=images.device).view(b, 1)
+    source = torch.zeros(b, cells, dtype=torch.long, device=images.device)
+    vectors, positions, base = [], [], 0
+    for n in (1,) + tuple(windows.sizes):
+        hn, wn = h // n, w // n
+        if hn == 0 or wn == 0:
+            continue
+        pooled = images if n == 1 else F.adaptive_avg_pool2d(images[..., : hn * n * p, : wn * n * p], (hn * p, wn * p))
+        vectors.append(pooled.view(b, ch, hn, p, wn, p).permute(0, 2, 4, 1, 3, 5).reshape(b * hn * wn, ch * p * p))
+        positions.append((cell_pos if n == 1 else _window_pos(cell_pos, grid, n)).expand(b, -1, -1).reshape(b * hn * wn, -1))
+        window = _grid_indices(grid, n, images.device)[2].view(1, cells)  # (cells outside windows are not of side n)
+        source = torch.where(windows.side == n, window + (base + image * (hn * wn)), source)
+        base += b * hn * wn
+    # every patch and window of every size through the patch embedding's convolution at once
+    x = backbone.patch_embed.norm(F.linear(torch.cat(vectors), proj.weight.flatten(1), proj.bias))  # (R, C)
+    embedded = x + torch.cat(positions).to(x.dtype)
+    prefix = backbone.prefix_tokens(b).to(embedded.dtype) + pos[:, :num_prefix].to(embedded.dtype)
+    return PreparedWindows(windows, grid, leader, owner, source, embedded, prefix)
 
-    dense = patch_embedding_flops(backbone, grid)  # every cell's token, plus the resize (if any)
+
+def embed_prepared(prepared: PreparedWindows, taken: Sequence[Sequence[int]]) -> TokenSet:
+    """The token set of prepared windows, ``taken`` the host copy of ``windows.taken``: one gather."""
+    counts = prepared.windows.counts(taken)
+    b = len(counts)
+    rows = true_indices(prepared.leader.view(-1), sum(counts))  # every token's leader cell, in token order
+    x = prepared.embedded.index_select(0, prepared.source.view(-1).index_select(0, rows))
+    starts = host_ints([sum(counts[:i]) for i in range(b)], x.device).view(-1, 1)
+    return TokenSet.from_groups(prepared.prefix, x, prepared.owner - starts, counts, prepared.grid, validate=False)
+
+
+def embedding_flops(backbone: "ViTBackbone", grid: Tuple[int, int], sizes: Sequence[int]) -> int:
+    """FLOPs of :func:`prepare_windows` per image: the projection and norm of every patch and of
+    every window of ``sizes``, the averaging for each size, and the position-embedding resize."""
+    h, w = grid
+    proj = backbone.patch_embed.proj
     per_token = proj.out_channels * (proj.in_channels // proj.groups) * proj.kernel_size[0] * proj.kernel_size[1]
     per_token += token_wise_flops(backbone.patch_embed.norm)
-    flops = []
-    for row, n_tokens in zip(taken, counts):
-        used = [s for s, t in zip(windows.sizes, row) if int(t)]
-        flops.append(dense - per_token * (cells - n_tokens) + pooling_flops(backbone, grid, used))
-    return tokens, flops
+    windows = sum((h // n) * (w // n) for n in sizes)
+    return patch_embedding_flops(backbone, grid) + per_token * windows + pooling_flops(backbone, grid, sizes)
+
+
+def embed_windows(
+    backbone: "ViTBackbone",
+    images: torch.Tensor,
+    windows: SharedWindows,
+    taken: Sequence[Sequence[int]],
+) -> Tuple[TokenSet, List[int]]:
+    """The token set of ``windows`` on B x 3 x H x W normalised images (padded to the patch size
+    here), with ``taken`` the host copy of ``windows.taken``: :func:`prepare_windows`, then
+    :func:`embed_prepared`. Returns it and the embedding's FLOPs per image
+    (:func:`embedding_flops`)."""
+    prepared = prepare_windows(backbone, images, windows)
+    tokens = embed_prepared(prepared, taken)
+    return tokens, [embedding_flops(backbone, prepared.grid, windows.sizes)] * len(taken)

@@ -24,9 +24,10 @@ import torch
 
 from ...meta_arch.token_sharing_policy import TokenSharingPolicy, check_window_sizes
 from ...policy.inference import FastPolicy
+from ..packing import HostCopy
 from ..plugin import ReductionState, TokenReducer
 from ..token_set import TokenSet
-from ..window_sharing import SharedWindows, embed_windows, resolve_windows
+from ..window_sharing import SharedWindows, embed_prepared, embedding_flops, prepare_windows, resolve_windows
 
 __all__ = ["SHARED_WINDOW_MAP", "WindowSharingReducer", "policy_config"]
 
@@ -167,12 +168,14 @@ class WindowSharingReducer(TokenReducer):
         scores = {n: s[:, : grid[0] // n, : grid[1] // n] for n, s in scores.items()}  # windows inside the grid
         wanted, taken = self.wanted(scores, grid)
         windows = resolve_windows(wanted, grid)
-        if taken is None:
-            taken = windows.taken.tolist()  # one host sync: the token counts depend on the scores
-        if not any(any(row) for row in taken):
-            return self._dense(backbone, images, state, taken, windows)
-        tokens, flops = embed_windows(backbone, images, windows, taken)
-        state.add_flops("backbone", flops)
+        # the token counts depend on the scores: their copy to the host is queued, then every
+        # embedding of fixed shape, and only then does the host wait for them (one sync)
+        pending = HostCopy(windows.taken) if taken is None else None
+        prepared = prepare_windows(backbone, images, windows)
+        if pending is not None:
+            taken = pending.wait()
+        state.add_flops("backbone", [embedding_flops(backbone, grid, windows.sizes)] * b)
+        tokens = embed_prepared(prepared, taken)
         self._record(state, taken, windows)
         return tokens
 
