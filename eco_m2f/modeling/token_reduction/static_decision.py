@@ -72,14 +72,15 @@ def patch_row_images(rows: int, layout: Layout, batch: int, num_prefix: int) -> 
 
 def static_keep(
     rows: torch.Tensor, layout: Layout, owner: torch.Tensor, num_prefix: int, leave: torch.Tensor,
-    permute: Optional[Mapping[str, torch.Tensor]] = None,
+    permute: Optional[Mapping[str, torch.Tensor]] = None, image: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """The removal of :meth:`TokenSet.keep` on bucketed rows, every size fixed by the input.
 
     ``rows`` (R, C) packed tokens (images by ``layout``, padding past them), ``owner`` (B, G)
     each cell's patch row as in :class:`TokenSet`, ``leave`` (R,) bool the patch rows that leave
     (False on prefix and padding rows); ``permute``: name -> (R, D) per-row values that move with
-    the rows (e.g. the logits a leaving token is finalised with). Returns:
+    the rows (e.g. the logits a leaving token is finalised with); ``image`` (R,) each row's image
+    as :func:`row_images` gives it, when the caller has it already. Returns:
 
     * ``x`` (R, C): the staying rows in order, then the leaving ones in order, then the padding;
       every tensor of ``permute`` in the same order, under its name;
@@ -89,7 +90,7 @@ def static_keep(
     """
     b, p = owner.shape[0], int(num_prefix)
     n = rows.shape[0]
-    image = row_images(n, layout, b)  # (R,)
+    image = row_images(n, layout, b) if image is None else image  # (R,)
     real = image < b
     stays = real & ~leave
     stay_before = torch.cumsum(stays, 0)  # (R,) staying rows up to and including each

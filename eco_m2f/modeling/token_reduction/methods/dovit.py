@@ -147,7 +147,7 @@ class DoViT(TokenReducer):
             b = owner.shape[0]
             image, patch = patch_row_images(rows.shape[0], layout, b, p)  # (R,) each; image b on padding rows
             stop = patch & stop_mask(head(rows), threshold)  # the head on every row: prefix and padding are cut by `patch`
-            out = static_keep(rows, layout, owner, p, stop)
+            out = static_keep(rows, layout, owner, p, stop, image=image)
             weight = stop.to(torch.float32)
             total = inputs["stopped_total"] + rows.new_zeros(b + 1, rows.shape[1], dtype=torch.float32).index_add(
                 0, image, rows.float() * weight.unsqueeze(1))[:b]

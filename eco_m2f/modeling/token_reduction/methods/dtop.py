@@ -235,7 +235,7 @@ class DTOP(TokenReducer):
             confidence, label = probs.max(dim=-1)
             prune = patch & prune_mask(confidence, label, torch.where(patch, image, b), k, theta, top_k)
             final = scores if logit_space else probs  # what a finalised token leaves (_final_values)
-            return static_keep(rows, layout, owner, p, prune, permute={"logits": final})
+            return static_keep(rows, layout, owner, p, prune, permute={"logits": final}, image=image)
 
         def finish(after: TokenSet, outputs: Dict[str, torch.Tensor]) -> TokenSet:
             kept_counts = HostCopy(outputs["kept"])  # queued first; the host work below overlaps it

@@ -176,7 +176,7 @@ class PAUMER(TokenReducer):
             scores = torch.where(patch, token_entropy(logits), float("-inf"))
             offsets = layout.offsets(torch.int32)[: b + 1]
             stays = topk_rows(scores, image, offsets, layout.max_len, inputs["keep"], k_max)
-            return static_keep(rows, layout, inputs["owner"], p, patch & ~stays, {"logits": logits} if early else None)
+            return static_keep(rows, layout, inputs["owner"], p, patch & ~stays, {"logits": logits} if early else None, image=image)
 
         def finish(after: TokenSet, outputs: Dict[str, torch.Tensor]) -> TokenSet:
             state.add_flops("token_reducer", [token_wise_flops(classifier) * n for n in live])
