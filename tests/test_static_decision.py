@@ -326,3 +326,51 @@ def test_captured_decisions_on_cuda_equal_the_eager_ones(name):
     assert any(sum(r[record]) for r in ra)
     assert la == lb and [r[record] for r in ra] == [r[record] for r in rb]
     torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
+
+
+def _dovit_decision():
+    """A tiny DoViT's first decision, the bucketed rows it is captured on, and its inputs."""
+    from eco_m2f.modeling.token_reduction.plugin import ReductionState
+
+    model = tiny_segmenter(*DOVIT, "MODEL.TOKEN_REDUCTION.DOVIT.THRESHOLD", "0.5", seed=3).eval()
+    for head in model.token_reducer.aux_heads:
+        head.cls.weight.data.mul_(100.0)
+    x = images((64, 64), (64, 64), seed=4)
+    state = ReductionState(images=x, grid=(4, 4))
+    with torch.no_grad():
+        tokens = model.token_reducer.embed(model.backbone, x, state)
+        tokens = run_blocks(list(model.backbone.blocks[:2]), tokens)
+    decision = model.token_reducer.static_decision(1, tokens, state)
+    rows, layout = _bucketed(tokens)
+    return model, decision, rows, layout
+
+
+def test_compiled_decisions_equal_the_eager_ones_and_a_failing_compiler_falls_back(monkeypatch):
+    from torch._dynamo.testing import CompileCounter
+
+    from eco_m2f.modeling.token_reduction import graphs
+    from eco_m2f.modeling.token_reduction.graphs import GraphedBlocks
+
+    torch._dynamo.reset()
+    model, decision, rows, layout = _dovit_decision()
+    graphed = GraphedBlocks(list(model.backbone.blocks[:2]), compile=False, compile_decisions=True)
+    counter = CompileCounter()
+    monkeypatch.setattr(graphs, "_DECISION_BACKEND", counter)
+    monkeypatch.setattr(graphs, "_DECISION_COMPILE_FAILURES", [])
+    with torch.no_grad():
+        want = decision.compute(rows, layout, dict(decision.inputs))
+        got = graphed._decide(decision, rows, layout, dict(decision.inputs))
+    assert counter.frame_count >= 1 and "compiled-decisions" in graphed.options.label()
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert 0 < int(want["kept"].sum()) < rows.shape[0]  # the decision removes some tokens
+
+    def no_compiler(graph_module, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(graphs, "_DECISION_BACKEND", no_compiler)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="no compiler on this machine"):
+        fallback = graphed._decide(decision, rows, layout, dict(decision.inputs))
+    assert all(torch.equal(fallback[k], want[k]) for k in want)
+    assert graphs._DECISION_COMPILE_FAILURES  # later decisions run uncompiled
+    torch._dynamo.reset()

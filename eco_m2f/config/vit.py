@@ -104,6 +104,10 @@ def add_vit_config(cfg: CN) -> None:
     # decision's per-image counts wait for the host (token_reduction/static_decision.py); the same
     # decisions, measured faster in the trained sweeps (README, run 7).
     cfg.MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS = True
+    # With GRAPH_DECISIONS, compile each captured decision (torch.compile, inductor) so that its
+    # small kernels replay fused; a failing compiler runs it uncompiled with one warning. Off
+    # until timed.
+    cfg.MODEL.TOKEN_REDUCTION.COMPILE_DECISIONS = False
     # With CUDA_GRAPHS, replay a token-wise decode head (mask transformer, linear) on the dense
     # token grid that PAUMER and DoViT hand back as one CUDA graph (token_reduction/graphed_head.py):
     # after a pass's last decision the host has waited for the GPU, and the head's eager kernels

@@ -112,7 +112,7 @@ class Segmenter(SegmentationModel):
         if reduction.NAME:
             self.token_reducer = build_token_reducer(cfg, backbone, self.sem_seg_head)
             self._reduction = ReductionLoop(backbone, self.token_reducer, str(reduction.ATTENTION), bool(reduction.CUDA_GRAPHS),
-                                            bool(reduction.GRAPH_DECISIONS))
+                                            bool(reduction.GRAPH_DECISIONS), bool(reduction.COMPILE_DECISIONS))
             if self._reduction.cuda_graphs and bool(reduction.GRAPH_HEAD):
                 # the ragged attention of the blocks' graphs (MODEL.TOKEN_REDUCTION.ATTENTION, or their default)
                 options = default_inference()

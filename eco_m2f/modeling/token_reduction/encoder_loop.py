@@ -59,10 +59,12 @@ class ReductionLoop:
         graph_decisions: with the graphs, capture a decision the reducer offers as a
             :class:`~.static_decision.StaticDecision` in the graph of the blocks before it
             (``MODEL.TOKEN_REDUCTION.GRAPH_DECISIONS``).
+        compile_decisions: compile those captured decisions (``InferenceOptions.compile_decisions``,
+            ``MODEL.TOKEN_REDUCTION.COMPILE_DECISIONS``).
     """
 
     def __init__(self, backbone: "ViTBackbone", reducer: TokenReducer, attention: str = "auto", cuda_graphs: bool = True,
-                 graph_decisions: bool = True) -> None:
+                 graph_decisions: bool = True, compile_decisions: bool = False) -> None:
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"MODEL.TOKEN_REDUCTION.ATTENTION '{attention}' is not one of {list(ATTENTION_IMPLS)}")
         for block in backbone.blocks:
@@ -72,6 +74,7 @@ class ReductionLoop:
         self.attention = attention
         self.cuda_graphs = bool(cuda_graphs) and attention in _GRAPH_ATTENTION
         self.graph_decisions = bool(graph_decisions) and self.cuda_graphs
+        self.compile_decisions = bool(compile_decisions)
         self.decisions = frozenset(reducer.decision_layers)
         stops = sorted(self.decisions | set(backbone.out_indices) | {backbone.depth - 1})
         #: (first, last + 1) block index of every run between two stops
@@ -90,6 +93,8 @@ class ReductionLoop:
         graphed = self._graphs.get((start, stop))
         if graphed is None:
             options = {} if self.attention == "auto" else {"attention": self.attention}
+            if self.compile_decisions:
+                options["compile_decisions"] = True
             graphed = self._graphs[(start, stop)] = GraphedBlocks(list(self.backbone.blocks[start:stop]), **options)
         return graphed if graphed.applies(tokens) else None
 

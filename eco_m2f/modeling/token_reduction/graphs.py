@@ -38,6 +38,10 @@ from .token_set import TokenSet
 __all__ = ["GraphedBlocks"]
 
 _WARNED = set()
+#: torch.compile backend of captured decisions (tests put a counting backend here)
+_DECISION_BACKEND = "inductor"
+#: why compiling a decision failed in this process (then none is compiled again)
+_DECISION_COMPILE_FAILURES: list = []
 
 
 def _warn_once(key: Hashable, message: str) -> None:
@@ -204,7 +208,7 @@ class GraphedBlocks:
                         x = rows_in
                         for block in self.blocks:
                             x = run_block(block, x, layout, opts.attention)
-                    return x, ({} if decision is None else decision.compute(x, layout, inputs))
+                    return x, ({} if decision is None else self._decide(decision, x, layout, inputs))
 
             start, warmed = time.perf_counter(), []
 
@@ -218,6 +222,24 @@ class GraphedBlocks:
         self._record(warmed[0], time.perf_counter() - start - warmed[0])
         self._graphs[key] = captured
         return captured
+
+    def _decide(self, decision: StaticDecision, x: torch.Tensor, layout: StaticLayout,
+                inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``decision.compute`` inside the graph: compiled with ``compile_decisions`` (it runs at
+        warm-up first, where inductor compiles; the capture records its kernels). A second row
+        bucket recompiles it once with dynamic shapes (torch.compile's default), later ones reuse
+        that."""
+        if not self.options.compile_decisions or _DECISION_COMPILE_FAILURES:
+            return decision.compute(x, layout, inputs)
+        try:
+            return torch.compile(decision.compute, backend=_DECISION_BACKEND)(x, layout, inputs)
+        except Exception as exc:  # the compiler failed (or the call itself, which then fails again below)
+            out = decision.compute(x, layout, inputs)
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            _DECISION_COMPILE_FAILURES.append(f"{type(exc).__name__}: {' '.join(lines[:2])[:240]}")
+            warnings.warn(f"compiling a captured decision failed ({_DECISION_COMPILE_FAILURES[0]}); decisions run "
+                          "uncompiled in this process", RuntimeWarning, stacklevel=2)
+            return out
 
     def _record(self, warmup: float, capture: float) -> None:
         if not self.stats["captures"]:

@@ -39,6 +39,10 @@ class InferenceOptions:
             through one function compiled with ``torch.compile`` and shared by every block
             (:mod:`.fused`). Where compiling fails, or the blocks are not the standard block
             that function covers, the blocks run uncompiled, with one warning.
+        compile_decisions: compile (``torch.compile``, inductor) a decision captured after the
+            blocks (:mod:`.static_decision`), so that its some eighty small kernels (head, masks,
+            partition, owners) replay as fewer fused ones; a compilation that fails runs it
+            uncompiled, with one warning. Off until timed.
         copy_output: return a copy of the graph's output rows; False returns a view that the
             next call overwrites.
         max_graphs: captured graphs kept (least recently used first out).
@@ -49,6 +53,7 @@ class InferenceOptions:
     len_bucket: int = 128
     dense_when_uniform: bool = True
     compile: bool = True
+    compile_decisions: bool = False
     copy_output: bool = True
     max_graphs: int = 16
 
@@ -71,6 +76,8 @@ class InferenceOptions:
             parts.append("ragged-always")
         if self.compile:
             parts.append("compiled")
+        if self.compile_decisions:
+            parts.append("compiled-decisions")
         if not self.copy_output:
             parts.append("no-copy")
         return " ".join(parts)
