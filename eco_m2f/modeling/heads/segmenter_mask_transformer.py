@@ -137,6 +137,7 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
         none."""
         from ..token_reduction.blocks import run_block
         from ..token_reduction.packing import StaticLayout
+        from ..token_reduction.static_decision import row_slots
 
         r, dev = rows.shape[0], rows.device
         k, dim = self.num_classes, self.proj_dec.out_features
@@ -159,7 +160,7 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
         # the patch-class products per image on a (B + 1) x width grid, the padding image last
         # (max_len bounds it too), so that every row has a slot of its own
         width = int(layout.max_len)
-        slot = image * width + index - offsets.index_select(0, image)  # (R,)
+        slot = row_slots(image, offsets, width)  # (R,)
         grid = patches.new_zeros((batch + 1) * width, dim).index_copy(0, slot, patches)[: batch * width]
         masks = grid.view(batch, width, dim) @ classes.view(batch, k, dim).transpose(1, 2)  # B x width x K
         masks = torch.cat([masks.reshape(batch * width, k), masks.new_zeros(width, k)]).index_select(0, slot)  # R x K

@@ -26,7 +26,7 @@ import torch
 from .packing import HostCopy, PackedLayout, StaticLayout
 from .token_set import FinalStore, TokenSet, _stable_partition
 
-__all__ = ["StaticDecision", "finish_keep", "patch_row_images", "row_images", "static_keep"]
+__all__ = ["StaticDecision", "finish_keep", "patch_row_images", "row_images", "row_slots", "static_keep"]
 
 Layout = Union[PackedLayout, StaticLayout]
 
@@ -59,6 +59,15 @@ def row_images(rows: int, layout: Layout, batch: int) -> torch.Tensor:
     offsets = layout.offsets(torch.int32)[: batch + 1].long()  # (B + 1,)
     index = torch.arange(rows, device=offsets.device)
     return torch.searchsorted(offsets[1:].contiguous(), index, right=True)
+
+
+def row_slots(image: torch.Tensor, offsets: torch.Tensor, width: int) -> torch.Tensor:
+    """(R,) long: each packed row's slot in a (B + 1) x ``width`` grid, image-major (the padding
+    image last), from its image (:func:`row_images`) and the images' first rows ``offsets``
+    ((B + 1,) at least): a padded per-image view of bucketed rows, every size fixed by the input.
+    ``width`` must bound every image's length, the padding's included."""
+    position = torch.arange(image.numel(), device=image.device) - offsets.long().index_select(0, image)
+    return image * width + position
 
 
 def patch_row_images(rows: int, layout: Layout, batch: int, num_prefix: int) -> Tuple[torch.Tensor, torch.Tensor]:

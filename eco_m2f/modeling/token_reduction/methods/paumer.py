@@ -29,7 +29,7 @@ from timm.layers import trunc_normal_
 from ..flops import token_wise_flops
 from ..packing import host_ints
 from ..plugin import TOKEN_REDUCTION_REGISTRY, ReductionState, TokenReducer, paper_layers
-from ..static_decision import StaticDecision, finish_keep, patch_row_images, static_keep
+from ..static_decision import StaticDecision, finish_keep, patch_row_images, row_slots, static_keep
 from ..token_set import TokenSet
 from ..token_targets import cell_class_counts, live_token_cross_entropy
 
@@ -60,8 +60,7 @@ def topk_rows(scores: torch.Tensor, image: torch.Tensor, offsets: torch.Tensor, 
     carry ``-inf``.
     """
     b = keep.numel()
-    rows = scores.shape[0]
-    slot = image * width + torch.arange(rows, device=scores.device) - offsets.long().index_select(0, image)  # (R,)
+    slot = row_slots(image, offsets, width)  # (R,)
     padded = scores.new_full(((b + 1) * width,), float("-inf")).index_copy(0, slot, scores)  # the padding image last
     top = padded[: b * width].view(b, width).topk(k_max, dim=1, largest=True, sorted=True).indices  # (B, k_max)
     valid = torch.arange(k_max, device=scores.device).view(1, -1) < keep.view(-1, 1)
