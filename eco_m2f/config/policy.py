@@ -18,6 +18,14 @@ def add_policy_config(cfg: CN) -> None:
     # Any of res2..res5 (strides 4, 8, 16, 32); the policy needs only res5 (320 channels for Lite0).
     cfg.MODEL.EFFICIENTNET.OUT_FEATURES = ["res5"]
 
+    # The small policy network of papers/002 (Table 2), MODEL.BACKBONE.NAME "build_policy_cnn_backbone":
+    # 3x3 convolutions of CHANNELS outputs, each with BatchNorm and ReLU, one per stride (1 or 2,
+    # multiplying to 32: the first five halve the resolution; the paper does not say where),
+    # trained from scratch.
+    cfg.MODEL.POLICY_CNN = CN()
+    cfg.MODEL.POLICY_CNN.CHANNELS = 128
+    cfg.MODEL.POLICY_CNN.STRIDES = [2, 2, 2, 2, 2, 1, 1]
+
     # The policy network (MODEL.META_ARCHITECTURE "TokenSharingPolicy"): Conv2d(C, 2, 1) on one
     # stride-32 backbone map, one "does this 32x32 superpatch hold one class?" score per cell.
     cfg.MODEL.POLICY = CN()

@@ -7,10 +7,14 @@ from .config_node import CfgNode as CN
 
 def add_token_sharing_config(cfg: CN) -> None:
     # The frozen policy network inside a CTS / dCTS Segmenter is built from this config (its
-    # backbone from MODEL.EFFICIENTNET.*, its heads from MODEL.POLICY.IN_FEATURE / WINDOW_SIZES)
-    # and the normalisation below; MODEL.TOKEN_SHARING.POLICY_WEIGHTS fills it after
-    # construction, and POLICY_CONFIG (when set) is checked against it.
+    # backbone POLICY_BACKBONE from MODEL.EFFICIENTNET.* or MODEL.POLICY_CNN.*, its heads from
+    # MODEL.POLICY.IN_FEATURE / WINDOW_SIZES) and the normalisation below;
+    # MODEL.TOKEN_SHARING.POLICY_WEIGHTS fills it after construction, and POLICY_CONFIG (when
+    # set) is checked against it.
     ts = cfg.MODEL.TOKEN_SHARING
+    # The policy's backbone: "build_efficientnet_backbone" (EfficientNet-Lite0, the default
+    # policy) or "build_policy_cnn_backbone" (papers/002's small policy network).
+    ts.POLICY_BACKBONE = "build_efficientnet_backbone"
     # The policy's own pixel mean / std (0-255 RGB): the Segmenter's batch is converted to them.
     # TensorFlow's EfficientNet-Lite normalisation, as in the policy configs.
     ts.POLICY_PIXEL_MEAN = [127.0, 127.0, 127.0]

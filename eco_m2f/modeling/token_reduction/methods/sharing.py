@@ -34,8 +34,10 @@ __all__ = ["SHARED_WINDOW_MAP", "WindowSharingReducer", "policy_config"]
 #: Name of the token map of the window side of each cell's token.
 SHARED_WINDOW_MAP = "shared window"
 #: Keys of a policy config that fix the module structure and normalisation built here.
-_STRUCTURE_KEYS = ("MODEL.EFFICIENTNET.NAME", "MODEL.EFFICIENTNET.PAD_TYPE", "MODEL.EFFICIENTNET.BN_EPS",
-                   "MODEL.EFFICIENTNET.OUT_FEATURES", "MODEL.POLICY.IN_FEATURE", "MODEL.POLICY.WINDOW_SIZES")
+_STRUCTURE_KEYS = ("MODEL.BACKBONE.NAME", "MODEL.EFFICIENTNET.NAME", "MODEL.EFFICIENTNET.PAD_TYPE", "MODEL.EFFICIENTNET.BN_EPS",
+                   "MODEL.EFFICIENTNET.OUT_FEATURES", "MODEL.POLICY_CNN.CHANNELS", "MODEL.POLICY_CNN.STRIDES",
+                   "MODEL.POLICY.IN_FEATURE", "MODEL.POLICY.WINDOW_SIZES")
+_POLICY_BACKBONES = ("build_efficientnet_backbone", "build_policy_cnn_backbone")
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -50,8 +52,10 @@ def policy_config(cfg: Any) -> Any:
     pc = cfg.clone()
     pc.defrost()
     ts = cfg.MODEL.TOKEN_SHARING
+    if ts.POLICY_BACKBONE not in _POLICY_BACKBONES:
+        raise ValueError(f"MODEL.TOKEN_SHARING.POLICY_BACKBONE {ts.POLICY_BACKBONE!r} is not one of {list(_POLICY_BACKBONES)}")
     pc.merge_from_list([
-        "MODEL.META_ARCHITECTURE", "TokenSharingPolicy", "MODEL.BACKBONE.NAME", "build_efficientnet_backbone",
+        "MODEL.META_ARCHITECTURE", "TokenSharingPolicy", "MODEL.BACKBONE.NAME", str(ts.POLICY_BACKBONE),
         "MODEL.BACKBONE.PRETRAINED", "False", "MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.WEIGHTS", "",
         "MODEL.PIXEL_MEAN", str(list(ts.POLICY_PIXEL_MEAN)), "MODEL.PIXEL_STD", str(list(ts.POLICY_PIXEL_STD)),
     ])
@@ -116,7 +120,8 @@ class WindowSharingReducer(TokenReducer):
                 same = [float(v) for v in value] == [float(v) for v in ours] if key.startswith("MODEL.PIXEL") else \
                     (list(value) == list(ours) if isinstance(value, (list, tuple)) else value == ours)
                 if not same:
-                    ours_key = key.replace("MODEL.PIXEL_", "MODEL.TOKEN_SHARING.POLICY_PIXEL_")
+                    ours_key = key.replace("MODEL.PIXEL_", "MODEL.TOKEN_SHARING.POLICY_PIXEL_").replace(
+                        "MODEL.BACKBONE.NAME", "MODEL.TOKEN_SHARING.POLICY_BACKBONE")
                     raise ValueError(
                         f"MODEL.TOKEN_SHARING.POLICY_CONFIG {self._policy_config} has {key} {value!r}, but this "
                         f"config builds the policy with {ours_key} {ours!r}; set it to the policy's value"
