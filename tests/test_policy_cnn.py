@@ -99,3 +99,27 @@ def test_a_cts_segmenter_runs_the_small_policy_and_checks_its_config(tmp_path):
                                                   "MODEL.TOKEN_SHARING.POLICY_CONFIG", str(REPO / "configs/synthetic/cts_policy.yaml")]))
     with pytest.raises(ValueError, match="POLICY_BACKBONE 'resnet'"):
         build_model(setup_cfg(None, TINY + CTS[:-2] + ["MODEL.TOKEN_SHARING.POLICY_BACKBONE", "resnet"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_small_policy_replays_its_folded_copy_on_cuda():
+    """bf16 on CUDA: the folded, channels-last, graphed copy gives the policy's own scores."""
+    from eco_m2f.modeling.policy.inference import FastPolicy
+
+    policy = _policy(SMALL_DCTS).freeze().cuda()
+    with torch.no_grad():
+        for m in policy.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    fast = FastPolicy()
+    mean, std = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
+    x = torch.randn(2, 3, 256, 192, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        got = fast.window_logits(policy, x, mean, std)
+        want = policy.window_logits(x, mean, std)
+    assert fast.captures == 1
+    for n in want:
+        scale = max(1.0, want[n].float().abs().max().item())
+        assert (got[n].float() - want[n].float()).abs().max().item() <= 5e-2 * scale, n
