@@ -99,8 +99,10 @@ class GraphedHead:
         rows = tokens[:, :width].reshape(b * width, c).index_select(0, slots)  # Tp x C
         opts = self.options
         bucket = (layout.total // opts.row_bucket + 1) * opts.row_bucket  # at least one padding row
-        longest = width if opts.len_bucket == 0 else -(-width // max(opts.len_bucket, 1)) * max(opts.len_bucket, 1)
-        longest = max(longest, opts.row_bucket)  # the padding image fits the grid too
+        # the longest image rounded up (len_bucket 0, the blocks' "full length", has no full length
+        # here: the head sees live tokens only, so it rounds to a row bucket)
+        step = opts.len_bucket or opts.row_bucket
+        longest = max(-(-width // step) * step, opts.row_bucket)  # the padding image fits the grid too
         cast: Optional[torch.dtype] = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         key = ("packed", id(head), b, bucket, longest, c, tokens.dtype, tokens.device, cast)
         captured = self._graphs.get(key)
