@@ -205,3 +205,26 @@ def test_token_sharing_configs_agree_with_their_policy_configs(config, monkeypat
         model = build_model(setup_cfg(config, ["MODEL.TOKEN_SHARING.POLICY_WEIGHTS", ""]))
         assert isinstance(model.token_reducer, WindowSharingReducer)
         assert set(model.token_reducer.window_sizes) <= set(model.token_reducer.policy.window_sizes)
+
+
+def test_the_embedding_is_queued_before_the_wait_for_the_counts(monkeypatch):
+    """With thresholds the counts of the windows taken come to the host once, and every
+    embedding of fixed shape is issued before that wait: after it, only the gather."""
+    from eco_m2f.modeling.token_reduction import window_sharing
+    from eco_m2f.modeling.token_reduction.methods import sharing
+
+    _, model = _dcts(*_thresholds(0.5, 0.5, 0.5))
+    events = []
+
+    class RecordingCopy(sharing.HostCopy):
+        def wait(self):
+            events.append("wait")
+            return super().wait()
+
+    prepare, embed = window_sharing.prepare_windows, window_sharing.embed_prepared
+    monkeypatch.setattr(sharing, "HostCopy", RecordingCopy)
+    monkeypatch.setattr(sharing, "prepare_windows", lambda *a: events.append("prepare") or prepare(*a))
+    monkeypatch.setattr(sharing, "embed_prepared", lambda *a: events.append("gather") or embed(*a))
+    with torch.no_grad():
+        model.network(images((128, 128), (128, 128), seed=11))
+    assert events == ["prepare", "wait", "gather"]

@@ -374,3 +374,36 @@ def test_compiled_decisions_equal_the_eager_ones_and_a_failing_compiler_falls_ba
     assert all(torch.equal(fallback[k], want[k]) for k in want)
     assert graphs._DECISION_COMPILE_FAILURES  # later decisions run uncompiled
     torch._dynamo.reset()
+
+
+def test_finish_keep_queues_every_copy_before_it_waits(monkeypatch):
+    """The copies of the graph's outputs are issued before the wait for the counts: after it, the
+    host only slices (no kernel), so the next graph follows at once."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from eco_m2f.modeling.token_reduction import static_decision
+
+    ts = _ragged()
+    x, layout = _bucketed(ts)
+    leave = torch.zeros(x.shape[0], dtype=torch.bool)
+    leave[ts.layout.patch_rows()[::3]] = True
+    logits = torch.randn(x.shape[0], 4)
+    out = static_keep(x, layout, ts.owner, ts.num_prefix, leave, {"logits": logits})
+    computing, after_wait = [], []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            (after_wait if computing else []).append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Wait(static_decision.HostCopy):
+        def wait(self):
+            computing.append(True)
+            return super().wait()
+
+    monkeypatch.setattr(static_decision, "HostCopy", Wait)
+    with Ops():
+        got = finish_keep(ts, out, save_features=True, save_logits=True)
+    assert computing and got.live_counts != ts.live_counts
+    kernels = [op for op in after_wait if not any(v in op for v in ("view", "slice", "alias", "detach"))]
+    assert after_wait and kernels == [], kernels  # slices of the copies only
