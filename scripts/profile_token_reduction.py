@@ -108,7 +108,7 @@ def profile(
                     row[f"b{b}"]["kernels"] = profile_kernels(model.network, x, "bf16", top=kernels)
                 if syncs:
                     row[f"b{b}"]["syncs"] = sync_points(model.network, x, "bf16")
-                if gaps and b == batches[0]:
+                if gaps:
                     row[f"b{b}"]["gaps"] = gpu_idle(model.network, x, "bf16").table(top=gaps)
             if host and b == batches[0]:
                 row[f"b{b}"]["host"] = host_profile(model.network, x, "bf16" if device == "cuda" else "fp32", top=host)
@@ -124,7 +124,7 @@ def main() -> None:
                         help="a named setting: config overrides (repeatable)")
     parser.add_argument("--kernels", type=int, default=0, help="print the top N kernels of each pass at the first batch size")
     parser.add_argument("--host", type=int, default=0, help="print the top N Python functions by host time (cProfile) at the first batch size")
-    parser.add_argument("--gaps", type=int, default=0, help="at the first batch size, where the GPU idles in a pass: "
+    parser.add_argument("--gaps", type=int, default=0, help="at every batch size, where the GPU idles in a pass: "
                         "the top N places of the package that launched the work after a gap (CUDA)")
     parser.add_argument("--syncs", action="store_true", help="list the host syncs of one pass at every batch size (CUDA)")
     parser.add_argument("--weights", default="", help="trained weights of every model, loaded as the sweep loads them "
@@ -164,9 +164,12 @@ def main() -> None:
             cells.append(f"b{b}: {r['ms']:.2f} ms ({r['img/s']:.1f} img/s{captured}){'; ' + stages if stages else ''}")
         print(f"{name:24s} " + " | ".join(cells), flush=True)
         first = row[f"b{args.batch[0]}"]
-        for key in ("kernels", "host", "gaps"):
+        for key in ("kernels", "host"):
             if key in first:
                 print(first.pop(key), flush=True)
+        for b in args.batch:
+            if "gaps" in row[f"b{b}"]:
+                print(f"  b{b}: " + row[f"b{b}"].pop("gaps"), flush=True)
         for b in args.batch:
             if "syncs" in row[f"b{b}"]:
                 points = row[f"b{b}"]["syncs"]
