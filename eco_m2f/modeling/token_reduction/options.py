@@ -40,7 +40,7 @@ class InferenceOptions:
             (:mod:`.fused`). Where compiling fails, or the blocks are not the standard block
             that function covers, the blocks run uncompiled, with one warning.
         compile_decisions: compile (``torch.compile``, inductor) a decision captured after the
-            blocks (:mod:`.static_decision`), so that its some eighty small kernels (head, masks,
+            blocks (:mod:`.static_decision`), so that its many small kernels (head, masks,
             partition, owners) replay as fewer fused ones; a compilation that fails runs it
             uncompiled, with one warning. Off until timed.
         copy_output: return a copy of the graph's output rows; False returns a view that the
