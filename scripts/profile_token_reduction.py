@@ -140,6 +140,8 @@ def main() -> None:
     args.opts = list(args.opts) + shared
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (use --device cpu for a check of the script)")
+    if args.device != "cuda" and (args.gaps or args.syncs or args.kernels):
+        parser.error("--gaps, --syncs and --kernels read the GPU's work: they need --device cuda")
     try:
         settings = parse_settings(args.setting)
     except ValueError as exc:

@@ -246,3 +246,5 @@ def test_the_profile_script_times_dense_and_each_setting(tmp_path):
     assert all(r[f"b{b}"]["ms"] > 0 and r[f"b{b}"]["img/s"] > 0 for r in rows for b in (2, 1))
     bad = subprocess.run(cmd[:7] + ["--setting", "dense", "KEY", "VALUE"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "setting names must be distinct" in bad.stderr
+    gaps = subprocess.run(cmd[:7] + ["--gaps", "5"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert gaps.returncode != 0 and "need --device cuda" in gaps.stderr  # not silently left out on the CPU
