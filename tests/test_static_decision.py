@@ -407,3 +407,56 @@ def test_finish_keep_queues_every_copy_before_it_waits(monkeypatch):
     assert computing and got.live_counts != ts.live_counts
     kernels = [op for op in after_wait if not any(v in op for v in ("view", "slice", "alias", "detach"))]
     assert after_wait and kernels == [], kernels  # slices of the copies only
+
+
+def test_captured_pause_steps_leave_few_operators_to_the_host(monkeypatch):
+    """What a PAUMER pass still issues from Python outside the graphs (each a kernel launch on a
+    GPU): with the pause steps captured, under half of what the eager pause steps issue."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny_segmenter(*PAUMER, seed=5).eval()
+    x = images((64, 64), (64, 64), seed=6)
+    counted = [0]
+    inside = [False]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counted[0] += not inside[0]
+            return func(*args, **(kwargs or {}))
+
+    class Quiet(_EagerGraph):  # what a graph replays is not the host's
+        def __call__(self, tokens):
+            inside[0] = True
+            try:
+                return super().__call__(tokens)
+            finally:
+                inside[0] = False
+
+        def run_deciding(self, tokens, decision):
+            inside[0] = True
+            try:
+                return super().run_deciding(tokens, decision)
+            finally:
+                inside[0] = False
+
+    monkeypatch.setattr(ReductionLoop, "_graphed", lambda self, start, stop, tokens: Quiet(self.backbone.blocks[start:stop], []))
+    head_forward = model.sem_seg_head.forward
+
+    def graphed_head(*args, **kwargs):  # the decode head on the dense grid replays a graph too
+        inside[0] = True
+        try:
+            return head_forward(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(model.sem_seg_head, "forward", graphed_head)
+    loop, counts = model._reduction, {}
+    with torch.no_grad():
+        for captured in (False, True):
+            loop.cuda_graphs, loop.graph_decisions = True, captured
+            model.reduced_network(x)  # the layouts' index tensors are built once per pass either way
+            counted[0] = 0
+            with Count():
+                model.reduced_network(x)
+            counts[captured] = counted[0]
+    assert counts[True] < counts[False] / 2, counts
