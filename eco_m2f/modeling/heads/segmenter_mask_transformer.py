@@ -98,50 +98,29 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
 
     def forward_packed(self, tokens: torch.Tensor, lengths: Sequence[int]) -> Dict[str, torch.Tensor]:
         """The decoder on the real tokens only: image b's first ``lengths[b]`` slots of
-        ``tokens`` (B x N x C) and the K class embeddings packed into one buffer, the blocks run
-        by the token runtime (attention within each image, token-wise layers on the packed rows),
-        then the patch-class products per image. Equals :meth:`forward` with the padding mask at
-        every real slot; empty slots come back as ``mask_norm`` of zeros."""
-        # imported here: the token-reduction package imports the heads
-        from ..token_reduction.blocks import run_block
-        from ..token_reduction.packing import PackedLayout
+        ``tokens`` (B x N x C) packed (:meth:`forward_rows`), the blocks run by the token runtime
+        (attention within each image, token-wise layers on the packed rows). Equals
+        :meth:`forward` with the padding mask at every real slot; empty slots come back 0."""
+        from ..token_reduction.packing import pack_slots, unpack_slots  # the token-reduction package imports the heads
 
-        b, n, c = tokens.shape
-        k, dim = self.num_classes, self.proj_dec.out_features
-        if len(lengths) != b or max(lengths) > n or min(lengths) < 0:
-            raise ValueError(f"lengths {list(lengths)} do not fit {b} images of {n} token slots")
-        # each image's rows: its K class embeddings (the layout's prefix), then its real tokens
-        layout = PackedLayout([k + int(m) for m in lengths], k, tokens.device)
-        width = layout.pad_width(False)  # the longest image (a view of all N slots when it fills them)
-        slots = layout.pad_rows(False)  # the real slots of the (B * width) padded rows, image-major
-        patches = self.proj_dec(tokens[:, :width].reshape(b * width, c).index_select(0, slots))  # Tp x D
-        classes = self.cls_emb.expand(b, -1, -1).to(patches.dtype).reshape(b * k, dim)
-        x = patches.new_empty(layout.total, dim)
-        x = x.index_copy(0, layout.prefix_rows(), classes).index_copy(0, layout.patch_rows(), patches)  # T x D
-        for block in self.blocks:
-            x = run_block(block, x, layout)
-        x = self.decoder_norm(x)
-        patches = F.normalize(x.index_select(0, layout.patch_rows()) @ self.proj_patch.to(x.dtype), dim=-1)  # Tp x D
-        classes = F.normalize(x.index_select(0, layout.prefix_rows()) @ self.proj_classes.to(x.dtype), dim=-1)
-        padded = patches.new_zeros(b * width, dim).index_copy(0, slots, patches).view(b, width, dim)
-        masks = padded @ classes.view(b, k, dim).transpose(1, 2)  # B x width x K
-        return {"pred_tokens": self.mask_norm(F.pad(masks, (0, 0, 0, n - width)))}  # B x N x K
+        rows, layout = pack_slots(tokens, lengths)
+        return {"pred_tokens": unpack_slots(self.forward_rows(rows, layout, tokens.shape[0]), layout, tokens.shape[1])}
 
     def forward_rows(self, rows: torch.Tensor, layout: Any, batch: int, attention: str = "auto") -> torch.Tensor:
-        """:meth:`forward_packed` with every size fixed by the input, as a CUDA graph replays it
-        for any lengths: ``rows`` (R, C) the live tokens of ``batch`` images one after another,
-        laid out by ``layout`` (a :class:`~..token_reduction.packing.StaticLayout`: the images'
-        offsets on the device, ``max_len`` a bound on their lengths; rows past the last image are
-        padding, finite). Returns (R, K), each real row's ``mask_norm`` output (padding rows
-        unspecified). Each image's K class embeddings go in front of its rows; the padding keeps
-        none."""
+        """The decoder on packed rows (R, C): the live tokens of ``batch`` images one after another
+        by ``layout``, a :class:`~..token_reduction.packing.PackedLayout` without prefix, or a
+        :class:`~..token_reduction.packing.StaticLayout` (the offsets on the device, ``max_len`` a
+        bound on the lengths, rows past the last image padding and finite) so that a CUDA graph
+        replays it for any lengths: every size is then fixed by the input. Returns (R, K), each
+        real row's ``mask_norm`` output (padding rows unspecified). Each image's K class
+        embeddings go in front of its rows; the padding keeps none."""
         from ..token_reduction.blocks import run_block
-        from ..token_reduction.packing import StaticLayout
+        from ..token_reduction.packing import PackedLayout, StaticLayout
         from ..token_reduction.static_decision import row_slots
 
         r, dev = rows.shape[0], rows.device
         k, dim = self.num_classes, self.proj_dec.out_features
-        offsets = layout.offsets(torch.int32).long()  # (B + 1,) or (B + 2,): the last image padding
+        offsets = layout.offsets(torch.int32).long()  # (B + 1,), or (B + 2,): the last image padding
         index = torch.arange(r, device=dev)
         image = torch.searchsorted(offsets[1: batch + 1].contiguous(), index, right=True)  # (R,); B on padding
         patch_rows = index + k * torch.clamp(image + 1, max=batch)  # a row's place behind its image's classes
@@ -150,8 +129,11 @@ class SegmenterMaskTransformerHead(ViTDecodeHead):
         patches = self.proj_dec(rows)  # R x D
         classes = self.cls_emb.expand(batch, -1, -1).to(patches.dtype).reshape(batch * k, dim)
         x = patches.new_empty(r + batch * k, dim).index_copy(0, patch_rows, patches).index_copy(0, class_rows, classes)
-        grown = offsets + k * torch.clamp(torch.arange(offsets.numel(), device=dev), max=batch)
-        decoder_layout = StaticLayout(grown.to(torch.int32), layout.max_len + k, uniform=False)
+        if isinstance(layout, PackedLayout):  # host lengths: any attention backend
+            decoder_layout = PackedLayout([k + n for n in layout.lengths], k, dev)
+        else:
+            grown = offsets + k * torch.clamp(torch.arange(offsets.numel(), device=dev), max=batch)
+            decoder_layout = StaticLayout(grown.to(torch.int32), layout.max_len + k, uniform=False)
         for block in self.blocks:
             x = run_block(block, x, decoder_layout, attention)
         x = self.decoder_norm(x)

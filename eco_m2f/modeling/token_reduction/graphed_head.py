@@ -18,16 +18,29 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Hashable, Optional, Sequence
+from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
 
 from ...utils.cuda_graph import warm_and_capture
 from .options import InferenceOptions, default_inference
-from .packing import PackedLayout, StaticLayout
+from .packing import StaticLayout, pack_slots, unpack_slots
 
 __all__ = ["GraphedHead"]
+
+T = TypeVar("T")
+
+
+def _autocast_dtype() -> Optional[torch.dtype]:
+    """The CUDA autocast dtype in effect, or None."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+
+
+def _under(cast: Optional[torch.dtype], fn: Callable[[], T]) -> T:
+    """``fn()`` under the autocast of the call that captured it (weights cast inside the graph)."""
+    with torch.autocast("cuda", dtype=cast or torch.bfloat16, enabled=cast is not None, cache_enabled=False):
+        return fn()
 
 
 @dataclass
@@ -56,7 +69,7 @@ class GraphedHead:
     @staticmethod
     def applies(head: nn.Module, tokens: torch.Tensor) -> bool:
         """Whether ``self(head, tokens)`` replays a graph: fp16/bf16 CUDA inference."""
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else tokens.dtype
+        dtype = _autocast_dtype() or tokens.dtype
         return tokens.is_cuda and not torch.is_grad_enabled() and not head.training and dtype in (torch.float16, torch.bfloat16)
 
     def reset(self) -> None:
@@ -68,15 +81,16 @@ class GraphedHead:
         outputs are copies, so that a later replay does not change them."""
         if not self.applies(head, tokens):
             return head(tokens)
-        cast: Optional[torch.dtype] = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        key = (id(head), tuple(tokens.shape), tokens.dtype, tokens.device, cast)
-        captured = self._graphs.get(key)
-        if captured is None:
-            captured = self._capture(key, head, tokens, cast)
-        else:
-            self._graphs.move_to_end(key)
-            captured.tokens.copy_(tokens)
-        captured.graph.replay()
+        cast = _autocast_dtype()
+
+        def build() -> Tuple[_Captured, Callable[[], Dict[str, torch.Tensor]]]:
+            static = torch.empty_like(tokens).copy_(tokens)
+            return _Captured(None, static, {}), lambda: _under(cast, lambda: head(static))
+
+        captured = self._replay((id(head), tuple(tokens.shape), tokens.dtype, tokens.device, cast), tokens.device, build,
+                                lambda c: c.tokens.copy_(tokens))
+        if not all(isinstance(t, torch.Tensor) for t in captured.outputs.values()):
+            raise TypeError(f"{type(head).__name__} returned non-tensor outputs; a graphed head needs a dict of tensors")
         return {name: t.clone() for name, t in captured.outputs.items()}
 
     @staticmethod
@@ -90,78 +104,51 @@ class GraphedHead:
         ``{"pred_tokens": B x N x K}``, empty slots 0 (a copy: later replays leave it alone)."""
         if not self.applies_packed(head, tokens):
             raise RuntimeError("packed() replays a graph: it needs a head with forward_rows, in CUDA fp16/bf16 inference")
-        b, n, c = tokens.shape
-        if len(lengths) != b or max(lengths) > n or min(lengths) < 0:
-            raise ValueError(f"lengths {list(lengths)} do not fit {b} images of {n} token slots")
-        layout = PackedLayout(lengths, 0, tokens.device)
-        width = layout.max_len
-        slots = layout.pad_rows(False)  # (Tp,) each real slot among the B x width padded ones
-        rows = tokens[:, :width].reshape(b * width, c).index_select(0, slots)  # Tp x C
-        opts = self.options
+        rows, layout = pack_slots(tokens, lengths)  # Tp x C
+        b, opts = layout.batch_size, self.options
         bucket = (layout.total // opts.row_bucket + 1) * opts.row_bucket  # at least one padding row
         # the longest image rounded up (len_bucket 0, the blocks' "full length", has no full length
         # here: the head sees live tokens only, so it rounds to a row bucket)
         step = opts.len_bucket or opts.row_bucket
-        longest = max(-(-width // step) * step, opts.row_bucket)  # the padding image fits the grid too
-        cast: Optional[torch.dtype] = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        key = ("packed", id(head), b, bucket, longest, c, tokens.dtype, tokens.device, cast)
-        captured = self._graphs.get(key)
-        if captured is None:
-            captured = self._capture_packed(key, head, b, bucket, longest, rows, layout, cast)
-        else:
-            self._graphs.move_to_end(key)
-            self._load_packed(captured, rows, layout)
-        captured.graph.replay()
-        out = captured.outputs["rows"][: layout.total]  # Tp x K
-        pred = out.new_zeros(b * width, out.shape[1]).index_copy(0, slots, out).view(b, width, -1)
-        if width < n:
-            pred = torch.nn.functional.pad(pred, (0, 0, 0, n - width))
-        return {"pred_tokens": pred}
+        longest = max(-(-layout.max_len // step) * step, opts.row_bucket)  # the padding image fits the grid too
+        cast = _autocast_dtype()
 
-    @staticmethod
-    def _load_packed(captured: _Captured, rows: torch.Tensor, layout: PackedLayout) -> None:
-        captured.tokens[: layout.total].copy_(rows)
-        captured.offsets[: layout.batch_size + 1].copy_(layout.offsets(torch.int32))
+        def load(captured: _Captured) -> None:
+            captured.tokens[: layout.total].copy_(rows)
+            captured.offsets[: b + 1].copy_(layout.offsets(torch.int32))
 
-    def _capture_packed(self, key: Hashable, head: nn.Module, batch: int, bucket: int, longest: int, rows: torch.Tensor,
-                        layout: PackedLayout, cast: Optional[torch.dtype]) -> _Captured:
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode(False), torch.no_grad():  # plain buffers, writable in any mode
+        def build() -> Tuple[_Captured, Callable[[], Dict[str, torch.Tensor]]]:
             static = rows.new_zeros(bucket, rows.shape[1])  # padding rows start finite
-            offsets = torch.full((batch + 2,), bucket, dtype=torch.int32, device=rows.device)
+            offsets = torch.full((b + 2,), bucket, dtype=torch.int32, device=rows.device)
             captured = _Captured(None, static, {}, offsets)
-            self._load_packed(captured, rows, layout)
+            load(captured)
             static_layout = StaticLayout(offsets, longest, uniform=False)
+            return captured, lambda: _under(cast, lambda: {"rows": head.forward_rows(static, static_layout, b, opts.attention)})
 
-            def forward() -> Dict[str, torch.Tensor]:
-                with torch.autocast("cuda", dtype=cast or torch.bfloat16, enabled=cast is not None, cache_enabled=False):
-                    return {"rows": head.forward_rows(static, static_layout, batch, self.options.attention)}
+        key = ("packed", id(head), b, bucket, longest, rows.shape[1], tokens.dtype, tokens.device, cast)
+        captured = self._replay(key, tokens.device, build, load)
+        return {"pred_tokens": unpack_slots(captured.outputs["rows"][: layout.total], layout, tokens.shape[1])}
 
-            captured.graph, captured.outputs = warm_and_capture(forward, rows.device, self._pool)
-        self.captures += 1
-        self._graphs[key] = captured
-        return captured
-
-    def _capture(self, key: Hashable, head: nn.Module, tokens: torch.Tensor, cast: Optional[torch.dtype]) -> _Captured:
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode(False), torch.no_grad():  # plain buffers, writable in any mode
-            static = torch.empty_like(tokens).copy_(tokens)
-
-            def forward() -> Dict[str, torch.Tensor]:
-                with torch.autocast("cuda", dtype=cast or torch.bfloat16, enabled=cast is not None, cache_enabled=False):
-                    return head(static)
-
-            graph, outputs = warm_and_capture(forward, tokens.device, self._pool)
-        if not all(isinstance(t, torch.Tensor) for t in outputs.values()):
-            raise TypeError(f"{type(head).__name__} returned non-tensor outputs; a graphed head needs a dict of tensors")
-        self.captures += 1
-        captured = self._graphs[key] = _Captured(graph, static, outputs)
+    def _replay(self, key: Hashable, device: torch.device, build: Callable[[], Tuple[_Captured, Callable[[], Dict[str, torch.Tensor]]]],
+                load: Callable[[_Captured], None]) -> _Captured:
+        """Replay the graph of ``key``: ``load`` the input into its buffers, or, on first use,
+        ``build`` the buffers and the function (outside inference mode, so that the buffers are
+        writable in any mode) and capture it after a warm-up (least recently used graph out)."""
+        captured = self._graphs.get(key)
+        if captured is not None:
+            self._graphs.move_to_end(key)
+            load(captured)
+        else:
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.inference_mode(False), torch.no_grad():
+                captured, forward = build()
+                captured.graph, captured.outputs = warm_and_capture(forward, device, self._pool)
+            self.captures += 1
+            self._graphs[key] = captured
+        captured.graph.replay()
         return captured
 
     def __len__(self) -> int:

@@ -14,7 +14,7 @@ import torch
 
 from ...utils.device import to_device
 
-__all__ = ["HostCopy", "PackedLayout", "StaticLayout", "host_ints", "to_device", "true_indices"]
+__all__ = ["HostCopy", "PackedLayout", "StaticLayout", "host_ints", "pack_slots", "to_device", "true_indices", "unpack_slots"]
 
 
 def host_ints(values: Sequence[int], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -208,3 +208,21 @@ class StaticLayout:
         if dtype != torch.int32:
             raise ValueError("a static layout holds int32 offsets only")
         return self._offsets
+
+
+def pack_slots(padded: torch.Tensor, lengths: Sequence[int]) -> Tuple[torch.Tensor, PackedLayout]:
+    """Image b's first ``lengths[b]`` slots of ``padded`` (B x N x C) as packed rows (T, C), and
+    their layout (no prefix)."""
+    b, n, c = padded.shape
+    if len(lengths) != b or max(lengths) > n or min(lengths) < 0:
+        raise ValueError(f"lengths {list(lengths)} do not fit {b} images of {n} token slots")
+    layout = PackedLayout(lengths, 0, padded.device)
+    width = layout.max_len
+    return padded[:, :width].reshape(b * width, c).index_select(0, layout.pad_rows(False)), layout
+
+
+def unpack_slots(rows: torch.Tensor, layout: PackedLayout, slots: int) -> torch.Tensor:
+    """The inverse of :func:`pack_slots`: packed rows (T, D) -> B x ``slots`` x D, empty slots 0."""
+    b, width = layout.batch_size, layout.max_len
+    out = rows.new_zeros(b * width, rows.shape[1]).index_copy(0, layout.pad_rows(False), rows).view(b, width, -1)
+    return torch.nn.functional.pad(out, (0, 0, 0, slots - width)) if width < slots else out
