@@ -8,8 +8,9 @@ Two steps, both batched (the only loops run over window sizes):
   cell ends in exactly one token (its own, or one window's). Windows that would reach past the
   grid (the last row / column of an odd grid for n = 2) are not on the maps: those cells keep
   their own tokens.
-* :func:`embed_windows`: the token set. A window of n x n patches is area-averaged to one patch
-  (an n x n mean of the pixels: for CTS, the 32x32 region 2x2-averaged to 16x16) and embedded by
+* :func:`prepare_windows` then :func:`embed_prepared`: the token set. A window of n x n
+  patches is area-averaged to one patch (an n x n mean of the pixels: for CTS, the 32x32 region
+  2x2-averaged to 16x16) and embedded by
   the ViT's **own** patch embedding (its projection as one matrix product); its position
   embedding is the mean of its cells'. Tokens of an image are ordered by their window's top-left
   cell, row-major. Every patch and every window of every size is embedded before the counts of
@@ -33,8 +34,8 @@ from .token_set import TokenSet
 if TYPE_CHECKING:
     from ..backbone.vit import ViTBackbone
 
-__all__ = ["PreparedWindows", "SharedWindows", "embed_prepared", "embed_windows", "embedding_flops", "pooling_flops",
-           "prepare_windows", "resolve_windows"]
+__all__ = ["PreparedWindows", "SharedWindows", "embed_prepared", "embedding_flops", "pooling_flops", "prepare_windows",
+           "resolve_windows"]
 
 
 @dataclass
@@ -109,7 +110,7 @@ def pooling_flops(backbone: "ViTBackbone", grid: Tuple[int, int], sizes: Sequenc
 
 @dataclass
 class PreparedWindows:
-    """What :func:`embed_windows` computes before it needs the host counts of the windows taken.
+    """What :func:`prepare_windows` computes before the host counts of the windows taken are needed.
 
     A threshold (dynamic CTS, dCTS) makes the counts depend on the policy's scores: they must come
     to the host before the token set can be built. Everything of fixed shape is queued first, so
@@ -170,7 +171,8 @@ def _window_pos(cell_pos: torch.Tensor, grid: Tuple[int, int], n: int) -> torch.
 
 
 def prepare_windows(backbone: "ViTBackbone", images: torch.Tensor, windows: SharedWindows) -> PreparedWindows:
-    """The part of :func:`embed_windows` that needs no host counts (see :class:`PreparedWindows`)."""
+    """The embedding of every patch and window of ``windows``' sizes, which needs no host counts
+    (see :class:`PreparedWindows`)."""
     from ..backbone.base import pad_to_multiple
 
     p = backbone.patch_size
@@ -226,18 +228,3 @@ def embedding_flops(backbone: "ViTBackbone", grid: Tuple[int, int], sizes: Seque
     per_token += token_wise_flops(backbone.patch_embed.norm)
     windows = sum((h // n) * (w // n) for n in sizes)
     return patch_embedding_flops(backbone, grid) + per_token * windows + pooling_flops(backbone, grid, sizes)
-
-
-def embed_windows(
-    backbone: "ViTBackbone",
-    images: torch.Tensor,
-    windows: SharedWindows,
-    taken: Sequence[Sequence[int]],
-) -> Tuple[TokenSet, List[int]]:
-    """The token set of ``windows`` on B x 3 x H x W normalised images (padded to the patch size
-    here), with ``taken`` the host copy of ``windows.taken``: :func:`prepare_windows`, then
-    :func:`embed_prepared`. Returns it and the embedding's FLOPs per image
-    (:func:`embedding_flops`)."""
-    prepared = prepare_windows(backbone, images, windows)
-    tokens = embed_prepared(prepared, taken)
-    return tokens, [embedding_flops(backbone, prepared.grid, windows.sizes)] * len(taken)

@@ -168,7 +168,7 @@ class WindowSharingReducer(TokenReducer):
         grid = (-(-int(images.shape[-2]) // patch), -(-int(images.shape[-1]) // patch))  # ints, also when traced
         b = state.batch_size
         if not self.active() or all(grid[0] // n == 0 or grid[1] // n == 0 for n in self.window_sizes):
-            return self._dense(backbone, images, state, [[0] * len(self.window_sizes)] * b)
+            return self._dense(backbone, images, state)
         scores = self.policy_scores(images, state)
         scores = {n: s[:, : grid[0] // n, : grid[1] // n] for n, s in scores.items()}  # windows inside the grid
         wanted, taken = self.wanted(scores, grid)
@@ -184,10 +184,10 @@ class WindowSharingReducer(TokenReducer):
         self._record(state, taken, windows)
         return tokens
 
-    def _dense(self, backbone, images: torch.Tensor, state: ReductionState, taken, windows: Optional[SharedWindows] = None) -> TokenSet:
-        """Nothing shared: the ViT's own embedding, one token per patch."""
+    def _dense(self, backbone, images: torch.Tensor, state: ReductionState) -> TokenSet:
+        """Nothing can be shared: the ViT's own embedding, one token per patch (the policy does not run)."""
         tokens = super().embed(backbone, images, state)
-        self._record(state, taken, windows, tokens)
+        self._record(state, [[0] * len(self.window_sizes)] * state.batch_size, None, tokens)
         return tokens
 
     def _record(self, state: ReductionState, taken, windows: Optional[SharedWindows], tokens: Optional[TokenSet] = None) -> None:
