@@ -20,7 +20,7 @@ and 7-11 on 21.6% of the patches.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -107,6 +107,8 @@ class PAUMER(TokenReducer):
         self.patch_size = int(backbone.patch_size)
         dim = int(backbone.embed_dim)
         self.classifiers = nn.ModuleDict({f"layer{v}": self._classifier(dim, bool(p.AUX_NORM)) for v in layers})
+        #: (kept counts, device) -> their device tensor, read by the captured pause steps
+        self._keep_tensors: Dict[Tuple[Tuple[int, ...], str], torch.Tensor] = {}
 
     def _classifier(self, dim: int, norm: bool) -> nn.Module:
         linear = nn.Linear(dim, self.num_classes)
@@ -184,7 +186,10 @@ class PAUMER(TokenReducer):
             return finish_keep(after, outputs, save_features=self.output_kind == "dense", kept=[p + k for k in keep],
                                save_logits=early)
 
-        inputs = {"owner": tokens.owner, "keep": host_ints(keep, tokens.x.device)}
+        key = (tuple(keep), str(tokens.x.device))
+        if key not in self._keep_tensors:  # the same counts every pass of a batch size: copied once
+            self._keep_tensors[key] = host_ints(keep, tokens.x.device)
+        inputs = {"owner": tokens.owner, "keep": self._keep_tensors[key]}
         return StaticDecision(("paumer", layer, tuple(keep), early, self.output_kind), inputs, compute, finish)
 
     def describe_exit(self, blocks: int, depth: int) -> str:
