@@ -19,7 +19,7 @@ Two steps, both batched (the only loops run over window sizes):
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
@@ -137,34 +137,23 @@ class PreparedWindows:
     prefix: torch.Tensor
 
 
-#: Index tensors of a grid and window size (they depend on nothing else), recently used first out.
-_GRID_INDICES: "OrderedDict[Tuple[int, int, int, str], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]" = OrderedDict()
-_MAX_GRID_INDICES = 64
-
-
+@functools.lru_cache(maxsize=64)
 def _grid_indices(grid: Tuple[int, int], n: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For aligned n x n windows of an h x w grid: (the cells inside windows, each one's window,
-    both row-major; every cell's window, (G,), clamped where a cell lies outside them)."""
-    key = (int(grid[0]), int(grid[1]), int(n), str(device))
-    if key in _GRID_INDICES:
-        _GRID_INDICES.move_to_end(key)
-        return _GRID_INDICES[key]
+    both row-major; every cell's window, (G,), clamped where a cell lies outside them). They
+    depend on nothing else, so recent ones are kept."""
     h, w = grid
     hn, wn = h // n, w // n
     r, c = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)
     every = ((r // n).clamp(max=max(hn - 1, 0)) * wn + (c // n).clamp(max=max(wn - 1, 0))).view(-1)
     inside = ((r < hn * n) & (c < wn * n)).view(-1)
     cells = torch.arange(h * w)[inside]
-    out = tuple(to_device(t, device) for t in (cells, every[inside], every))
-    _GRID_INDICES[key] = out
-    while len(_GRID_INDICES) > _MAX_GRID_INDICES:
-        _GRID_INDICES.popitem(last=False)
-    return out
+    return tuple(to_device(t, device) for t in (cells, every[inside], every))
 
 
 def _window_pos(cell_pos: torch.Tensor, grid: Tuple[int, int], n: int) -> torch.Tensor:
     """(hn * wn, C): the mean position embedding of the cells of every aligned n x n window."""
-    cells, window, _ = _grid_indices(grid, n, cell_pos.device)
+    cells, window, _ = _grid_indices(tuple(grid), n, cell_pos.device)
     windows = (grid[0] // n) * (grid[1] // n)
     sums = cell_pos.new_zeros(windows, cell_pos.shape[1]).index_add(0, window, cell_pos.index_select(0, cells))
     return sums / float(n * n)
@@ -199,7 +188,7 @@ def prepare_windows(backbone: "ViTBackbone", images: torch.Tensor, windows: Shar
         pooled = images if n == 1 else F.adaptive_avg_pool2d(images[..., : hn * n * p, : wn * n * p], (hn * p, wn * p))
         vectors.append(pooled.view(b, ch, hn, p, wn, p).permute(0, 2, 4, 1, 3, 5).reshape(b * hn * wn, ch * p * p))
         positions.append((cell_pos if n == 1 else _window_pos(cell_pos, grid, n)).expand(b, -1, -1).reshape(b * hn * wn, -1))
-        window = _grid_indices(grid, n, images.device)[2].view(1, cells)  # (cells outside windows are not of side n)
+        window = _grid_indices(tuple(grid), n, images.device)[2].view(1, cells)  # (cells outside windows are not of side n)
         source = torch.where(windows.side == n, window + (base + image * (hn * wn)), source)
         base += b * hn * wn
     # every patch and window of every size through the patch embedding's convolution at once
