@@ -33,7 +33,7 @@ from .attention import packed_attention
 from .blocks import check_block, project_qkv
 from .packing import PackedLayout
 
-__all__ = ["FusedBlocks", "fusable", "residual_mlp"]
+__all__ = ["FusedBlocks", "compile_failure", "fusable", "residual_mlp"]
 
 Backend = Union[bool, str, Callable]
 
@@ -75,6 +75,12 @@ def residual_mlp(
     x = x + h
     y = F.layer_norm(x, channels, next_w, next_b, next_eps) if has_next else None
     return x, y
+
+
+def compile_failure(exc: Exception) -> str:
+    """A compile error in one line: its type and the first two lines (dynamo: the backend, then its error)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {' '.join(lines[:2])[:240]}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,8 +194,7 @@ class FusedBlocks:
     def _give_up_compiling(self, exc: Exception) -> None:
         self.compiled, self.fn = False, residual_mlp
         if self._backend not in _COMPILE_FAILURES:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            _COMPILE_FAILURES[self._backend] = f"{type(exc).__name__}: {' '.join(lines[:2])[:240]}"  # dynamo: backend, then its error
+            _COMPILE_FAILURES[self._backend] = compile_failure(exc)
             warnings.warn(f"compiling the ViT block function failed ({_COMPILE_FAILURES[self._backend]}); "
                           "the token runtime runs it uncompiled in this process", RuntimeWarning, stacklevel=3)
 

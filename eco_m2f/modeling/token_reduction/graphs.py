@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ...utils.cuda_graph import warm_and_capture
 from .blocks import check_block, run_block, run_blocks
-from .fused import FusedBlocks, fusable
+from .fused import FusedBlocks, compile_failure, fusable
 from .options import InferenceOptions, default_inference
 from .packing import StaticLayout
 from .static_decision import StaticDecision
@@ -235,8 +235,7 @@ class GraphedBlocks:
             return torch.compile(decision.compute, backend=_DECISION_BACKEND)(x, layout, inputs)
         except Exception as exc:  # the compiler failed (or the call itself, which then fails again below)
             out = decision.compute(x, layout, inputs)
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            _DECISION_COMPILE_FAILURES.append(f"{type(exc).__name__}: {' '.join(lines[:2])[:240]}")
+            _DECISION_COMPILE_FAILURES.append(compile_failure(exc))
             warnings.warn(f"compiling a captured decision failed ({_DECISION_COMPILE_FAILURES[0]}); decisions run "
                           "uncompiled in this process", RuntimeWarning, stacklevel=2)
             return out
