@@ -23,8 +23,6 @@ the dense model's too.
 """
 from __future__ import annotations
 
-import dataclasses
-
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -39,7 +37,6 @@ from ..token_reduction.cost import cost_records, dense_cost_records, merge_cost_
 from ..token_reduction.encoder_loop import ReducedPass, ReductionLoop, grid_outputs
 from ..token_reduction.build import build_token_reducer
 from ..token_reduction.graphed_head import GraphedHead
-from ..token_reduction.options import default_inference
 from ..token_reduction.plugin import TokenMap, TokenReducer
 from .base import SegmentationModel
 from .dense_inference import predict_sliding, predict_whole
@@ -114,11 +111,7 @@ class Segmenter(SegmentationModel):
             self._reduction = ReductionLoop(backbone, self.token_reducer, str(reduction.ATTENTION), bool(reduction.CUDA_GRAPHS),
                                             bool(reduction.GRAPH_DECISIONS), bool(reduction.COMPILE_DECISIONS))
             if self._reduction.cuda_graphs and bool(reduction.GRAPH_HEAD):
-                # the ragged attention of the blocks' graphs (MODEL.TOKEN_REDUCTION.ATTENTION, or their default)
-                options = default_inference()
-                if self._reduction.attention != "auto":
-                    options = dataclasses.replace(options, attention=self._reduction.attention)
-                self._graphed_head = GraphedHead(options=options)
+                self._graphed_head = GraphedHead(options=self._reduction.inference_options())  # the blocks' buckets and attention
         self._init_inference(cfg)
         self._check_train_crop(cfg)
 

@@ -9,6 +9,7 @@ tokens back into dense grids, and :func:`overlay_final_logits` puts finalised lo
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
@@ -18,6 +19,7 @@ import torch.utils.checkpoint as tcp
 from .attention import ATTENTION_IMPLS
 from .blocks import check_block, run_block, run_blocks
 from .graphs import GraphedBlocks
+from .options import InferenceOptions, default_inference
 from .plugin import ReductionState, TokenMap, TokenReducer, overlay_final_logits
 from .token_set import TokenSet
 
@@ -85,6 +87,14 @@ class ReductionLoop:
         """Drop the captured CUDA graphs."""
         self._graphs.clear()
 
+    def inference_options(self) -> InferenceOptions:
+        """The options of this loop's graphs (and of the Segmenter's graphed head): the default
+        with the configured attention (unless ``auto``) and ``compile_decisions``."""
+        changes = {} if self.attention == "auto" else {"attention": self.attention}
+        if self.compile_decisions:
+            changes["compile_decisions"] = True
+        return dataclasses.replace(default_inference(), **changes)
+
     # ------------------------------------------------------------------ blocks
     def _graphed(self, start: int, stop: int, tokens: TokenSet) -> Optional[GraphedBlocks]:
         """The graphs of blocks start..stop - 1 when a call with ``tokens`` replays one."""
@@ -92,10 +102,7 @@ class ReductionLoop:
             return None
         graphed = self._graphs.get((start, stop))
         if graphed is None:
-            options = {} if self.attention == "auto" else {"attention": self.attention}
-            if self.compile_decisions:
-                options["compile_decisions"] = True
-            graphed = self._graphs[(start, stop)] = GraphedBlocks(list(self.backbone.blocks[start:stop]), **options)
+            graphed = self._graphs[(start, stop)] = GraphedBlocks(list(self.backbone.blocks[start:stop]), self.inference_options())
         return graphed if graphed.applies(tokens) else None
 
     def _run(self, start: int, stop: int, tokens: TokenSet) -> TokenSet:
