@@ -349,3 +349,27 @@ def test_eval_only_two_processes_matches_one(tiny_datasets, tmp_path):
     two = json.loads((two_dir / "inference" / "synthetic_panoptic_val" / "results.json").read_text())
     for key in ("mIoU", "fwIoU", "pACC", "mACC"):
         assert two["sem_seg"][key] == pytest.approx(one["synthetic_panoptic_val"]["sem_seg"][key])
+
+
+def test_launch_destroys_the_process_group_its_job_created(tmp_path):
+    """A group made inside the job is gone after launch() returns (left to the interpreter's exit,
+    gloo can abort the finished process); a group that existed before is the caller's and stays."""
+    import torch.distributed as dist
+
+    from eco_m2f.engine import launch
+
+    def job(init_file):
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+        return dist.get_world_size()
+
+    assert launch(job, 1, args=(tmp_path / "a",)) == 1
+    assert not dist.is_initialized()
+
+    with pytest.raises(RuntimeError, match="boom"):  # after an error other ranks may be in a collective
+        launch(lambda: (job(tmp_path / "b"), (_ for _ in ()).throw(RuntimeError("boom"))), 1)
+    assert dist.is_initialized()
+    try:
+        assert launch(lambda: dist.get_world_size(), 1) == 1
+        assert dist.is_initialized()  # not made by this job: left alone
+    finally:
+        dist.destroy_process_group()

@@ -165,13 +165,27 @@ def launch(
     """Run ``main_func(*args)`` with Detectron2's launch signature.
 
     The distributed flags only prepare the environment: Lightning (Trainer for training, Fabric
-    for evaluation) starts one process per device inside ``main_func``.
+    for evaluation) starts one process per device inside ``main_func``. A process group that
+    ``main_func`` created is destroyed once it returns (not after an error, where other ranks may
+    still be inside a collective).
     """
+    from ..utils import comm
+
     if num_gpus_per_machine < 1:
         raise ValueError(f"--num-gpus must be >= 1, got {num_gpus_per_machine}")
     if num_gpus_per_machine * num_machines > 1:
         setup_distributed_env(num_machines, machine_rank, dist_url)
-    return main_func(*args)
+    had_group = _dist_initialized()
+    result = main_func(*args)
+    if not had_group:
+        comm.shutdown()
+    return result
+
+
+def _dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _run(args: argparse.Namespace, train_loader_factory: Optional[Callable[[Any], Iterable]] = None) -> Any:

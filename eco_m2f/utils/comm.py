@@ -20,6 +20,7 @@ __all__ = [
     "get_local_size",
     "is_main_process",
     "synchronize",
+    "shutdown",
     "all_gather",
     "gather",
 ]
@@ -69,6 +70,21 @@ def synchronize() -> None:
             dist.barrier(device_ids=[torch.cuda.current_device()])
             return
     dist.barrier()
+
+
+def shutdown() -> None:
+    """Wait for every process, then destroy all process groups; a no-op when none exists.
+
+    Called once the job's work is done: a gloo group left to the interpreter's exit can abort
+    the process (SIGABRT, "terminate called without an active exception") after its results
+    are written, and NCCL asks for the same call.
+    """
+    global _GLOO_GROUP
+    if not _is_dist():
+        return
+    synchronize()
+    dist.destroy_process_group()
+    _GLOO_GROUP = None
 
 
 _GLOO_GROUP: tuple[Any, Any] | None = None  # (default group it was made for, gloo group)
