@@ -47,10 +47,10 @@ def test_seven_convolutions_of_128_channels_to_stride_32_and_bad_strides_fail_by
 def test_policy_flops_equal_fvcore_and_every_window_size_is_scored():
     from eco_m2f.evaluation.flops import count_flops
 
-    policy = _policy().eval()  # one 2 x 2 head: network() is all of window_logits()
-    for h, w in [(64, 64), (128, 96)]:
-        assert policy.flops(h, w) == pytest.approx(count_flops(policy, torch.zeros(1, 3, h, w))["total"] * 1e9, rel=1e-9)
-    policy = _policy(SMALL_DCTS).eval()
+    for config in (SMALL, SMALL_DCTS):  # one 2 x 2 head; a head per window size, on pooled maps
+        policy = _policy(config).eval()
+        for h, w in [(64, 64), (128, 96), (256, 256)]:
+            assert policy.flops(h, w) == pytest.approx(count_flops(policy, torch.zeros(1, 3, h, w))["total"] * 1e9, rel=1e-9)
     with torch.no_grad():
         logits = policy.window_logits(torch.zeros(2, 3, 128, 128))
     assert {n: tuple(v.shape) for n, v in logits.items()} == {2: (2, 2, 4, 4), 4: (2, 2, 2, 2), 8: (2, 2, 1, 1), 16: (2, 2, 0, 0)}

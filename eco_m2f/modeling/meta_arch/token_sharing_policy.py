@@ -92,10 +92,11 @@ class TokenSharingPolicy(SegmentationModel):
         self.frozen = False
 
     # ------------------------------------------------------------------ the interface of CTS / dCTS
-    def network(self, images: torch.Tensor, cost: Optional[Any] = None) -> torch.Tensor:
-        """Superpatch logits B x 2 x H/32 x W/32 ([mixed, uniform]) of a batch normalised with
-        this model's ``MODEL.PIXEL_MEAN/STD`` (H, W not multiples of 32 are padded with zeros)."""
-        return self.predictor(self.backbone(images)[self.in_feature])
+    def network(self, images: torch.Tensor, cost: Optional[Any] = None) -> Dict[int, torch.Tensor]:
+        """Every window size's logits (:meth:`window_logits`) of a batch normalised with this
+        model's ``MODEL.PIXEL_MEAN/STD``: what the FLOP count and the benchmark see is all that a
+        token-sharing segmenter runs of the policy, the heads of the larger windows included."""
+        return self.window_logits(images)
 
     def window_logits(self, images: torch.Tensor, pixel_mean: PixelStats = None,
                       pixel_std: PixelStats = None) -> Dict[int, torch.Tensor]:
@@ -158,7 +159,8 @@ class TokenSharingPolicy(SegmentationModel):
         network's already. ``sigmoid(logits[:, 1] - logits[:, 0])`` equals the softmax score of
         :meth:`superpatch_scores`; dCTS thresholds such sigmoid scores per window size.
         """
-        return self.network(self._own_normalisation(images, pixel_mean, pixel_std))
+        features = self.backbone(self._own_normalisation(images, pixel_mean, pixel_std))[self.in_feature]
+        return self.predictor(features)
 
     def superpatch_scores(self, images: torch.Tensor, pixel_mean: PixelStats = None,
                           pixel_std: PixelStats = None) -> torch.Tensor:
