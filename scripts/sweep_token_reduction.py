@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--device", default=None)
+    p.add_argument("--no-graphed-dense", action="store_true",
+                   help="leave out the row of the dense model replayed as one CUDA graph (CUDA only; on by default)")
     p.add_argument("opts", nargs="*", help="KEY VALUE config overrides for every row (behind --)")
     argv, shared = split_shared_overrides(sys.argv[1:] if argv is None else argv)
     args = p.parse_intermixed_args(argv)
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
         from eco_m2f.config import setup_cfg
 
         out = os.path.join(setup_cfg(args.config_file, list(args.opts)).OUTPUT_DIR, "sweep")
-    rows = run_sweep(args.config_file, settings, out, opts, args.dense_weights, args.dtype, args.warmup, args.iters, args.device)
+    rows = run_sweep(args.config_file, settings, out, opts, args.dense_weights, args.dtype, args.warmup, args.iters, args.device,
+                     graph_dense=False if args.no_graphed_dense else None)
     print(format_sweep_table(rows, args.dtype))
     print(f"wrote {out}/sweep.csv, sweep.json, sweep.png")
     return 0

@@ -161,3 +161,69 @@ def test_the_experiments_script_stops_rather_than_train_the_policy_from_scratch(
     done = subprocess.run(["bash", str(REPO / "scripts/token_reduction_experiments.sh"), "policy", str(tmp_path / "out")],
                           cwd=REPO, env={**env, "POLICY_PRETRAINED": "0"}, capture_output=True, text=True, timeout=60)
     assert "ImageNet initialisation: False" in done.stdout and "pip install" not in done.stderr
+
+
+def _row(name: str, gflops: float, ms_b8: float, ms_b1: float) -> "rs.SweepRow":
+    return rs.SweepRow(name, [], 50.0, gflops, 16, 1.0, ms_b8=ms_b8, ips_b8=8e3 / ms_b8, ms_b1=ms_b1, ips_b1=1e3 / ms_b1,
+                       timed_gflops=gflops)
+
+
+def test_rows_are_also_compared_with_the_faster_dense_row_and_the_target_is_judged_on_it():
+    """The graphed dense row is faster at batch 8 and slower at batch 1 here: each batch size's
+    'best' baseline is the faster one, and a setting that beats only the eager one misses."""
+    rows = [_row("dense", 100.0, 20.0, 5.0), _row(rs.DENSE_GRAPHED, 100.0, 16.0, 6.0),
+            _row("cut", 50.0, 12.0, 4.0), _row("cut-fast", 50.0, 10.0, 4.0)]
+    rs._compare(rows)
+    dense, graphed, cut, fast = rows
+    assert cut.speedup_b8 == pytest.approx(20 / 12) and cut.share_b8 == pytest.approx(8 / 10)  # eager: met
+    assert cut.speedup_best_b8 == pytest.approx(16 / 12) and cut.share_best_b8 == pytest.approx(4 / 8)
+    assert cut.speedup_best_b1 == pytest.approx(5 / 4)  # at batch 1 the eager dense row is the faster
+    assert fast.share_best_b8 == pytest.approx(6 / 8) and graphed.speedup_best_b8 == 1.0
+    assert dense.speedup_best_b8 == pytest.approx(16 / 20) and math.isnan(graphed.share_best_b8)
+    assert [rs._target(r, dense) for r in rows] == ["-", "-", "missed", "missed"]
+    rows[3] = _row("cut-faster", 50.0, 9.0, 4.0)
+    rs._compare(rows)
+    assert rs._target(rows[3], dense) == "met"  # 16 / 9 = 1.78x, 7 of the 8 ms
+    table = rs.format_sweep_table(rows)
+    assert "vs best b8" in table and rs.DENSE_GRAPHED in table
+    # a sweep without the graphed row (CPU, or the capture failed) judges against the dense row
+    alone = [_row("dense", 100.0, 20.0, 5.0), _row("cut", 50.0, 12.0, 4.0)]
+    rs._compare(alone)
+    assert alone[1].speedup_best_b8 == pytest.approx(alone[1].speedup_b8) and rs._target(alone[1], alone[0]) == "met"
+    with pytest.raises(ValueError, match="dense-graphed"):
+        rs.parse_settings([[rs.DENSE_GRAPHED, "A", "1"]])
+
+
+def test_a_sweep_with_the_graphed_dense_row_places_it_second(weights, tmp_path, monkeypatch):
+    """On CPU the graph is replaced by eager timing: what is tested is where the row goes and
+    what it carries (the dense row's accuracy and FLOPs), and that the plot and the table take it."""
+    real = rs._time
+    monkeypatch.setattr(rs, "_time", lambda *a, graphed=False, **k: real(*a, **k))
+    settings = rs.parse_settings([["tau0.5", "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS", "[0.5]"]])
+    rows = rs.run_sweep(CONFIG, settings, str(tmp_path / "s"), OPTS + ["MODEL.WEIGHTS", weights], warmup=0, iters=1,
+                        device="cpu", log=lambda *_: None, graph_dense=True)
+    assert [r.name for r in rows] == ["dense", rs.DENSE_GRAPHED, "tau0.5"]
+    assert (rows[1].miou, rows[1].gflops) == (rows[0].miou, rows[0].gflops) and rows[1].ips_b8 > 0
+    assert [r.name for r in rs.load_sweep(str(tmp_path / "s"))] == ["dense", rs.DENSE_GRAPHED, "tau0.5"]
+    assert not math.isnan(rows[2].share_best_b8)
+
+
+@pytest.mark.gpu
+def test_graphed_forward_replays_the_eager_output_and_the_sweep_times_it(weights, tmp_path):
+    from eco_m2f.evaluation.throughput import GraphedForward
+
+    model = rs.build_trained(setup_cfg(CONFIG, [*OPTS, "MODEL.TOKEN_REDUCTION.NAME", "", "MODEL.WEIGHTS", weights]), "cuda")
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    graphed = GraphedForward(lambda images: model.network(images))
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = model.network(x).clone()
+        first = graphed(x).clone()
+        second = graphed(x + 1).clone()  # the input buffer is refilled on every call
+        eager_shifted = model.network(x + 1)
+    assert torch.allclose(first.float(), eager.float(), atol=1e-2) and torch.allclose(second.float(), eager_shifted.float(), atol=1e-2)
+    with pytest.raises(ValueError, match="CUDA images"):
+        GraphedForward(model.network)(x.cpu())
+    settings = rs.parse_settings([["tau0.5", "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS", "[0.5]"]])
+    rows = rs.run_sweep(CONFIG, settings, str(tmp_path / "s"), OPTS + ["MODEL.WEIGHTS", weights], warmup=2, iters=3,
+                        log=lambda *_: None)
+    assert [r.name for r in rows] == ["dense", rs.DENSE_GRAPHED, "tau0.5"] and rows[1].ips_b8 > 0
