@@ -10,9 +10,10 @@
 Random weights and random images by default (the time of a fixed configuration does not depend on
 them: fixed-S CTS shares S superpatches of any policy, theta 1 prunes nothing); ``--weights W
 --real-images`` profiles trained models on the sweep's timed batch instead, for settings whose
-decisions depend on the content (thresholds, theta). For the dense model, the dense model with
-its attention forced to the flash kernel (the kernel the ragged runtime uses), and every
-setting, the latency of ``model.network`` in bf16 at each batch size and the GPU time inside
+decisions depend on the content (thresholds, theta). For the dense model, the dense model
+replayed as one CUDA graph (its latency only: the strongest dense baseline, the sweep's
+``dense-graphed`` row), the dense model with its attention forced to the flash kernel (the kernel
+the ragged runtime uses), and every setting, the latency of ``model.network`` in bf16 at each batch size and the GPU time inside
 each stage (CUDA events around the policy, the embedding, the runs of blocks, the reductions,
 the decode head and the final upsampling; when a pass is launch-bound the stages add up to less
 than its latency), the top kernels of each pass, and (``--gaps N``) where the GPU idles: the N
@@ -39,7 +40,9 @@ from eco_m2f.architectures import build_model  # noqa: E402
 from eco_m2f.config import setup_cfg  # noqa: E402
 from eco_m2f.evaluation.reduction_sweep import build_trained, parse_settings, split_shared_overrides, timed_inputs  # noqa: E402
 from eco_m2f.evaluation.gpu_idle import gpu_idle  # noqa: E402
-from eco_m2f.evaluation.throughput import host_profile, profile_kernels, stage_times, sync_points, time_forward  # noqa: E402
+from eco_m2f.evaluation.throughput import (  # noqa: E402
+    GraphedForward, host_profile, profile_kernels, stage_times, sync_points, time_forward,
+)
 
 TINY = ["MODEL.VIT.EMBED_DIM", "64", "MODEL.VIT.DEPTH", "4", "MODEL.VIT.NUM_HEADS", "2",
         "MODEL.SEM_SEG_HEAD.MASK_TRANSFORMER.NUM_LAYERS", "1", "MODEL.SEM_SEG_HEAD.MASK_TRANSFORMER.NUM_HEADS", "2"]
@@ -74,9 +77,10 @@ def _captures(model) -> int:
 
 def profile(
     cfg, name: str, sizes: List[int], batches: List[int], device: str, flash_only: bool = False, kernels: int = 0,
-    host: int = 0, syncs: bool = False, real_images: bool = False, gaps: int = 0,
+    host: int = 0, syncs: bool = False, real_images: bool = False, gaps: int = 0, graphed: bool = False,
 ) -> Dict[str, Any]:
-    """Latency, images/s and stage times of one model at each batch size."""
+    """Latency, images/s and stage times of one model at each batch size (``graphed``: the
+    latency of ``model.network`` replayed as one CUDA graph, and nothing else)."""
     torch.manual_seed(0)
     model = build_trained(cfg, device) if cfg.MODEL.WEIGHTS else build_model(cfg).to(device).eval()
     real = timed_inputs(cfg, max(batches)) if real_images else None
@@ -98,10 +102,13 @@ def profile(
                         f"{name}: the validation images of {cfg.DATASETS.TEST[0]} come out at {list(x.shape[-2:])} "
                         f"(INPUT.MIN_SIZE_TEST {cfg.INPUT.MIN_SIZE_TEST}, INPUT.SIZE_DIVISIBILITY "
                         f"{cfg.INPUT.SIZE_DIVISIBILITY}), not --size {list(sizes)}: give the INPUT overrides behind --")
-            time_forward(model.network, x, "bf16" if device == "cuda" else "fp32", warmup=10, iters=0)
+            forward = GraphedForward(model.network) if graphed else model.network
+            time_forward(forward, x, "bf16" if device == "cuda" else "fp32", warmup=10, iters=0)
             before = _captures(model)
-            ms, ips = time_forward(model.network, x, "bf16" if device == "cuda" else "fp32", warmup=0, iters=30)
+            ms, ips = time_forward(forward, x, "bf16" if device == "cuda" else "fp32", warmup=0, iters=30)
             row[f"b{b}"] = {"ms": ms, "img/s": ips, "captures_while_timed": _captures(model) - before}
+            if graphed:
+                continue
             if device == "cuda":
                 row[f"b{b}"]["stages_ms"] = stage_times(model.network, x, "bf16", _stages(model), iters=10)
                 if kernels:
@@ -150,13 +157,15 @@ def main() -> None:
     no_policy = [] if args.weights else ["MODEL.TOKEN_SHARING.POLICY_WEIGHTS", ""]
     common = [*(TINY if args.tiny else []), "MODEL.DEVICE", args.device, "MODEL.WEIGHTS", args.weights, *no_policy,
               "MODEL.VIT.IMG_SIZE", str(sizes[0]), *args.opts]
-    base = [("dense", ["MODEL.TOKEN_REDUCTION.NAME", ""], False)]
+    dense = ["MODEL.TOKEN_REDUCTION.NAME", ""]
+    base = [("dense", dense, False, False)]
     if args.device == "cuda":
-        base.append(("dense, flash attention", ["MODEL.TOKEN_REDUCTION.NAME", ""], True))
+        base += [("dense, one CUDA graph", dense, False, True), ("dense, flash attention", dense, True, False)]
     rows = []
-    for name, opts, flash in base + [(s.name, s.overrides, False) for s in settings]:
+    for name, opts, flash, graphed in base + [(s.name, s.overrides, False, False) for s in settings]:
         cfg = setup_cfg(args.config_file, common + opts)
-        row = profile(cfg, name, sizes, args.batch, args.device, flash, args.kernels, args.host, args.syncs, args.real_images, args.gaps)
+        row = profile(cfg, name, sizes, args.batch, args.device, flash, args.kernels, args.host, args.syncs, args.real_images,
+                      args.gaps, graphed)
         rows.append(row)
         cells = []
         for b in args.batch:

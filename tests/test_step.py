@@ -248,3 +248,18 @@ def test_the_profile_script_times_dense_and_each_setting(tmp_path):
     assert bad.returncode != 0 and "setting names must be distinct" in bad.stderr
     gaps = subprocess.run(cmd[:7] + ["--gaps", "5"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert gaps.returncode != 0 and "need --device cuda" in gaps.stderr  # not silently left out on the CPU
+
+
+@pytest.mark.gpu
+def test_the_profile_script_times_the_dense_model_as_one_cuda_graph_too(tmp_path):
+    """On CUDA the profile has the dense rows eager, as one CUDA graph and with flash attention."""
+    import json
+    import subprocess
+
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, str(REPO / "scripts/profile_token_reduction.py"), "--tiny", "--batch", "2", "1",
+           "--json", str(out), "--setting", "cts-S", "MODEL.TOKEN_REDUCTION.NAME", "CTS"]
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["dense", "dense, one CUDA graph", "dense, flash attention", "cts-S"]
+    assert all(r[f"b{b}"]["ms"] > 0 for r in rows for b in (2, 1))
