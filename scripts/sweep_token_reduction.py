@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--no-graphed-dense", action="store_true",
                    help="leave out the row of the dense model replayed as one CUDA graph (CUDA only; on by default)")
+    p.add_argument("--no-graphed-settings", action="store_true",
+                   help="leave out the rows NAME-graphed of the settings that replay as one CUDA graph (CUDA only; on by default)")
     p.add_argument("opts", nargs="*", help="KEY VALUE config overrides for every row (behind --)")
     argv, shared = split_shared_overrides(sys.argv[1:] if argv is None else argv)
     args = p.parse_intermixed_args(argv)
@@ -71,7 +73,8 @@ def main(argv=None) -> int:
 
         out = os.path.join(setup_cfg(args.config_file, list(args.opts)).OUTPUT_DIR, "sweep")
     rows = run_sweep(args.config_file, settings, out, opts, args.dense_weights, args.dtype, args.warmup, args.iters, args.device,
-                     graph_dense=False if args.no_graphed_dense else None)
+                     graph_dense=False if args.no_graphed_dense else None,
+                     graph_settings=False if args.no_graphed_settings else None)
     print(format_sweep_table(rows, args.dtype))
     print(f"wrote {out}/sweep.csv, sweep.json, sweep.png")
     return 0

@@ -194,18 +194,37 @@ def test_rows_are_also_compared_with_the_faster_dense_row_and_the_target_is_judg
         rs.parse_settings([[rs.DENSE_GRAPHED, "A", "1"]])
 
 
-def test_a_sweep_with_the_graphed_dense_row_places_it_second(weights, tmp_path, monkeypatch):
-    """On CPU the graph is replaced by eager timing: what is tested is where the row goes and
-    what it carries (the dense row's accuracy and FLOPs), and that the plot and the table take it."""
+def test_graphed_rows_follow_their_eager_rows_and_only_replays_that_agree_are_kept(weights, tmp_path, monkeypatch):
+    """On CPU the graph is replaced by eager timing and the replay check by stand-ins: what is
+    tested is where the rows go, what they carry (their eager row's accuracy and FLOPs), the
+    second attempt with the runtime's graphs off, and that a replay that disagrees is left out."""
     real = rs._time
     monkeypatch.setattr(rs, "_time", lambda *a, graphed=False, **k: real(*a, **k))
-    settings = rs.parse_settings([["tau0.5", "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS", "[0.5]"]])
+    answers = iter([1.0, RuntimeError("operation not permitted when stream is capturing"), 1.0, 0.5, 0.5])
+
+    def agreement(model, inputs, dtype):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(rs, "replay_agreement", agreement)
+    settings = rs.parse_settings([["tau0.5", "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS", "[0.5]"],
+                                  ["tau0.25", "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS", "[0.25]"]])
+    logged = []
     rows = rs.run_sweep(CONFIG, settings, str(tmp_path / "s"), OPTS + ["MODEL.WEIGHTS", weights], warmup=0, iters=1,
-                        device="cpu", log=lambda *_: None, graph_dense=True)
-    assert [r.name for r in rows] == ["dense", rs.DENSE_GRAPHED, "tau0.5"]
+                        device="cpu", log=logged.append, graph_dense=True, graph_settings=True)
+    # dense: agrees; tau0.5: the first attempt fails, the second (runtime graphs off) agrees; tau0.25: both disagree
+    assert [r.name for r in rows] == ["dense", rs.DENSE_GRAPHED, "tau0.5", "tau0.5-graphed", "tau0.25"]
     assert (rows[1].miou, rows[1].gflops) == (rows[0].miou, rows[0].gflops) and rows[1].ips_b8 > 0
-    assert [r.name for r in rs.load_sweep(str(tmp_path / "s"))] == ["dense", rs.DENSE_GRAPHED, "tau0.5"]
-    assert not math.isnan(rows[2].share_best_b8)
+    assert (rows[3].miou, rows[3].gflops) == (rows[2].miou, rows[2].gflops) and not math.isnan(rows[3].share_best_b8)
+    assert any("tau0.5-graphed, attempt 1 of 2" in m for m in logged)
+    assert any("tau0.25-graphed, attempt 2 of 2" in m and "50.00%" in m for m in logged)
+    assert any(m == "[sweep] tau0.25-graphed left out" for m in logged)
+    assert [r.name for r in rs.load_sweep(str(tmp_path / "s"))] == [r.name for r in rows]
+    with pytest.raises(ValueError, match="graphed rows"):
+        rs.run_sweep(CONFIG, rs.parse_settings([["a", "K", "1"], ["a-graphed", "K", "2"]]), str(tmp_path / "t"),
+                     device="cpu", graph_settings=True)
 
 
 @pytest.mark.gpu
@@ -223,7 +242,17 @@ def test_graphed_forward_replays_the_eager_output_and_the_sweep_times_it(weights
     assert torch.allclose(first.float(), eager.float(), atol=1e-2) and torch.allclose(second.float(), eager_shifted.float(), atol=1e-2)
     with pytest.raises(ValueError, match="CUDA images"):
         GraphedForward(model.network)(x.cpu())
+    assert rs.replay_agreement(model, _inputs(model, 8), "bf16") == 1.0
     settings = rs.parse_settings([["tau0.5", "MODEL.TOKEN_REDUCTION.PAUMER.PAUSE_RATIOS", "[0.5]"]])
+    logged = []
     rows = rs.run_sweep(CONFIG, settings, str(tmp_path / "s"), OPTS + ["MODEL.WEIGHTS", weights], warmup=2, iters=3,
-                        log=lambda *_: None)
-    assert [r.name for r in rows] == ["dense", rs.DENSE_GRAPHED, "tau0.5"] and rows[1].ips_b8 > 0
+                        log=logged.append)
+    # PAUMER keeps N - int(tau N) tokens of every image: its pass replays as one graph
+    assert [r.name for r in rows] == ["dense", rs.DENSE_GRAPHED, "tau0.5", "tau0.5-graphed"], logged
+    assert rows[1].ips_b8 > 0 and rows[3].ips_b8 > 0
+
+
+def _inputs(model, count: int):
+    g = torch.Generator().manual_seed(3)
+    return [{"image": torch.randint(0, 256, (3, 64, 64), generator=g, dtype=torch.uint8), "height": 64, "width": 64}
+            for _ in range(count)]

@@ -14,7 +14,10 @@ Then the speed-up over the dense baseline and the share of the FLOP reduction th
 dense model is also timed as one CUDA graph (row ``dense-graphed``: its shapes never change, so
 nothing of the host's launch cost need remain), and every row is compared with the faster of the
 two dense rows at each batch size as well (the ``best`` columns): the reduced models replay
-graphs of their own, and the target is judged against that stronger baseline. Evaluations
+graphs of their own, and the target is judged against that stronger baseline. A setting whose
+network can be captured the same way (its shapes do not follow the content: PAUMER, fixed-S CTS)
+gets a row ``NAME-graphed`` too, kept only where the graph, replayed on other images (the batch
+mirrored), gives the eager network's classes (:data:`REPLAY_AGREEMENT`). Evaluations
 are cached in ``evaluations.jsonl`` (a rerun after a kill skips them); timings are always
 redone, so every setting is timed beside the baseline in the same process. Nothing here knows
 a method: everything comes from the config and the cost records.
@@ -172,19 +175,56 @@ def _time(model, inputs: List[Dict[str, Any]], batches: Sequence[int], dtype: st
     return out
 
 
-def _graphed_dense_row(dense: SweepRow, model, inputs, dtype: str, warmup: int, iters: int, log) -> Optional[SweepRow]:
-    """The dense row timed as one CUDA graph, or None (with the reason logged) when the capture fails."""
-    row = SweepRow(DENSE_GRAPHED, ["(the dense row, replayed as one CUDA graph)"], dense.miou, dense.gflops,
-                   dense.live_tokens, dense.token_fraction)
-    log(f"[sweep] timing {DENSE_GRAPHED}")
-    try:
-        timings = _time(model, inputs, (8, 1), dtype, warmup, iters, graphed=True)
-    except RuntimeError as e:  # a model that syncs with the host or changes shape cannot be captured
-        log(f"[sweep] {DENSE_GRAPHED} left out: the dense network could not be captured as a CUDA graph: {e}")
-        return None
-    for name, value in timings.items():
-        setattr(row, name, value)
-    return row
+#: overrides of a second attempt at a setting's graphed row: the runtime's own graphs off, for
+#: when a graph cannot be replayed inside the capture of another
+EAGER_RUNTIME = ["MODEL.TOKEN_REDUCTION.CUDA_GRAPHS", "False"]
+#: a graphed row must give the eager classes of this share of the pixels of images it was not captured on
+REPLAY_AGREEMENT = 0.999
+
+
+def replay_agreement(model, inputs: List[Dict[str, Any]], dtype: str) -> float:
+    """Share of pixels whose class ``model.network`` replayed as one CUDA graph, captured on
+    ``inputs``, gives as the eager network does on other images (the batch mirrored): below 1
+    where the capture froze something of the content it saw (a count, a choice of tokens)."""
+    from .throughput import DTYPES, GraphedForward
+
+    images = model.preprocess_image(inputs).tensor
+    graphed = GraphedForward(lambda x: model.network(x))
+    with torch.inference_mode(), torch.autocast(images.device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+        graphed(images)
+        other = images.flip(-1)
+        replayed, eager = graphed(other), model.network(other)
+        if not (isinstance(eager, torch.Tensor) and eager.dim() == 4):
+            raise ValueError(f"{type(model).__name__}.network() gives no B x K x H x W logits to compare")
+        return float((replayed.argmax(1) == eager.argmax(1)).float().mean())
+
+
+def _graphed_row(source: SweepRow, name: str, builders: Sequence[Any], inputs: List[Dict[str, Any]], dtype: str,
+                 warmup: int, iters: int, log) -> Optional[SweepRow]:
+    """``source``'s row timed with its network replayed as one CUDA graph: the first model of
+    ``builders`` (callables -> model) that can be captured and whose replay on other images
+    gives the eager classes; None, with each reason logged, when none can."""
+    log(f"[sweep] timing {name}")
+    for i, build in enumerate(builders):
+        model = build()
+        try:
+            agreement = replay_agreement(model, inputs, dtype)
+            if agreement < REPLAY_AGREEMENT:
+                raise ValueError(f"replayed on other images it gives the eager class on {agreement:.2%} of the pixels "
+                                 f"(at least {REPLAY_AGREEMENT:.1%} needed): the capture froze what it saw")
+            timings = _time(model, inputs, (8, 1), dtype, warmup, iters, graphed=True)
+        except (RuntimeError, ValueError) as e:  # a host sync or a shape change cannot be captured
+            log(f"[sweep] {name}, attempt {i + 1} of {len(builders)}: not replayable as one CUDA graph: {e}")
+            continue
+        finally:
+            del model
+        row = SweepRow(name, source.overrides + ["(replayed as one CUDA graph)"], source.miou, source.gflops,
+                       source.live_tokens, source.token_fraction)
+        for key, value in timings.items():
+            setattr(row, key, value)
+        return row
+    log(f"[sweep] {name} left out")
+    return None
 
 
 def run_sweep(
@@ -199,15 +239,21 @@ def run_sweep(
     device: Optional[str] = None,
     log=print,
     graph_dense: Optional[bool] = None,
+    graph_settings: Optional[bool] = None,
 ) -> List[SweepRow]:
     """The rows of the dense baseline (with ``graph_dense``, default: on CUDA, also the row
-    ``dense-graphed``) and every setting (see the module docstring); writes ``sweep.csv``,
+    ``dense-graphed``) and every setting (with ``graph_settings``, default: on CUDA, also the row
+    ``NAME-graphed`` of each setting whose network replays as one CUDA graph: those whose shapes
+    do not follow the content, such as PAUMER's or fixed-S CTS's); writes ``sweep.csv``,
     ``sweep.json`` and ``sweep.png`` to ``out_dir``."""
     from ..config import setup_cfg
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if graph_dense is None:
-        graph_dense = device.startswith("cuda")
+    graph_dense = device.startswith("cuda") if graph_dense is None else graph_dense
+    graph_settings = device.startswith("cuda") if graph_settings is None else graph_settings
+    taken = {s.name for s in settings} & {f"{s.name}-graphed" for s in settings}
+    if graph_settings and taken:
+        raise ValueError(f"setting names {sorted(taken)} are the names of other settings' graphed rows")
     os.makedirs(out_dir, exist_ok=True)
     cache_path = os.path.join(out_dir, "evaluations.jsonl")
     cache = _read_cache(cache_path)
@@ -215,8 +261,12 @@ def run_sweep(
     rows: List[SweepRow] = []
     timed: List[Dict[str, Any]] = []
     for setting in [dense, *settings]:
-        cfg = setup_cfg(config_file, list(opts) + setting.overrides + ["OUTPUT_DIR", os.path.join(out_dir, setting.name)])
-        model = build_trained(cfg, device)
+        def build(extra: Sequence[str] = (), setting: Setting = setting):
+            cfg = setup_cfg(config_file, list(opts) + setting.overrides + list(extra)
+                            + ["OUTPUT_DIR", os.path.join(out_dir, setting.name)])
+            return cfg, build_trained(cfg, device)
+
+        cfg, model = build()
         key = json.dumps([setting.name, setting.overrides, list(opts), cfg.MODEL.WEIGHTS])
         if key not in cache:
             log(f"[sweep] evaluating {setting.name} {' '.join(setting.overrides)}")
@@ -228,9 +278,14 @@ def run_sweep(
         for name, value in _time(model, timed, (8, 1), dtype, warmup, iters).items():
             setattr(row, name, value)
         rows.append(row)
-        if setting is dense and graph_dense:
-            graphed = _graphed_dense_row(row, model, timed, dtype, warmup, iters, log)
+        if (setting is dense and graph_dense) or (setting is not dense and graph_settings):
+            builders = [lambda model=model: model]
+            if setting is not dense:
+                builders.append(lambda build=build: build(EAGER_RUNTIME)[1])
+            graphed = _graphed_row(row, DENSE_GRAPHED if setting is dense else f"{setting.name}-graphed", builders,
+                                   timed, dtype, warmup, iters, log)
             rows += [graphed] if graphed is not None else []
+            del builders
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
