@@ -27,13 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eco_m2f.evaluation.reduction_sweep import (  # noqa: E402
-    format_sweep_table, load_sweep, parse_settings, run_sweep, split_shared_overrides,
+    format_sweep_markdown, format_sweep_table, load_sweep, parse_settings, run_sweep, split_shared_overrides,
 )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--show", default="", metavar="DIR", help="print the table of the sweep in DIR and exit")
+    p.add_argument("--markdown", action="store_true", help="with --show: the table in Markdown")
     p.add_argument("--config-file")
     p.add_argument("--weights", help="the token-reduction model's checkpoint")
     p.add_argument("--dense-weights", default="", help="the dense baseline's checkpoint (default: --weights)")
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
     args.opts = list(args.opts) + shared
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if args.show:
-        print(format_sweep_table(load_sweep(args.show), args.dtype))
+        rows = load_sweep(args.show)
+        print(format_sweep_markdown(rows) if args.markdown else format_sweep_table(rows, args.dtype))
         return 0
     if not args.config_file or not args.weights:
         p.error("--config-file and --weights are needed (or --show DIR)")

@@ -186,6 +186,10 @@ def test_rows_are_also_compared_with_the_faster_dense_row_and_the_target_is_judg
     assert rs._target(rows[3], dense) == "met"  # 16 / 9 = 1.78x, 7 of the 8 ms
     table = rs.format_sweep_table(rows)
     assert "vs best b8" in table and rs.DENSE_GRAPHED in table
+    markdown = rs.format_sweep_markdown(rows).splitlines()
+    assert len(markdown) == 2 + len(rows) and markdown[1].count("---") == markdown[0].count("|") - 1
+    assert "| cut-faster | 50.00 | 50 (-50%) |" in markdown[-1] and markdown[-1].endswith("| met |")
+    assert "| dense-graphed | 50.00 | 100 |" in markdown[3]  # a baseline: no cut
     # a sweep without the graphed row (CPU, or the capture failed) judges against the dense row
     alone = [_row("dense", 100.0, 20.0, 5.0), _row("cut", 50.0, 12.0, 4.0)]
     rs._compare(alone)

@@ -34,7 +34,8 @@ import torch
 
 
 __all__ = [
-    "DENSE", "DENSE_GRAPHED", "Setting", "SweepRow", "flop_time_share", "format_sweep_table", "load_sweep", "parse_settings", "run_sweep",
+    "DENSE", "DENSE_GRAPHED", "Setting", "SweepRow", "flop_time_share", "format_sweep_markdown", "format_sweep_table",
+    "load_sweep", "parse_settings", "run_sweep",
     "split_shared_overrides", "write_sweep",
 ]
 
@@ -352,16 +353,33 @@ def _target(row: SweepRow, dense: SweepRow) -> str:
     return "met" if speedup >= TARGET["speedup"] and share >= TARGET["share"] else "missed"
 
 
-def format_sweep_table(rows: Sequence[SweepRow], dtype: str = "bf16") -> str:
-    """One line per row: mIoU, GFLOPs, mean live tokens, images/s at batch 8 and 1, speed-ups and
-    FLOP->time shares against the dense row (the first) and against the faster dense row at each
-    batch size (``vs best``), and whether the row meets :data:`TARGET` (judged on the latter)."""
+def _cells(rows: Sequence[SweepRow]) -> Tuple[List[str], List[List[str]]]:
+    """Column titles and the formatted cells of every row (``-`` where a value does not apply)."""
     def fmt(row: SweepRow, attr: str, spec: str) -> str:
         value = getattr(row, attr)
         return "-" if isinstance(value, float) and math.isnan(value) else spec.format(value)
 
     titles = [t for t, _, _ in _COLUMNS] + ["target"]
-    cells = [[fmt(r, attr, spec) for _, attr, spec in _COLUMNS] + [_target(r, rows[0])] for r in rows]
+    return titles, [[fmt(r, attr, spec) for _, attr, spec in _COLUMNS] + [_target(r, rows[0])] for r in rows]
+
+
+def format_sweep_markdown(rows: Sequence[SweepRow]) -> str:
+    """The sweep as a Markdown table, the GFLOPs with their cut against the dense row (e.g.
+    ``187.1 (-34%)``): for reports, so that no figure is copied by hand."""
+    titles, cells = _cells(rows)
+    g = titles.index("GFLOPs")
+    for row, cell in zip(rows, cells):
+        if row.name not in (DENSE, DENSE_GRAPHED) and rows[0].gflops > 0:
+            cell[g] += f" ({row.gflops / rows[0].gflops - 1:+.0%})"
+    return "\n".join(["| " + " | ".join(titles) + " |", "|" + " --- |" * len(titles),
+                      *("| " + " | ".join(c) + " |" for c in cells)])
+
+
+def format_sweep_table(rows: Sequence[SweepRow], dtype: str = "bf16") -> str:
+    """One line per row: mIoU, GFLOPs, mean live tokens, images/s at batch 8 and 1, speed-ups and
+    FLOP->time shares against the dense row (the first) and against the faster dense row at each
+    batch size (``vs best``), and whether the row meets :data:`TARGET` (judged on the latter)."""
+    titles, cells = _cells(rows)
     widths = [max(len(t), *(len(c[i]) for c in cells)) for i, t in enumerate(titles)]
 
     def line(values: Sequence[str]) -> str:
