@@ -35,7 +35,7 @@
 #           settings x thetas of STEP_THETAS, each also with eager decisions when STEP_EAGER=1
 #   maps    token-map pictures of the PAUMER model at tau 0.4 and of the DoViT model at xi FT_XI
 #           (needs eco_m2f.visualization)
-#   report  the tables of every sweep done so far
+#   report  the tables of every sweep done so far (also as Markdown, OUT/report.md)
 #   all     data dense untrained paumer dovit policy policy_dcts sharing sharing_ft dtop step maps report
 # Usage: scripts/token_reduction_experiments.sh STAGE [OUT_DIR]
 # Environment: SIZE NTRAIN NVAL ITERS TRAIN_SECONDS FT_ITERS FT_SECONDS PAUSE_LAYERS TAUS EAGER_TAUS
@@ -187,12 +187,16 @@ with_attentions() {
   done
 }
 
-sweep_tables() {
+sweep_tables() {  # printed, and as Markdown in OUT/report.md
+  : > "$out/report.md.tmp"
   for dir in "$out"/*_sweep; do
     [ -f "$dir/sweep.json" ] || continue
     echo "== $(basename "$dir"): $(cat "$dir/title.txt" 2>/dev/null)"
     "$py" scripts/sweep_token_reduction.py --show "$dir"
+    { echo "### $(basename "$dir"): $(cat "$dir/title.txt" 2>/dev/null)"; echo
+      "$py" scripts/sweep_token_reduction.py --show "$dir" --markdown; echo; } >> "$out/report.md.tmp"
   done
+  mv "$out/report.md.tmp" "$out/report.md"
 }
 
 case "$stage" in
