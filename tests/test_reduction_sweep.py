@@ -244,6 +244,10 @@ def test_graphed_forward_replays_the_eager_output_and_the_sweep_times_it(weights
         second = graphed(x + 1).clone()  # the input buffer is refilled on every call
         eager_shifted = model.network(x + 1)
     assert torch.allclose(first.float(), eager.float(), atol=1e-2) and torch.allclose(second.float(), eager_shifted.float(), atol=1e-2)
+    torch.cuda.empty_cache()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):  # a later context: casts are in the graph
+        later = graphed(x).clone()
+    assert torch.allclose(later.float(), eager.float(), atol=1e-2)
     with pytest.raises(ValueError, match="CUDA images"):
         GraphedForward(model.network)(x.cpu())
     assert rs.replay_agreement(model, _inputs(model, 8), "bf16") == 1.0

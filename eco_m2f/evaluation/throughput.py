@@ -132,7 +132,10 @@ class GraphedForward:
 
     The strongest form of a model whose shapes do not depend on the content (a dense baseline):
     no host launch cost is left in its time. Captured on the first call of each shape, under the
-    caller's autocast and inference mode, after one warm-up pass on a side stream.
+    caller's autocast dtype and inference mode, after one warm-up pass on a side stream. The
+    capture runs with autocast's weight cache off, so the casts are inside the graph: cached casts
+    would be tensors of the caller's autocast context, freed when it ends, and a replay after it
+    would read freed memory.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], object]) -> None:
@@ -147,7 +150,13 @@ class GraphedForward:
             from ..utils.cuda_graph import warm_and_capture
 
             static = images.clone()
-            graph, out = warm_and_capture(lambda: self.fn(static), images.device, None)
+            cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+
+            def forward():
+                with torch.autocast("cuda", dtype=cast or torch.bfloat16, enabled=cast is not None, cache_enabled=False):
+                    return self.fn(static)
+
+            graph, out = warm_and_capture(forward, images.device, None)
             self._graphs[key] = (graph, static, out)
         graph, static, out = self._graphs[key]
         static.copy_(images)
