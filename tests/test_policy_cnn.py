@@ -121,5 +121,8 @@ def test_the_small_policy_replays_its_folded_copy_on_cuda():
         want = policy.window_logits(x, mean, std)
     assert fast.captures == 1
     for n in want:
+        assert got[n].shape == want[n].shape, n
+        if want[n].numel() == 0:  # 256 x 192 holds no window of 16 x 16 patches
+            continue
         scale = max(1.0, want[n].float().abs().max().item())
         assert (got[n].float() - want[n].float()).abs().max().item() <= 5e-2 * scale, n
