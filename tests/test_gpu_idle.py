@@ -101,15 +101,3 @@ def test_a_host_stall_after_a_sync_is_found_on_cuda():
     assert "test_gpu_idle.py" in top[0] and "_stalled" in top[0]
     assert "test_gpu_idle.py" in top[2]  # the .item() wait before it
     assert report.idle_us / report.passes > 2500
-
-
-def test_frames_of_another_thread_id_stand_in_where_the_launching_thread_has_none():
-    """Kineto can give the Python tracer's frames and the runtime's records different thread ids:
-    the places are then found by time in the frames of any thread."""
-    events = [dict(e, tid=99) if e["cat"] == "python_function" else e for e in _trace()]
-    gaps = [(g.launched_from, g.after_wait) for g in idle_report(events, min_gap_us=5.0).gaps]
-    assert gaps == [
-        ("modeling/token_reduction/graphs.py:133 _call", ""),
-        ("modeling/token_reduction/static_decision.py:200 finish_keep", "modeling/token_reduction/packing.py:50 wait"),
-        ("modeling/token_reduction/graphs.py:133 _call", ""),
-    ]

@@ -127,19 +127,15 @@ class _Frames:
                 self.frames.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), name))
         self.frames.sort()
 
-    def innermost(self, ts: float) -> Tuple[float, str]:
-        """(start, name) of the innermost (latest-starting) frame that contains ``ts``, or (-inf, ``?``)."""
-        best = (float("-inf"), "?")
+    def at(self, ts: float) -> str:
+        """The innermost (latest-starting) frame that contains ``ts``, or ``?``."""
+        best = "?"
         for start, end, name in self.frames:
             if start > ts:
                 break
             if end >= ts:
-                best = (start, name)
+                best = name
         return best
-
-    def at(self, ts: float) -> str:
-        """The innermost frame that contains ``ts``, or ``?``."""
-        return self.innermost(ts)[1]
 
 
 def _merged(intervals: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
@@ -185,19 +181,8 @@ def idle_report(events: Sequence[dict], package: str = "eco_m2f", min_gap_us: fl
     waits.sort(key=lambda e: float(e["ts"]) + float(e.get("dur", 0.0)))
 
     def frame(tid: object, ts: float) -> str:
-        # Kineto may give the runtime's records and the Python tracer's frames different thread
-        # ids; where the launching thread has no frame at ``ts``, the innermost frame of any thread
-        # at that time stands in (with one Python thread, the usual case, the same answer)
         f = frames.get(tid)
-        found = f.at(ts) if f is not None else "?"
-        if found != "?":
-            return found
-        best = (float("-inf"), "?")
-        for other in frames.values():
-            start, name = other.innermost(ts)
-            if name != "?" and start > best[0]:
-                best = (start, name)
-        return best[1]
+        return f.at(ts) if f is not None else "?"
 
     # each device event with the host event that launched it (None where the trace has no record)
     spans: List[Tuple[float, float, Optional[dict]]] = []
