@@ -85,6 +85,17 @@ def test_gpu_idle_needs_cuda():
         gpu_idle(lambda x: x * 2, torch.zeros(2), "fp32")
 
 
+def test_a_module_s_frames_are_found_by_its_file_name():
+    """A script's or test file's frames carry the file name alone (as a CUDA trace on an H100 named
+    them): ``package`` naming the module finds them, not a same-named file elsewhere (torch/cuda/graphs.py),
+    and a package name does not."""
+    events = [dict(e, name=e["name"].replace("/site/eco_m2f/modeling/token_reduction/graphs.py", "graphs.py"))
+              for e in _trace()]
+    places = {g.launched_from for g in idle_report(events, package="graphs", min_gap_us=5.0).gaps}
+    assert places == {"graphs.py:133 _call", "?"}
+    assert "graphs.py:133 _call" not in {g.launched_from for g in idle_report(events, min_gap_us=5.0).gaps}
+
+
 def _stalled(x: torch.Tensor) -> torch.Tensor:
     y = x @ x
     y.sum().item()  # the host waits for the GPU here
@@ -95,7 +106,8 @@ def _stalled(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.gpu
 def test_a_host_stall_after_a_sync_is_found_on_cuda():
     x = torch.randn(512, 512, device="cuda")
-    report = gpu_idle(_stalled, x, "fp32", iters=2, package="tests")
+    # the profiler names this file's frames 'test_gpu_idle.py(N): f' (its folder is on sys.path)
+    report = gpu_idle(_stalled, x, "fp32", iters=2, package="test_gpu_idle")
     top = report.by_place()[0]
     assert top[3] / report.passes > 2500  # microseconds
     assert "test_gpu_idle.py" in top[0] and "_stalled" in top[0]

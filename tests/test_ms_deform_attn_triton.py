@@ -111,8 +111,15 @@ def test_triton_forward_backward_cuda():
     out = ms_deform_attn(*ins_tri[:1], shapes, *ins_tri[1:], impl="triton")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     go = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, ins_tri, go), torch.autograd.grad(ref, ins_ref, go)):
-        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+    g_tri = torch.autograd.grad(out, ins_tri, go)
+    g_ref = torch.autograd.grad(ref, ins_ref, go)
+    torch.testing.assert_close(g_tri[0], g_ref[0], atol=2e-4, rtol=1e-4)  # values
+    torch.testing.assert_close(g_tri[2], g_ref[2], atol=2e-4, rtol=1e-4)  # attention weights
+    # The sampling locations' gradient jumps at the borders of the bilinear cells: a location within
+    # rounding of a border may take either side's gradient (seen on an H100: 1 of 2,064,384
+    # elements off by 2.8e-4). Every element but such a few must agree as tightly.
+    off = ~torch.isclose(g_tri[1], g_ref[1], atol=2e-4, rtol=1e-4)
+    assert off.sum().item() <= 4, f"{off.sum().item()} location gradients differ"
     # bf16 values: float32 accumulation keeps the error at bf16 rounding of the inputs
     out_bf16 = ms_deform_attn(value.bfloat16(), shapes, loc, w, impl="triton")
     assert out_bf16.dtype == torch.bfloat16

@@ -101,16 +101,23 @@ class IdleReport:
 
 # ---------------------------------------------------------------------- the trace
 def _frame_name(name: str, package: str) -> Optional[str]:
-    """'.../eco_m2f/modeling/x.py(12): f' -> 'modeling/x.py:12 f' for frames of ``package``."""
+    """'.../eco_m2f/modeling/x.py(12): f' -> 'modeling/x.py:12 f' for frames of ``package``.
+
+    ``package`` may also name a module (``probe`` for ``probe.py``): the profiler names a frame
+    by its path below the ``sys.path`` entry that holds it, so a script's or a test file's frames
+    carry their file name alone (``probe.py(9): f``)."""
     m = _FRAME.match(name)
     if m is None:
         return None
     path = m.group("file").replace("\\", "/")
     marker = f"{package}/"
+    module = f"{package}.py"
     if path.startswith(marker):
         rel = path[len(marker):]
     elif f"/{marker}" in path:
         rel = path.split(f"/{marker}", 1)[1]
+    elif path == module:
+        rel = module
     else:
         return None
     return f"{rel}:{m.group('line')} {m.group('func')}"
