@@ -111,13 +111,12 @@ def _frame_name(name: str, package: str) -> Optional[str]:
         return None
     path = m.group("file").replace("\\", "/")
     marker = f"{package}/"
-    module = f"{package}.py"
     if path.startswith(marker):
         rel = path[len(marker):]
     elif f"/{marker}" in path:
         rel = path.split(f"/{marker}", 1)[1]
-    elif path == module:
-        rel = module
+    elif path == f"{package}.py":
+        rel = path
     else:
         return None
     return f"{rel}:{m.group('line')} {m.group('func')}"
