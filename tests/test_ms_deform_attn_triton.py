@@ -17,7 +17,6 @@ import torch
 from eco_m2f.modeling.pixel_decoder.ms_deform_attn import (
     MSDeformAttn,
     ms_deform_attn,
-    ms_deform_attn_core_pytorch,
     resolve_impl,
 )
 
