@@ -48,8 +48,8 @@
 # "MODEL.TOKEN_REDUCTION.CUDA_GRAPHS False"), SWEEP_ATTENTIONS (e.g. "triton": every setting of
 # a sweep also evaluated and timed with that attention). A stage that finished is not redone (a trained
 # model is kept, the sweep reuses finished evaluations); a training stopped by its time bound
-# continues from its last periodic checkpoint (SOLVER.CHECKPOINT_PERIOD), whose iteration is
-# printed. TRAIN_ONLY=1: the stages that train stop after training (their sweeps come from a later
+# keeps the weights written at its bound (the trainer saves its last finished iteration on
+# SIGTERM), whose iteration is printed. TRAIN_ONLY=1: the stages that train stop after training (their sweeps come from a later
 # call of the same stage, which keeps the trained model), so that trainings can run side by side
 # and every sweep is timed alone.
 # TINY=1: everything on the CPU with a tiny ViT and 64 x 64 images (a check of the script).
@@ -117,7 +117,8 @@ dovit=("${common[@]}" MODEL.TOKEN_REDUCTION.DOVIT.DECISION_LAYERS "$DECISION_LAY
 dtop=("${common[@]}" MODEL.TOKEN_REDUCTION.DTOP.PRUNE_LAYERS "$DTOP_LAYERS")
 
 # train SECONDS OUT_DIR ARGS...: train_net.py, stopped after SECONDS (0 = no bound); then
-# OUT_DIR/model_trained.pth is the final checkpoint, or the last periodic one if the bound hit.
+# OUT_DIR/model_trained.pth is the final checkpoint, or the latest model_*.pth (the one the
+# trainer writes on the bound's SIGTERM, else the last periodic one) if the bound hit.
 train() {
   local seconds=$1 dir=$2; shift 2
   if [ -f "$dir/model_trained.pth" ]; then stamp "kept $dir/model_trained.pth"; return; fi

@@ -249,6 +249,48 @@ def test_resume_after_kill(tmp_path):
     assert torch.load(out / "last.ckpt", weights_only=True)["global_step"] == 30
 
 
+def test_sigterm_keeps_the_iterations_since_the_last_checkpoint(tmp_path):
+    """SIGTERM (a time bound) before the first periodic checkpoint: the run writes the weights and
+    the training state of its last finished iteration, and --resume continues from there."""
+    out = tmp_path / "term"
+    opts = dummy_arch.test_config_opts(str(out))  # checkpoints every 10 of 30 iterations
+    env = _env()
+    env[dummy_arch.STEP_SLEEP_ENV] = "0.3"
+    log1 = open(tmp_path / "run1.log", "w")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *opts], cwd=REPO_ROOT, env=env,
+                            stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while not ((out / "metrics.json").exists() and len(_metrics(out)) >= 3):
+            assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+            assert time.time() < deadline, "no iterations after 240 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log1.close()
+    text = (tmp_path / "run1.log").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]  # stopped, not finished
+    assert not (out / "model_0000009.pth").exists() and not (out / "model_final.pth").exists(), text[-3000:]
+    saved = torch.load(out / "last.ckpt", weights_only=True)["global_step"]
+    assert 3 <= saved < 10, text[-3000:]
+    weights = torch.load(out / f"model_{saved - 1:07d}.pth", weights_only=True)
+    assert weights["iteration"] == saved - 1
+    assert f"SIGTERM: saved model_{saved - 1:07d}.pth and last.ckpt at iteration {saved - 1}" in text
+
+    env.pop(dummy_arch.STEP_SLEEP_ENV)
+    log2 = tmp_path / "run2.log"
+    rc = _run_script(["--resume", *opts], log2, env, timeout=300)
+    assert rc == 0, log2.read_text()[-3000:]
+    assert f"Starting training from iteration {saved}" in log2.read_text()
+    iterations = [r["iteration"] for r in _metrics(out) if "lr" in r]
+    assert iterations[-(30 - saved):] == list(range(saved, 30))
+    assert torch.load(out / "last.ckpt", weights_only=True)["global_step"] == 30
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_with_unused_parameters(tmp_path):
     """Two gloo processes; the model skips a layer on some steps and says so through

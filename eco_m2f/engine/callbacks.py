@@ -170,8 +170,8 @@ class MetricsWriter(Callback):
 
 class PeriodicCheckpointer(Callback):
     """Every ``period`` iterations: ``last.ckpt`` (full training state, for --resume) then
-    ``model_{iter:07d}.pth``; after the last iteration ``last.ckpt`` and ``model_final.pth``.
-    Files are written to a temporary name and renamed, so a kill never leaves a torn file."""
+    ``model_{iter:07d}.pth``; after the last iteration ``last.ckpt`` and ``model_final.pth``; on
+    SIGTERM both at the last finished iteration. Files are written to a temporary name and renamed, so a kill never leaves a torn file."""
 
     def __init__(self, output_dir: str, period: int, max_iter: int) -> None:
         self.output_dir = output_dir
@@ -201,6 +201,26 @@ class PeriodicCheckpointer(Callback):
             name = f"model_{_iteration(trainer):07d}.pth"
             self._save_model(trainer, pl_module, name)
             logger.info("Saved checkpoint %s and %s at iteration %d", LAST_CHECKPOINT, name, _iteration(trainer))
+
+    def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
+        """On SIGTERM (a time bound, a preemption) keep the iterations since the last period:
+        ``last.ckpt`` and ``model_{iter:07d}.pth`` of the last finished iteration. The parameters
+        are those of that iteration even when the signal lands inside a step (its optimizer step
+        has not run). With several processes only rank 0's weights are written, without a barrier
+        (another rank may be gone), and ``last.ckpt`` stays that of the last period."""
+        step = trainer.global_step
+        if not trainer.received_sigterm or step == 0 or step >= self.max_iter:
+            return
+        if self.period > 0 and step % self.period == 0:
+            return  # this iteration's checkpoint is already written
+        name = f"model_{_iteration(trainer):07d}.pth"
+        if trainer.world_size == 1:
+            self._save_state(trainer)
+        if trainer.is_global_zero:
+            state = {k: v.detach().cpu() for k, v in pl_module.model.state_dict().items()}
+            atomic_torch_save({"model": state, "iteration": _iteration(trainer)}, os.path.join(self.output_dir, name))
+            logger.info("SIGTERM: saved %s%s at iteration %d", name,
+                        f" and {LAST_CHECKPOINT}" if trainer.world_size == 1 else "", _iteration(trainer))
 
     def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         if trainer.global_step < self.max_iter:

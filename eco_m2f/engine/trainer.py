@@ -7,9 +7,10 @@ Outputs in ``OUTPUT_DIR`` (Detectron2's names where it has them):
                            data_time, eta_seconds (and one line per evaluation)
     events.out.tfevents.*  TensorBoard scalars (same values as metrics.json)
     last.ckpt              Lightning checkpoint (model, optimizer, scheduler, AMP scaler, loop
-                           counters) written every SOLVER.CHECKPOINT_PERIOD and at the end; --resume
-                           continues from it
+                           counters) written every SOLVER.CHECKPOINT_PERIOD, at the end and on
+                           SIGTERM; --resume continues from it
     model_{iter:07d}.pth   ``{"model": state_dict, "iteration": iter}``, every CHECKPOINT_PERIOD
+                           and on SIGTERM (then the run exits with status 143, as a killed one)
     model_final.pth        the same after SOLVER.MAX_ITER iterations
     inference/<dataset>/   evaluation results (see ``eco_m2f.evaluation.testing.do_test``)
 
@@ -25,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import lightning as L
 import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .callbacks import (
     LAST_CHECKPOINT,
@@ -151,6 +154,9 @@ def train(
         logger.info("Resuming from %s", ckpt_path)
     module = SegmentationModule(cfg, model, train_loader_factory)
     trainer = build_trainer(cfg, args, model, seed=seed)
-    trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # a SystemExit of status 0 in Lightning: a stopped run must not look finished
+        raise SystemExit(128 + signal.SIGTERM) from None
     evaluator = next(c for c in trainer.callbacks if isinstance(c, PeriodicEvaluator))
     return evaluator.last_results
