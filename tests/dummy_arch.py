@@ -88,19 +88,30 @@ def make_sample(gen: torch.Generator, size: int = 16) -> Dict[str, Any]:
     return {"image": image, "sem_seg": sem_seg, "height": size, "width": size, "file_name": "", "image_id": 0}
 
 
+class _Batches(torch.utils.data.IterableDataset):
+    """Infinite batches of ``per_rank`` samples from a seeded generator (one per worker)."""
+
+    def __init__(self, per_rank: int, seed: int) -> None:
+        self.per_rank, self.seed = per_rank, seed
+
+    def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
+        info = torch.utils.data.get_worker_info()
+        gen = torch.Generator().manual_seed(self.seed + (info.id if info is not None else 0))
+        while True:
+            yield [make_sample(gen) for _ in range(self.per_rank)]
+
+
 def dummy_train_loader(cfg) -> Iterator[List[Dict[str, Any]]]:
-    """Infinite batches of SOLVER.IMS_PER_BATCH / world size in-memory samples, seeded per rank."""
+    """Infinite batches of SOLVER.IMS_PER_BATCH / world size in-memory samples, seeded per rank;
+    made in DATALOADER.NUM_WORKERS worker processes when it is > 0 (as the real loader does)."""
     rank = world = 0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     per_rank = max(1, cfg.SOLVER.IMS_PER_BATCH // max(world, 1))
-    gen = torch.Generator().manual_seed(1234 + rank)
-
-    def batches() -> Iterator[List[Dict[str, Any]]]:
-        while True:
-            yield [make_sample(gen) for _ in range(per_rank)]
-
-    return batches()
+    batches = _Batches(per_rank, 1234 + rank)
+    if cfg.DATALOADER.NUM_WORKERS > 0:
+        return iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS))
+    return iter(batches)
 
 
 def test_config_opts(output_dir: str) -> List[str]:
@@ -116,6 +127,7 @@ def test_config_opts(output_dir: str) -> List[str]:
         "SOLVER.WARMUP_ITERS", "2",
         "SOLVER.MAX_ITER", "30",
         "SOLVER.CHECKPOINT_PERIOD", "10",
+        "DATALOADER.NUM_WORKERS", "0",
         "LOG_PERIOD", "1",
         "SEED", "7",
         "OUTPUT_DIR", output_dir,

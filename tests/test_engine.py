@@ -249,11 +249,15 @@ def test_resume_after_kill(tmp_path):
     assert torch.load(out / "last.ckpt", weights_only=True)["global_step"] == 30
 
 
-def test_sigterm_keeps_the_iterations_since_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_keeps_the_iterations_since_the_last_checkpoint(tmp_path, workers):
     """SIGTERM (a time bound) before the first periodic checkpoint: the run writes the weights and
-    the training state of its last finished iteration, and --resume continues from there."""
+    the training state of its last finished iteration, and --resume continues from there. With
+    loader workers the signal goes to the whole process group, as ``timeout`` sends it: the
+    workers die with it, and that must not stop the step in progress or the save."""
     out = tmp_path / "term"
-    opts = dummy_arch.test_config_opts(str(out))  # checkpoints every 10 of 30 iterations
+    # checkpoints every 10 of 30 iterations
+    opts = dummy_arch.test_config_opts(str(out)) + ["DATALOADER.NUM_WORKERS", str(workers)]
     env = _env()
     env[dummy_arch.STEP_SLEEP_ENV] = "0.3"
     log1 = open(tmp_path / "run1.log", "w")
@@ -265,7 +269,10 @@ def test_sigterm_keeps_the_iterations_since_the_last_checkpoint(tmp_path):
             assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
             assert time.time() < deadline, "no iterations after 240 s"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        if workers:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
@@ -280,6 +287,7 @@ def test_sigterm_keeps_the_iterations_since_the_last_checkpoint(tmp_path):
     weights = torch.load(out / f"model_{saved - 1:07d}.pth", weights_only=True)
     assert weights["iteration"] == saved - 1
     assert f"SIGTERM: saved model_{saved - 1:07d}.pth and last.ckpt at iteration {saved - 1}" in text
+    assert "Traceback" not in text.split("SIGTERM: saved")[0], text[-3000:]  # the step in progress finished
 
     env.pop(dummy_arch.STEP_SLEEP_ENV)
     log2 = tmp_path / "run2.log"

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import statistics
+import threading
 import time
 from collections import deque
 from typing import Any, Deque, Dict, Optional
@@ -41,6 +43,20 @@ LAST_CHECKPOINT = "last.ckpt"
 def _iteration(trainer: "L.Trainer") -> int:
     """Detectron2's iteration index of the step that just finished."""
     return trainer.global_step - 1
+
+
+def _optimizer_step_in_progress(trainer: "L.Trainer") -> bool:
+    """Whether an optimizer step (with its forward and backward) had started and not finished."""
+    loop = trainer.fit_loop.epoch_loop
+    if trainer.lightning_module.automatic_optimization:
+        progress = loop.automatic_optimization.optim_progress.optimizer.step.total
+    else:
+        progress = loop.manual_optimization.optim_step_progress.total
+    return progress.ready > progress.completed
+
+
+def _ignore_signal(signum, frame) -> None:
+    """A Python-level handler that does nothing."""
 
 
 def _append_json_line(path: str, record: Dict[str, Any]) -> None:
@@ -171,7 +187,8 @@ class MetricsWriter(Callback):
 class PeriodicCheckpointer(Callback):
     """Every ``period`` iterations: ``last.ckpt`` (full training state, for --resume) then
     ``model_{iter:07d}.pth``; after the last iteration ``last.ckpt`` and ``model_final.pth``; on
-    SIGTERM both at the last finished iteration. Files are written to a temporary name and renamed, so a kill never leaves a torn file."""
+    SIGTERM both at the last finished iteration. Files are written to a temporary name and
+    renamed, so a kill never leaves a torn file."""
 
     def __init__(self, output_dir: str, period: int, max_iter: int) -> None:
         self.output_dir = output_dir
@@ -202,17 +219,36 @@ class PeriodicCheckpointer(Callback):
             self._save_model(trainer, pl_module, name)
             logger.info("Saved checkpoint %s and %s at iteration %d", LAST_CHECKPOINT, name, _iteration(trainer))
 
+    def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        """Chain a SIGTERM handler before Lightning's: a process group's SIGTERM (``timeout``, a
+        scheduler) also stops the loader's workers, and the loader's SIGCHLD handler would then
+        raise at any point of the step in progress, possibly inside the optimizer's update. With
+        SIGCHLD ignored the step finishes and Lightning stops the run at its end."""
+        if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum, frame) -> None:
+            signal.signal(signal.SIGCHLD, _ignore_signal)  # not SIG_DFL: a pending SIGCHLD would print a warning
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
     def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
         """On SIGTERM (a time bound, a preemption) keep the iterations since the last period:
-        ``last.ckpt`` and ``model_{iter:07d}.pth`` of the last finished iteration. The parameters
-        are those of that iteration even when the signal lands inside a step (its optimizer step
-        has not run). With several processes only rank 0's weights are written, without a barrier
-        (another rank may be gone), and ``last.ckpt`` stays that of the last period."""
+        ``last.ckpt`` and ``model_{iter:07d}.pth`` of the last finished iteration, unless the run
+        stopped inside an optimizer step (its parameters may be half updated: nothing is written).
+        With several processes only rank 0's weights are written, without a barrier (another rank
+        may be gone), and ``last.ckpt`` stays that of the last period."""
         step = trainer.global_step
         if not trainer.received_sigterm or step == 0 or step >= self.max_iter:
             return
         if self.period > 0 and step % self.period == 0:
             return  # this iteration's checkpoint is already written
+        if _optimizer_step_in_progress(trainer):
+            logger.warning("SIGTERM inside an optimizer step: nothing saved after the last checkpoint")
+            return
         name = f"model_{_iteration(trainer):07d}.pth"
         if trainer.world_size == 1:
             self._save_state(trainer)
