@@ -49,9 +49,9 @@
 # a sweep also evaluated and timed with that attention). A stage that finished is not redone (a trained
 # model is kept, the sweep reuses finished evaluations); a training stopped by its time bound
 # keeps the weights written at its bound (the trainer saves its last finished iteration on
-# SIGTERM), whose iteration is printed. TRAIN_ONLY=1: the stages that train stop after training (their sweeps come from a later
-# call of the same stage, which keeps the trained model), so that trainings can run side by side
-# and every sweep is timed alone.
+# SIGTERM), whose iteration is printed. TRAIN_ONLY=1: the stages that train stop after training
+# (their sweeps come from a later call of the same stage, which keeps the trained model), so
+# that trainings can run side by side and every sweep is timed alone.
 # TINY=1: everything on the CPU with a tiny ViT and 64 x 64 images (a check of the script).
 set -euo pipefail
 stage=${1:?usage: $0 data|dense|untrained|paumer|dovit|policy|policy_dcts|sharing|sharing_ft|dtop|step|maps|report|all [OUT_DIR]}
