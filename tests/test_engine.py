@@ -205,30 +205,37 @@ def test_amp_bf16_on_cpu_trains(tmp_path):
     assert (out / "model_final.pth").is_file() and not (out / "model_0000000.pth").exists()
 
 
+def _start_then_signal(tmp_path: Path, opts: list, env: dict, ready, send) -> tuple:
+    """Run tests/dummy_arch.py with ``opts`` in its own process group until ``ready()``, then
+    ``send(proc)``; returns (return code, log text). The group is killed if anything fails."""
+    log_path = tmp_path / "run1.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), *opts], cwd=REPO_ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 240
+        try:
+            while not ready():
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "not ready after 240 s"
+                time.sleep(0.05)
+            send(proc)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return proc.returncode, log_path.read_text()
+
+
 def test_resume_after_kill(tmp_path):
     """SIGKILL a run after its iteration-10 checkpoint, then --resume: it continues from there."""
     out = tmp_path / "resume"
     opts = dummy_arch.test_config_opts(str(out))
     env = _env()
     env[dummy_arch.STEP_SLEEP_ENV] = "0.3"  # 30 iterations take >= 9 s: the kill lands mid-run
-    log1 = open(tmp_path / "run1.log", "w")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *opts], cwd=REPO_ROOT, env=env,
-                            stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
-    marker = out / "model_0000009.pth"
-    deadline = time.time() + 240
-    try:
-        while not marker.exists():
-            assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint after 240 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log1.close()
-    assert proc.returncode == -signal.SIGKILL
+    rc, _ = _start_then_signal(tmp_path, opts, env, ready=(out / "model_0000009.pth").exists,
+                               send=lambda proc: proc.send_signal(signal.SIGKILL))
+    assert rc == -signal.SIGKILL
     assert not (out / "model_final.pth").exists(), "the run finished before it was killed"
     saved = torch.load(out / "last.ckpt", weights_only=True)["global_step"]
     assert 10 <= saved < 30
@@ -260,27 +267,10 @@ def test_sigterm_keeps_the_iterations_since_the_last_checkpoint(tmp_path, worker
     opts = dummy_arch.test_config_opts(str(out)) + ["DATALOADER.NUM_WORKERS", str(workers)]
     env = _env()
     env[dummy_arch.STEP_SLEEP_ENV] = "0.3"
-    log1 = open(tmp_path / "run1.log", "w")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *opts], cwd=REPO_ROOT, env=env,
-                            stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 240
-    try:
-        while not ((out / "metrics.json").exists() and len(_metrics(out)) >= 3):
-            assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
-            assert time.time() < deadline, "no iterations after 240 s"
-            time.sleep(0.05)
-        if workers:
-            os.killpg(proc.pid, signal.SIGTERM)
-        else:
-            proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log1.close()
-    text = (tmp_path / "run1.log").read_text()
-    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]  # stopped, not finished
+    rc, text = _start_then_signal(
+        tmp_path, opts, env, ready=lambda: (out / "metrics.json").exists() and len(_metrics(out)) >= 3,
+        send=lambda proc: os.killpg(proc.pid, signal.SIGTERM) if workers else proc.send_signal(signal.SIGTERM))
+    assert rc == 128 + signal.SIGTERM, text[-3000:]  # stopped, not finished
     assert not (out / "model_0000009.pth").exists() and not (out / "model_final.pth").exists(), text[-3000:]
     saved = torch.load(out / "last.ckpt", weights_only=True)["global_step"]
     assert 3 <= saved < 10, text[-3000:]

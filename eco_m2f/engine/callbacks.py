@@ -202,12 +202,14 @@ class PeriodicCheckpointer(Callback):
         if trainer.is_global_zero:
             os.replace(tmp, path)
 
-    def _save_model(self, trainer: "L.Trainer", pl_module: "L.LightningModule", name: str) -> None:
+    def _write_model(self, trainer: "L.Trainer", pl_module: "L.LightningModule", name: str) -> None:
+        """Rank 0 writes ``name``: the model's weights and the iteration."""
         if trainer.is_global_zero:
-            model = pl_module.model
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            atomic_torch_save({"model": state, "iteration": _iteration(trainer)},
-                               os.path.join(self.output_dir, name))
+            state = {k: v.detach().cpu() for k, v in pl_module.model.state_dict().items()}
+            atomic_torch_save({"model": state, "iteration": _iteration(trainer)}, os.path.join(self.output_dir, name))
+
+    def _save_model(self, trainer: "L.Trainer", pl_module: "L.LightningModule", name: str) -> None:
+        self._write_model(trainer, pl_module, name)
         trainer.strategy.barrier("eco_m2f_checkpoint")
 
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any,
@@ -252,11 +254,9 @@ class PeriodicCheckpointer(Callback):
         name = f"model_{_iteration(trainer):07d}.pth"
         if trainer.world_size == 1:
             self._save_state(trainer)
-        if trainer.is_global_zero:
-            state = {k: v.detach().cpu() for k, v in pl_module.model.state_dict().items()}
-            atomic_torch_save({"model": state, "iteration": _iteration(trainer)}, os.path.join(self.output_dir, name))
-            logger.info("SIGTERM: saved %s%s at iteration %d", name,
-                        f" and {LAST_CHECKPOINT}" if trainer.world_size == 1 else "", _iteration(trainer))
+        self._write_model(trainer, pl_module, name)  # no barrier: another rank may be gone
+        logger.info("SIGTERM: saved %s%s at iteration %d", name,
+                    f" and {LAST_CHECKPOINT}" if trainer.world_size == 1 else "", _iteration(trainer))
 
     def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         if trainer.global_step < self.max_iter:
