@@ -25,6 +25,8 @@ from eco_m2f.modeling.registry import META_ARCH_REGISTRY  # noqa: E402
 
 # Seconds to sleep per training step (lets the kill/resume test stop a run mid-way).
 STEP_SLEEP_ENV = "ECO_M2F_TEST_STEP_SLEEP"
+# Seconds a loader worker sleeps per batch (the main process then waits for data most of the time).
+LOAD_SLEEP_ENV = "ECO_M2F_TEST_LOAD_SLEEP"
 
 
 class DummySegmenter(SegmentationModel):
@@ -97,7 +99,9 @@ class _Batches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
         info = torch.utils.data.get_worker_info()
         gen = torch.Generator().manual_seed(self.seed + (info.id if info is not None else 0))
+        sleep = float(os.environ.get(LOAD_SLEEP_ENV, "0") or 0)
         while True:
+            time.sleep(sleep)
             yield [make_sample(gen) for _ in range(self.per_rank)]
 
 

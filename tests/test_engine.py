@@ -256,17 +256,18 @@ def test_resume_after_kill(tmp_path):
     assert torch.load(out / "last.ckpt", weights_only=True)["global_step"] == 30
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_keeps_the_iterations_since_the_last_checkpoint(tmp_path, workers):
+@pytest.mark.parametrize("workers,waits_for", [(0, "step"), (2, "step"), (2, "data")])
+def test_sigterm_keeps_the_iterations_since_the_last_checkpoint(tmp_path, workers, waits_for):
     """SIGTERM (a time bound) before the first periodic checkpoint: the run writes the weights and
     the training state of its last finished iteration, and --resume continues from there. With
     loader workers the signal goes to the whole process group, as ``timeout`` sends it: the
-    workers die with it, and that must not stop the step in progress or the save."""
+    workers die with it, and that must neither stop the step in progress nor, when the run was
+    waiting for its next batch (``waits_for`` "data": slow workers), turn into a failure."""
     out = tmp_path / "term"
     # checkpoints every 10 of 30 iterations
     opts = dummy_arch.test_config_opts(str(out)) + ["DATALOADER.NUM_WORKERS", str(workers)]
     env = _env()
-    env[dummy_arch.STEP_SLEEP_ENV] = "0.3"
+    env[dummy_arch.STEP_SLEEP_ENV if waits_for == "step" else dummy_arch.LOAD_SLEEP_ENV] = "0.3"
     rc, text = _start_then_signal(
         tmp_path, opts, env, ready=lambda: (out / "metrics.json").exists() and len(_metrics(out)) >= 3,
         send=lambda proc: os.killpg(proc.pid, signal.SIGTERM) if workers else proc.send_signal(signal.SIGTERM))
@@ -279,7 +280,8 @@ def test_sigterm_keeps_the_iterations_since_the_last_checkpoint(tmp_path, worker
     assert f"SIGTERM: saved model_{saved - 1:07d}.pth and last.ckpt at iteration {saved - 1}" in text
     assert "Traceback" not in text.split("SIGTERM: saved")[0], text[-3000:]  # the step in progress finished
 
-    env.pop(dummy_arch.STEP_SLEEP_ENV)
+    env.pop(dummy_arch.STEP_SLEEP_ENV, None)
+    env.pop(dummy_arch.LOAD_SLEEP_ENV, None)
     log2 = tmp_path / "run2.log"
     rc = _run_script(["--resume", *opts], log2, env, timeout=300)
     assert rc == 0, log2.read_text()[-3000:]

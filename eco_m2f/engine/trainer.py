@@ -158,5 +158,13 @@ def train(
         trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:  # a SystemExit of status 0 in Lightning: a stopped run must not look finished
         raise SystemExit(128 + signal.SIGTERM) from None
+    except Exception as error:
+        if not trainer.received_sigterm:
+            raise
+        # the same signal stopped the loader's workers: the next batch never comes, and the
+        # loader says so before Lightning's own check at the end of the step (the checkpointer
+        # has saved the last finished iteration either way)
+        logger.info("Stopped by SIGTERM (then %s: %s)", type(error).__name__, error)
+        raise SystemExit(128 + signal.SIGTERM) from None
     evaluator = next(c for c in trainer.callbacks if isinstance(c, PeriodicEvaluator))
     return evaluator.last_results
