@@ -27,6 +27,9 @@ from eco_m2f.modeling.registry import META_ARCH_REGISTRY  # noqa: E402
 STEP_SLEEP_ENV = "ECO_M2F_TEST_STEP_SLEEP"
 # Seconds a loader worker sleeps per batch (the main process then waits for data most of the time).
 LOAD_SLEEP_ENV = "ECO_M2F_TEST_LOAD_SLEEP"
+# Seconds the train loader takes to build (a dataset being loaded or generated); it says so first.
+SETUP_SLEEP_ENV = "ECO_M2F_TEST_SETUP_SLEEP"
+SETUP_SLEEP_MESSAGE = "dummy train loader: building"
 
 
 class DummySegmenter(SegmentationModel):
@@ -113,6 +116,10 @@ def dummy_train_loader(cfg) -> Iterator[List[Dict[str, Any]]]:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     per_rank = max(1, cfg.SOLVER.IMS_PER_BATCH // max(world, 1))
     batches = _Batches(per_rank, 1234 + rank)
+    setup_sleep = float(os.environ.get(SETUP_SLEEP_ENV, "0") or 0)
+    if setup_sleep > 0:
+        print(SETUP_SLEEP_MESSAGE, flush=True)
+        time.sleep(setup_sleep)
     if cfg.DATALOADER.NUM_WORKERS > 0:
         return iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS))
     return iter(batches)

@@ -291,6 +291,45 @@ def test_sigterm_keeps_the_iterations_since_the_last_checkpoint(tmp_path, worker
     assert torch.load(out / "last.ckpt", weights_only=True)["global_step"] == 30
 
 
+def test_sigterm_before_the_first_iteration_stops_at_once(tmp_path):
+    """SIGTERM while the train loader is still being built (a dataset loading or generating):
+    the run stops within seconds with status 143 and writes nothing, rather than waiting for the
+    end of a first step that has not begun."""
+    out = tmp_path / "early"
+    env = _env()
+    env[dummy_arch.SETUP_SLEEP_ENV] = "120"
+    log_path = tmp_path / "run1.log"
+    sent = []
+
+    def send(proc) -> None:
+        sent.append(time.time())
+        proc.send_signal(signal.SIGTERM)
+
+    rc, text = _start_then_signal(tmp_path, dummy_arch.test_config_opts(str(out)), env,
+                                  ready=lambda: dummy_arch.SETUP_SLEEP_MESSAGE in log_path.read_text(), send=send)
+    assert rc == 128 + signal.SIGTERM, text[-3000:]
+    assert time.time() - sent[0] < 30, "the run went on after SIGTERM"
+    assert "SIGTERM before the first iteration" in text, text[-3000:]
+    assert not list(out.glob("model_*.pth")) and not (out / "last.ckpt").exists()
+
+
+def test_the_early_sigterm_handler_is_the_runs_alone(tmp_path):
+    """After the fit (its teardown) SIGTERM is handled as before it, not by the early handler."""
+    from eco_m2f.engine.callbacks import PeriodicCheckpointer
+
+    before = signal.getsignal(signal.SIGTERM)
+    checkpointer = PeriodicCheckpointer(str(tmp_path), period=10, max_iter=30)
+    checkpointer.setup(None, None, "fit")
+    try:
+        assert signal.getsignal(signal.SIGTERM) is not before
+        with pytest.raises(SystemExit) as stopped:
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert stopped.value.code == 128 + signal.SIGTERM
+    finally:
+        checkpointer.teardown(None, None, "fit")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_with_unused_parameters(tmp_path):
     """Two gloo processes; the model skips a layer on some steps and says so through

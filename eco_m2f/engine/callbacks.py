@@ -194,6 +194,8 @@ class PeriodicCheckpointer(Callback):
         self.output_dir = output_dir
         self.period = int(period)
         self.max_iter = max_iter
+        self._training_started = False
+        self._sigterm_before_setup: Any = None
 
     def _save_state(self, trainer: "L.Trainer") -> None:
         path = os.path.join(self.output_dir, LAST_CHECKPOINT)
@@ -221,11 +223,35 @@ class PeriodicCheckpointer(Callback):
             self._save_model(trainer, pl_module, name)
             logger.info("Saved checkpoint %s and %s at iteration %d", LAST_CHECKPOINT, name, _iteration(trainer))
 
+    def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        """Until training starts, SIGTERM stops the run at once with status 143: there is nothing
+        to keep yet, and Lightning's own handler, registered after this one and chaining it,
+        would wait for the end of the first step, after the dataset is loaded (or generated)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._training_started = False
+        self._sigterm_before_setup = previous = signal.getsignal(signal.SIGTERM)
+
+        def before_training(signum, frame) -> None:
+            if self._training_started:
+                return  # from here on the checkpointer's own handler and Lightning's decide
+            logger.info("SIGTERM before the first iteration: stopped, nothing to save")
+            raise SystemExit(128 + signal.SIGTERM)
+
+        if previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, before_training)
+
+    def teardown(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        if self._sigterm_before_setup is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._sigterm_before_setup)
+            self._sigterm_before_setup = None
+
     def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         """Chain a SIGTERM handler before Lightning's: a process group's SIGTERM (``timeout``, a
         scheduler) also stops the loader's workers, and the loader's SIGCHLD handler would then
         raise at any point of the step in progress, possibly inside the optimizer's update. With
         SIGCHLD ignored the step finishes and Lightning stops the run at its end."""
+        self._training_started = True
         if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
             return
         previous = signal.getsignal(signal.SIGTERM)
