@@ -43,6 +43,8 @@ __all__ = [
 DENSE = "dense"
 #: Name of the row of the dense baseline replayed as one CUDA graph (CUDA only).
 DENSE_GRAPHED = "dense-graphed"
+#: the name ending of the rows replayed as one CUDA graph (``dense-graphed``, ``NAME-graphed``)
+GRAPHED_SUFFIX = "-graphed"
 
 
 @dataclass
@@ -252,7 +254,7 @@ def run_sweep(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     graph_dense = device.startswith("cuda") if graph_dense is None else graph_dense
     graph_settings = device.startswith("cuda") if graph_settings is None else graph_settings
-    taken = {s.name for s in settings} & {f"{s.name}-graphed" for s in settings}
+    taken = {s.name for s in settings} & {s.name + GRAPHED_SUFFIX for s in settings}
     if graph_settings and taken:
         raise ValueError(f"setting names {sorted(taken)} are the names of other settings' graphed rows")
     os.makedirs(out_dir, exist_ok=True)
@@ -283,7 +285,7 @@ def run_sweep(
             builders = [lambda model=model: model]
             if setting is not dense:
                 builders.append(lambda build=build: build(EAGER_RUNTIME)[1])
-            graphed = _graphed_row(row, DENSE_GRAPHED if setting is dense else f"{setting.name}-graphed", builders,
+            graphed = _graphed_row(row, DENSE_GRAPHED if setting is dense else setting.name + GRAPHED_SUFFIX, builders,
                                    timed, dtype, warmup, iters, log)
             rows += [graphed] if graphed is not None else []
             del builders
@@ -429,15 +431,25 @@ def _plot(rows: Sequence[SweepRow], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    dense = rows[0]
+    # a NAME-graphed row has its eager twin's mIoU and GFLOPs: its own series, drawn only on the
+    # time axis, labelled below its point so that the two labels do not overlap
+    graphed = [r for r in rows[1:] if r.name.endswith(GRAPHED_SUFFIX)]
+    others = [r for r in rows[1:] if not r.name.endswith(GRAPHED_SUFFIX)]
     for ax, attr, label in ((axes[0], "ips_b8", "images/s (batch 8)"), (axes[1], "gflops", "GFLOPs per image")):
-        dense, others = rows[0], [r for r in rows[1:] if r.name != DENSE_GRAPHED]
         ax.plot([getattr(r, attr) for r in others], [r.miou for r in others], "o-", label="settings")
         ax.plot([getattr(dense, attr)], [dense.miou], "*", markersize=14, color="black", label=DENSE)
-        graphed = [r for r in rows if r.name == DENSE_GRAPHED]
-        if graphed and attr != "gflops":  # the same FLOPs as the dense row
-            ax.plot([getattr(graphed[0], attr)], [graphed[0].miou], "*", markersize=14, color="grey", label=DENSE_GRAPHED)
-        for r in (rows if attr != "gflops" else [dense, *others]):
-            ax.annotate(r.name, (getattr(r, attr), r.miou), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        labelled = [(r, (4, 4)) for r in [dense, *others]]
+        if attr != "gflops":
+            for r in graphed:
+                style = (dict(marker="*", markersize=14, color="grey", label=DENSE_GRAPHED) if r.name == DENSE_GRAPHED
+                         else dict(marker="s", color="C1"))
+                ax.plot([getattr(r, attr)], [r.miou], linestyle="none", **style)
+            labelled += [(r, (4, -10)) for r in graphed]
+            if graphed:
+                ax.plot([], [], "s", color="C1", label="one CUDA graph")
+        for r, offset in labelled:
+            ax.annotate(r.name, (getattr(r, attr), r.miou), textcoords="offset points", xytext=offset, fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("mIoU")
         ax.grid(alpha=0.3)
