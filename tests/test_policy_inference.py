@@ -147,3 +147,50 @@ def test_the_compiled_policy_gives_the_eager_copys_scores():
         assert err_compiled <= 2.0 * err_plain + 1e-2 * scale, (n, err_compiled, err_plain, scale)
         assert err_compiled <= 0.25 * scale, (n, err_compiled, scale)
         assert torch.equal(got[n], again[n]), n  # replays are deterministic
+
+
+def test_inside_another_capture_the_policy_runs_its_kernels_instead_of_a_replay(monkeypatch):
+    """While a larger graph is being captured (the whole network as one CUDA graph) the policy
+    cannot replay a graph of its own: it runs the fast copy, captures nothing, and gives the
+    copy's scores (the capture status faked here; the real capture is the GPU test below)."""
+    policy = _policy(0)
+    fast = FastPolicy()
+    mean, std = torch.zeros(3), torch.ones(3)
+    x = torch.randn(2, 3, 64, 64).to(torch.bfloat16)  # half inputs: the graphed path on CUDA
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("captured a graph of its own inside another capture")
+
+    monkeypatch.setattr(fast, "_capture", no_capture)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast.window_logits(policy, x, mean, std)
+        want = fast.get(policy, x.device).window_logits(x.contiguous(memory_format=torch.channels_last), mean, std)
+    assert fast.captures == 0
+    assert set(got) == {2, 4}
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_policy_is_captured_into_a_graph_around_it():
+    """A CUDA graph captured around ``window_logits`` (after its own graph was captured in the
+    warm-up) replays the policy's scores of new inputs."""
+    policy = _policy(0).cuda()
+    fast = FastPolicy()
+    mean, std = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
+    static = torch.randn(2, 3, 256, 192, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        fast.window_logits(policy, static, mean, std)  # warm-up: the policy's own graph
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fast.window_logits(policy, static, mean, std)
+        new = torch.randn_like(static)
+        static.copy_(new)
+        graph.replay()
+        want = fast.get(policy, new.device).window_logits(new.contiguous(memory_format=torch.channels_last), mean, std)
+    assert fast.captures == 1
+    for n in want:
+        assert _close(out[n], want[n], 1e-2), n

@@ -121,6 +121,12 @@ class FastPolicy:
         if torch.is_grad_enabled() or (cast or x.dtype) not in (torch.float16, torch.bfloat16):
             return fast.window_logits(x, pixel_mean, pixel_std)
         key = (tuple(x.shape), x.dtype, str(x.device), cast, pixel_mean.data_ptr(), pixel_std.data_ptr())
+        if torch.cuda.is_current_stream_capturing():
+            # inside the capture of a larger graph (the whole network as one): the policy's kernels
+            # become part of it, since a graph cannot be replayed while another is captured; the
+            # compiled forward only where its shape was warmed up (a compilation cannot be captured)
+            forward = self._forward if key in self._graphs else fast.window_logits
+            return forward(x, pixel_mean, pixel_std)
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._capture(key, fast, x, pixel_mean, pixel_std, cast)
