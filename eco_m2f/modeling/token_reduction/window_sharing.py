@@ -101,11 +101,16 @@ def _leaders(side: torch.Tensor, grid: Tuple[int, int]) -> Tuple[torch.Tensor, t
 
 
 def pooling_flops(backbone: "ViTBackbone", grid: Tuple[int, int], sizes: Sequence[int]) -> int:
-    """FLOPs of area-averaging an image for windows of ``sizes``: one per averaged input pixel
-    value (fvcore's convention for adaptive average pooling), per size."""
+    """FLOPs of area-averaging an image for windows of ``sizes`` as :func:`prepare_windows` does,
+    level by level (each side 2n a 2 x 2 average of side n, intermediate sides included): one per
+    averaged input value (fvcore's convention for adaptive average pooling)."""
     h, w = grid
     p, ch = backbone.patch_size, backbone.patch_embed.proj.in_channels
-    return sum(ch * (h // n) * n * p * (w // n) * n * p for n in sizes if h // n and w // n)
+    flops, n, largest = 0, 2, max([n for n in sizes if h // n and w // n], default=1)
+    while n <= largest:
+        flops += ch * (h // n) * 2 * p * (w // n) * 2 * p  # the level-n/2 values inside whole windows of n
+        n *= 2
+    return flops
 
 
 @dataclass
@@ -181,11 +186,17 @@ def prepare_windows(backbone: "ViTBackbone", images: torch.Tensor, windows: Shar
     image = torch.arange(b, device=images.device).view(b, 1)
     source = torch.zeros(b, cells, dtype=torch.long, device=images.device)
     vectors, positions, base = [], [], 0
+    # window sides are powers of two: the n x n windows resized to one patch are 2 x 2 averages of
+    # the n/2 level's (the mean of equal means), so each level reads a quarter of the one before,
+    # not the whole image; ``pooled`` holds level ``side``: (h // side) x (w // side) patches
+    pooled, side = images, 1
     for n in (1,) + tuple(windows.sizes):
         hn, wn = h // n, w // n
         if hn == 0 or wn == 0:
             continue
-        pooled = images if n == 1 else F.adaptive_avg_pool2d(images[..., : hn * n * p, : wn * n * p], (hn * p, wn * p))
+        while side < n:
+            rows, cols = pooled.shape[-2] // (2 * p), pooled.shape[-1] // (2 * p)  # windows of 2 x 2 of this level
+            pooled, side = F.adaptive_avg_pool2d(pooled[..., : rows * 2 * p, : cols * 2 * p], (rows * p, cols * p)), side * 2
         vectors.append(pooled.view(b, ch, hn, p, wn, p).permute(0, 2, 4, 1, 3, 5).reshape(b * hn * wn, ch * p * p))
         positions.append((cell_pos if n == 1 else _window_pos(cell_pos, grid, n)).expand(b, -1, -1).reshape(b * hn * wn, -1))
         window = _grid_indices(tuple(grid), n, images.device)[2].view(1, cells)  # (cells outside windows are not of side n)
