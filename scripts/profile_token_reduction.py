@@ -40,6 +40,7 @@ from eco_m2f.architectures import build_model  # noqa: E402
 from eco_m2f.config import setup_cfg  # noqa: E402
 from eco_m2f.evaluation.reduction_sweep import build_trained, parse_settings, split_shared_overrides, timed_inputs  # noqa: E402
 from eco_m2f.evaluation.gpu_idle import gpu_idle  # noqa: E402
+from eco_m2f.evaluation.ideal_schedule import ideal_network, schedule_from_records  # noqa: E402
 from eco_m2f.evaluation.throughput import (  # noqa: E402
     GraphedForward, host_profile, profile_kernels, stage_times, sync_points, time_forward,
 )
@@ -75,12 +76,30 @@ def _captures(model) -> int:
     return count + (fast.captures if fast is not None else 0)
 
 
+def _ideal(model, x: torch.Tensor, dtype: str) -> Dict[str, Any]:
+    """Latency of ``model``'s token schedule on ``x`` (the mean live tokens per block of this
+    batch) with no decisions, replayed as one CUDA graph on CUDA."""
+    from eco_m2f.evaluation.throughput import DTYPES
+
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+        _, reduced = model.reduced_network(x)
+        counts = schedule_from_records(model.cost_records(reduced, x.shape[-2:]))
+    fn = ideal_network(model, counts)
+    forward = GraphedForward(fn) if x.is_cuda else fn
+    time_forward(forward, x, dtype, warmup=10 if x.is_cuda else 1, iters=0)
+    ms, ips = time_forward(forward, x, dtype, warmup=0, iters=30 if x.is_cuda else 3)
+    return {"ms": ms, "img/s": ips, "counts": counts}
+
+
 def profile(
     cfg, name: str, sizes: List[int], batches: List[int], device: str, flash_only: bool = False, kernels: int = 0,
     host: int = 0, syncs: bool = False, real_images: bool = False, gaps: int = 0, graphed: bool = False,
+    ideal: bool = False,
 ) -> Dict[str, Any]:
     """Latency, images/s and stage times of one model at each batch size (``graphed``: the
-    latency of ``model.network`` replayed as one CUDA graph, and nothing else)."""
+    latency of ``model.network`` replayed as one CUDA graph, and nothing else; ``ideal``: for a
+    token-reduction model also the latency of its token schedule with the decisions left out,
+    :mod:`eco_m2f.evaluation.ideal_schedule`, replayed as one CUDA graph)."""
     torch.manual_seed(0)
     model = build_trained(cfg, device) if cfg.MODEL.WEIGHTS else build_model(cfg).to(device).eval()
     real = timed_inputs(cfg, max(batches)) if real_images else None
@@ -109,6 +128,8 @@ def profile(
             row[f"b{b}"] = {"ms": ms, "img/s": ips, "captures_while_timed": _captures(model) - before}
             if graphed:
                 continue
+            if ideal and getattr(model, "_reduction", None) is not None:
+                row[f"b{b}"]["ideal"] = _ideal(model, x, "bf16" if device == "cuda" else "fp32")
             if device == "cuda":
                 row[f"b{b}"]["stages_ms"] = stage_times(model.network, x, "bf16", _stages(model), iters=10)
                 if kernels:
@@ -133,6 +154,8 @@ def main() -> None:
     parser.add_argument("--host", type=int, default=0, help="print the top N Python functions by host time (cProfile) at the first batch size")
     parser.add_argument("--gaps", type=int, default=0, help="at every batch size, where the GPU idles in a pass: "
                         "the top N places of the package that launched the work after a gap (CUDA)")
+    parser.add_argument("--ideal", action="store_true", help="also time each setting's token schedule with its decisions "
+                        "and token moves left out (the dense model's modules on the mean live tokens per block, one CUDA graph)")
     parser.add_argument("--syncs", action="store_true", help="list the host syncs of one pass at every batch size (CUDA)")
     parser.add_argument("--weights", default="", help="trained weights of every model, loaded as the sweep loads them "
                         "(a model without a token reducer ignores token_reducer.* keys); default: random weights")
@@ -165,7 +188,7 @@ def main() -> None:
     for name, opts, flash, graphed in base + [(s.name, s.overrides, False, False) for s in settings]:
         cfg = setup_cfg(args.config_file, common + opts)
         row = profile(cfg, name, sizes, args.batch, args.device, flash, args.kernels, args.host, args.syncs, args.real_images,
-                      args.gaps, graphed)
+                      args.gaps, graphed, args.ideal)
         rows.append(row)
         cells = []
         for b in args.batch:
@@ -174,6 +197,11 @@ def main() -> None:
             captured = f", {r['captures_while_timed']} graph capture(s) while timed" if r["captures_while_timed"] else ""
             cells.append(f"b{b}: {r['ms']:.2f} ms ({r['img/s']:.1f} img/s{captured}){'; ' + stages if stages else ''}")
         print(f"{name:24s} " + " | ".join(cells), flush=True)
+        ideal = [f"b{b}: {row[f'b{b}']['ideal']['ms']:.2f} ms ({row[f'b{b}']['ideal']['img/s']:.1f} img/s)"
+                 for b in args.batch if "ideal" in row[f"b{b}"]]
+        if ideal:
+            counts = row[f"b{args.batch[0]}"]["ideal"]["counts"]
+            print(f"{'  ideal schedule':24s} " + " | ".join(ideal) + f"; tokens per block at b{args.batch[0]}: {counts}", flush=True)
         first = row[f"b{args.batch[0]}"]
         for key in ("kernels", "host"):
             if key in first:

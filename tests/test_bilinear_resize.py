@@ -1,5 +1,12 @@
-"""Bilinear resizing as matrix products equals F.interpolate (align_corners=False)."""
+"""Bilinear resizing (matrix products; the Triton kernel of CUDA inference) equals F.interpolate (align_corners=False)."""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +14,8 @@ import torch.nn.functional as F
 
 from eco_m2f.modeling.bilinear_resize import bilinear_resize, interpolation_matrix
 from eco_m2f.modeling.heads.vit_decode_head import resize_logits
+
+REPO = str(Path(__file__).resolve().parents[1])
 
 
 @pytest.mark.parametrize("size_in,size_out", [((4, 4), (64, 64)), ((5, 7), (13, 29)), ((32, 48), (16, 20)),
@@ -73,3 +82,60 @@ def test_the_matrix_cache_stays_bounded_over_many_sizes():
     # a recently used size is still there and gives the same result
     out = bilinear_resize(torch.arange(9.0).view(1, 1, 3, 3), (7, 5))
     assert torch.allclose(out, F.interpolate(torch.arange(9.0).view(1, 1, 3, 3), (7, 5), mode="bilinear", align_corners=False), atol=1e-6)
+
+
+_INTERPRETED_CHECK = textwrap.dedent(
+    """
+    import json
+    import torch
+    import torch.nn.functional as F
+    from eco_m2f.modeling.bilinear_resize_triton import bilinear_resize_triton
+    torch.manual_seed(0)
+    errors = {}
+    cases = [((2, 3, 4, 4), (64, 64), 16), ((1, 2, 5, 7), (13, 29), 8), ((1, 1, 32, 48), (16, 20), 1024),
+             ((2, 1, 1, 1), (4, 3), 4), ((1, 2, 10, 10), (3, 17), 4), ((1, 1, 8, 8), (40, 37), 16)]
+    for shape, size, block in cases:
+        x = torch.randn(*shape)
+        ref = F.interpolate(x.double(), size, mode="bilinear", align_corners=False)
+        out = bilinear_resize_triton(x, size, block_w=block)
+        errors[str((shape, size, block))] = [(out.double() - ref).abs().max().item(), list(out.shape), str(out.dtype)]
+    print(json.dumps(errors))
+    """
+)
+
+
+def test_the_triton_kernel_equals_interpolate_under_the_interpreter():
+    """Up, down, odd sizes, a 1 x 1 source, blocks narrower and wider than the output row."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(errors) == 6
+    for case, (err, shape, dtype) in errors.items():
+        assert err < 1e-5, case
+        assert dtype == "torch.float32"
+    assert errors[str(((2, 3, 4, 4), (64, 64), 16))][1] == [2, 3, 64, 64]
+
+
+def test_the_kernel_serves_cuda_inference_only():
+    from eco_m2f.modeling.bilinear_resize import _triton_applies
+
+    assert not _triton_applies(torch.randn(1, 1, 2, 2))  # CPU: the matrices
+    if torch.cuda.is_available():
+        x = torch.randn(1, 1, 2, 2, device="cuda", requires_grad=True)
+        assert not _triton_applies(x)  # a gradient to track: the matrices
+        with torch.no_grad():
+            assert _triton_applies(x)
+
+
+@pytest.mark.gpu
+def test_the_triton_kernel_equals_interpolate_on_the_gpu():
+    x = torch.randn(8, 16, 64, 64, device="cuda")
+    ref = F.interpolate(x.double(), (1024, 1024), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        out = bilinear_resize(x, (1024, 1024))
+        assert (out.double() - ref).abs().max().item() < 1e-5
+        assert (bilinear_resize(x, (1000, 777)).double() - F.interpolate(x.double(), (1000, 777), mode="bilinear")).abs().max().item() < 1e-5
+    y = x.clone().requires_grad_(True)
+    bilinear_resize(y, (128, 128)).sum().backward()  # the matrices: differentiable
+    assert y.grad is not None and torch.allclose(y.grad, torch.full_like(y, 4.0), atol=1e-4)
