@@ -163,8 +163,10 @@ def test_the_experiments_script_stops_rather_than_train_the_policy_from_scratch(
     assert "ImageNet initialisation: False" in done.stdout and "pip install" not in done.stderr
 
 
-def _row(name: str, gflops: float, ms_b8: float, ms_b1: float) -> "rs.SweepRow":
-    return rs.SweepRow(name, [], 50.0, gflops, 16, 1.0, ms_b8=ms_b8, ips_b8=8e3 / ms_b8, ms_b1=ms_b1, ips_b1=1e3 / ms_b1,
+def _row(name: str, gflops: float, ms_b8: float, ms_b1: float, fraction: float = -1.0) -> "rs.SweepRow":
+    """A row of a sweep whose dense model costs 100 GFLOPs; its token fraction follows the GFLOPs by default."""
+    fraction = min(1.0, gflops / 100.0) if fraction < 0 else fraction
+    return rs.SweepRow(name, [], 50.0, gflops, 16, fraction, ms_b8=ms_b8, ips_b8=8e3 / ms_b8, ms_b1=ms_b1, ips_b1=1e3 / ms_b1,
                        timed_gflops=gflops)
 
 
@@ -196,6 +198,27 @@ def test_rows_are_also_compared_with_the_faster_dense_row_and_the_target_is_judg
     assert alone[1].speedup_best_b8 == pytest.approx(alone[1].speedup_b8) and rs._target(alone[1], alone[0]) == "met"
     with pytest.raises(ValueError, match="dense-graphed"):
         rs.parse_settings([[rs.DENSE_GRAPHED, "A", "1"]])
+
+
+def test_a_setting_that_removes_nothing_is_a_dense_baseline_too(tmp_path):
+    """PAUMER's tau 0 computes every token (through the runtime's fused kernels): where it is
+    faster than both dense rows, the 'best' columns and the target are judged against it, and it
+    is not judged itself; a stored sweep is compared the same way when loaded."""
+    rows = [_row("dense", 100.0, 20.0, 5.0), _row(rs.DENSE_GRAPHED, 100.0, 16.0, 3.0),
+            _row("tau0", 100.0, 14.0, 4.0, fraction=1.0), _row("cut", 50.0, 9.0, 4.0)]
+    rs._compare(rows)
+    dense, graphed, tau0, cut = rows
+    assert cut.speedup_best_b8 == pytest.approx(14 / 9) and cut.share_best_b8 == pytest.approx(5 / 7)
+    assert cut.speedup_best_b1 == pytest.approx(3 / 4)  # at batch 1 the graphed dense row is the fastest
+    assert math.isnan(tau0.share_best_b8) and rs._target(tau0, dense) == "-"
+    assert rs._target(cut, dense) == "missed"  # 1.56x but 5 of the 7 ms: against the graphed row alone it met
+    assert rs.flop_time_share(16.0, 9.0, 0.5) >= rs.TARGET["share"]
+    assert not rs.computes_every_token(cut) and rs.computes_every_token(graphed)
+    for row in rows:  # as an older sweep stored them: compared against the dense rows only
+        row.speedup_best_b8, row.share_best_b8 = math.nan, math.nan
+    rs.write_sweep(rows, str(tmp_path), title="t")
+    loaded = rs.load_sweep(str(tmp_path))
+    assert loaded[3].share_best_b8 == pytest.approx(5 / 7)
 
 
 def test_graphed_rows_follow_their_eager_rows_and_only_replays_that_agree_are_kept(weights, tmp_path, monkeypatch):
