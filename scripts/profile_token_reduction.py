@@ -42,7 +42,7 @@ from eco_m2f.evaluation.reduction_sweep import build_trained, parse_settings, sp
 from eco_m2f.evaluation.gpu_idle import gpu_idle  # noqa: E402
 from eco_m2f.evaluation.ideal_schedule import ideal_network, schedule_from_records  # noqa: E402
 from eco_m2f.evaluation.throughput import (  # noqa: E402
-    GraphedForward, host_profile, profile_kernels, stage_times, sync_points, time_forward,
+    DTYPES, GraphedForward, host_profile, profile_kernels, stage_times, sync_points, time_forward,
 )
 
 TINY = ["MODEL.VIT.EMBED_DIM", "64", "MODEL.VIT.DEPTH", "4", "MODEL.VIT.NUM_HEADS", "2",
@@ -79,8 +79,6 @@ def _captures(model) -> int:
 def _ideal(model, x: torch.Tensor, dtype: str) -> Dict[str, Any]:
     """Latency of ``model``'s token schedule on ``x`` (the mean live tokens per block of this
     batch) with no decisions, replayed as one CUDA graph on CUDA."""
-    from eco_m2f.evaluation.throughput import DTYPES
-
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
         _, reduced = model.reduced_network(x)
         counts = schedule_from_records(model.cost_records(reduced, x.shape[-2:]))

@@ -65,6 +65,8 @@ def ideal_network(model, counts: Sequence[int]) -> Callable[[torch.Tensor], torc
             x = backbone.run_block(i, x)
         x = backbone.norm(torch.cat([x] + left, dim=1) if left else x)  # B x (P + N) x C
         tokens = x[:, p:]
+        # the head itself, not Segmenter.run_head: that may replay a graphed head, which cannot
+        # happen inside the capture of this whole pass
         if head.input_kind == "tokens":
             outputs: Dict[str, Any] = head(tokens, None)
         else:

@@ -13,6 +13,8 @@ products spend 64 multiply-adds per pixel of a 16x upsampling in float32.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections import OrderedDict
 from typing import Sequence, Tuple
 
@@ -51,15 +53,14 @@ def interpolation_matrix(size_in: int, size_out: int, device: torch.device, dtyp
     return _MATRICES[key]
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_applies(maps: torch.Tensor) -> bool:
-    """CUDA maps without a gradient to track, and triton importable."""
-    if not maps.is_cuda or (torch.is_grad_enabled() and maps.requires_grad):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """CUDA maps without a gradient to track, and triton installed."""
+    return maps.is_cuda and not (torch.is_grad_enabled() and maps.requires_grad) and _triton_available()
 
 
 def bilinear_resize(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
